@@ -1,0 +1,167 @@
+"""The typed configuration tree: dataclasses turned into an OmegaConf structured config.
+
+Every field has a default so that ``OmegaConf.structured(RunConfig)`` is a complete config;
+YAML files and ``key=value`` overrides only change what they name. Cross-field checks live in
+``sleeptrain.config.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """The hybrid stack: layer pattern, widths and kernel backends.
+
+    ``pattern`` has one symbol per block: ``A`` attention + MLP, ``G`` gated DeltaNet + MLP,
+    ``a`` attention without MLP, ``g`` gated DeltaNet without MLP (Ouro-style inserted layers),
+    ``M`` an MLP-only block. The loop range ``[loop_start, loop_end)`` is what sleep repeats;
+    ``loop_end: null`` means the end of the stack.
+    """
+
+    vocab_size: int = 32
+    d_model: int = 64
+    pattern: str = "AGAG"
+    loop_start: int = 0
+    loop_end: int | None = None
+    # attention
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    # gated DeltaNet: qk heads, value heads (GQA-style grouping: gdn_v_heads % gdn_heads == 0)
+    gdn_heads: int = 2
+    gdn_v_heads: int | None = None
+    gdn_head_dim: int = 32
+    gdn_v_head_dim: int | None = None
+    conv_kernel: int = 4
+    # MLP (SwiGLU); null: 8/3 * d_model rounded up to a multiple of 64
+    ffn_hidden: int | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    params_dtype: str = "float32"
+    attention_backend: str = "sdpa"  # sdpa | flash
+    gdn_backend: str = "auto"  # auto | fla | chunked | recurrent
+    gdn_chunk_size: int = 32  # chunk length of the PyTorch reference (chunked backend)
+
+
+@dataclass
+class SleepConfig:
+    """Windows, eviction, sleep passes and the gradient mode (DESIGN.md section 1).
+
+    ``passes`` is N: the wake pass plus N-1 sleep passes over the loop range at every eviction.
+    ``grad_mode``: ``full`` (BPTT through everything), ``truncated`` (only the last
+    ``grad_passes`` sleep passes of a window carry gradient; the state is also detached every
+    ``detach_every`` windows when > 0) or ``implicit`` (``implicit_method`` ``neumann`` with
+    ``neumann_terms`` terms, or ``phantom`` unrolling the last ``grad_passes`` passes).
+    ``checkpoint``: activation checkpointing per window-pass.
+    """
+
+    window_len: int = 24
+    passes: int = 1
+    eviction: str = "hard"  # hard | sliding
+    grad_mode: str = "full"  # full | truncated | implicit
+    grad_passes: int = 1
+    detach_every: int = 0
+    implicit_method: str = "neumann"  # neumann | phantom
+    neumann_terms: int = 4
+    checkpoint: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where training examples come from. ``source: task`` uses a procedural generator."""
+
+    source: str = "task"  # task | shards
+    task: str = "rule110"
+    task_args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+
+
+@dataclass
+class OptimConfig:
+    """Muon for hidden matrices plus AdamW for the rest, with warm-up and decay."""
+
+    use_muon: bool = True
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    adamw_lr: float = 3e-3
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adamw_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    """One training stage: which parameters train, for how many steps, with what overrides.
+
+    ``trainable``: ``all``, ``gdn`` (the gated DeltaNet mixers only: the paper's SSM-only
+    warm-up) or a regular expression matched against parameter names. ``eviction`` and
+    ``passes`` override ``sleep.*`` during the stage when set.
+    """
+
+    name: str = "main"
+    steps: int = 0
+    trainable: str = "all"
+    eviction: str | None = None
+    passes: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, accumulation, precision, checkpoints and evaluation cadence."""
+
+    steps: int = 200
+    grad_accum: int = 1
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    ckpt_every: int = 100
+    keep_last: int = 3
+    eval_every: int = 100
+    eval_examples: int = 256
+    max_nonfinite: int = 5
+    stages: list[StageConfig] = field(default_factory=list)
+    exit_after_minutes: float = 0.0
+
+
+@dataclass
+class LogConfig:
+    """Logging: progress bar, metrics.jsonl cadence, wandb mode."""
+
+    every: int = 10
+    progress: bool = True
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "sleeptrain"
+    wandb_name: str | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """Process-group layout. TP is tensor parallelism over megatron-core's parallel layers."""
+
+    tp: int = 1
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sleep: SleepConfig = field(default_factory=SleepConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

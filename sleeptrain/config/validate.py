@@ -1,0 +1,128 @@
+"""Cross-field checks of the config tree. Every error names the offending key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PATTERN_SYMBOLS = {
+    "A": ("attention", True),
+    "G": ("gdn", True),
+    "a": ("attention", False),
+    "g": ("gdn", False),
+    "M": (None, True),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    _need(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+def loop_range(model: Any) -> tuple[int, int]:
+    """The loop range [a, b) of the stack with ``loop_end: null`` resolved to the depth."""
+    depth = len(model.pattern)
+    end = depth if model.loop_end is None else model.loop_end
+    return model.loop_start, end
+
+
+def validate_model(model: Any, tp: int = 1) -> None:
+    """Checks the model section: pattern, loop range, widths, head counts against ``tp``."""
+    pat = model.pattern
+    _need(isinstance(pat, str) and len(pat) > 0, "model.pattern", "must be a non-empty string")
+    for i, s in enumerate(pat):
+        _need(
+            s in PATTERN_SYMBOLS,
+            "model.pattern",
+            f"unknown symbol {s!r} at position {i} in {pat!r}; valid symbols: "
+            "A (attention+MLP), G (GDN+MLP), a (attention), g (GDN), M (MLP only)",
+        )
+    a, b = loop_range(model)
+    depth = len(pat)
+    _need(0 <= a < depth, "model.loop_start",
+          f"must be in [0, {depth}) for pattern {pat!r}, got {a}")
+    _need(
+        a < b <= depth,
+        "model.loop_end",
+        f"must be in ({a}, {depth}] for pattern {pat!r} and loop_start {a}, got {b}",
+    )
+    for key in ("vocab_size", "d_model", "n_heads", "gdn_heads", "gdn_head_dim", "conv_kernel"):
+        _need(getattr(model, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
+    _need(model.vocab_size % tp == 0, "model.vocab_size",
+          f"{model.vocab_size} is not divisible by tensor-parallel size {tp}")
+    if "A" in pat or "a" in pat:
+        kv = model.n_kv_heads or model.n_heads
+        _need(model.n_heads % kv == 0, "model.n_kv_heads",
+              f"n_heads {model.n_heads} is not divisible by n_kv_heads {kv}")
+        _need(kv % tp == 0, "model.n_kv_heads" if model.n_kv_heads else "model.n_heads",
+              f"{kv} key/value heads are not divisible by tensor-parallel size {tp}")
+        hd = model.head_dim or model.d_model // model.n_heads
+        _need(model.head_dim is not None or model.d_model % model.n_heads == 0, "model.head_dim",
+              f"d_model {model.d_model} is not divisible by n_heads {model.n_heads}; set head_dim")
+        _need(hd % 2 == 0, "model.head_dim", f"must be even for RoPE, got {hd}")
+    if "G" in pat or "g" in pat:
+        hv = model.gdn_v_heads or model.gdn_heads
+        _need(hv % model.gdn_heads == 0, "model.gdn_v_heads",
+              f"{hv} value heads are not divisible by gdn_heads {model.gdn_heads}")
+        _need(model.gdn_heads % tp == 0, "model.gdn_heads",
+              f"{model.gdn_heads} heads are not divisible by tensor-parallel size {tp}")
+    ffn = model.ffn_hidden
+    _need(ffn is None or ffn % tp == 0, "model.ffn_hidden",
+          f"{ffn} is not divisible by tensor-parallel size {tp}")
+    _choice(model.attention_backend, "model.attention_backend", ("sdpa", "flash"))
+    _choice(model.gdn_backend, "model.gdn_backend", ("auto", "fla", "chunked", "recurrent"))
+    _choice(model.params_dtype, "model.params_dtype", ("float32", "float64", "bfloat16"))
+    _need(model.gdn_chunk_size >= 1, "model.gdn_chunk_size", "must be >= 1")
+
+
+def validate_sleep(sleep: Any) -> None:
+    """Checks the sleep section: window, passes, eviction and gradient-mode settings."""
+    _need(sleep.window_len >= 1, "sleep.window_len", f"must be >= 1, got {sleep.window_len}")
+    _need(sleep.passes >= 1, "sleep.passes", f"must be >= 1, got {sleep.passes}")
+    _choice(sleep.eviction, "sleep.eviction", ("hard", "sliding"))
+    _choice(sleep.grad_mode, "sleep.grad_mode", ("full", "truncated", "implicit"))
+    _choice(sleep.implicit_method, "sleep.implicit_method", ("neumann", "phantom"))
+    _need(sleep.grad_passes >= 1, "sleep.grad_passes", f"must be >= 1, got {sleep.grad_passes}")
+    _need(sleep.neumann_terms >= 1, "sleep.neumann_terms",
+          f"must be >= 1, got {sleep.neumann_terms}")
+    _need(sleep.detach_every >= 0, "sleep.detach_every",
+          f"must be >= 0 (0 = never), got {sleep.detach_every}")
+
+
+def validate_run(cfg: Any) -> None:
+    """Checks the whole tree: each section, then combinations across sections."""
+    validate_model(cfg.model, tp=cfg.parallel.tp)
+    validate_sleep(cfg.sleep)
+    _choice(cfg.data.source, "data.source", ("task", "shards"))
+    _need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    _need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _need(cfg.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    _need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _choice(cfg.train.device, "train.device", ("auto", "cpu", "cuda"))
+    _choice(cfg.train.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _choice(cfg.optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
+    _need(len(cfg.optim.adamw_betas) == 2, "optim.adamw_betas", "must have two values")
+    _choice(cfg.log.wandb, "log.wandb", ("disabled", "offline", "online"))
+    _choice(cfg.parallel.backend, "parallel.backend", ("auto", "gloo", "nccl"))
+    _need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
+    total = 0
+    for i, st in enumerate(cfg.train.stages):
+        key = f"train.stages[{i}]"
+        _need(st.steps >= 1, f"{key}.steps", f"must be >= 1, got {st.steps}")
+        if st.eviction is not None:
+            _choice(st.eviction, f"{key}.eviction", ("hard", "sliding"))
+        if st.passes is not None:
+            _need(st.passes >= 1, f"{key}.passes", "must be >= 1")
+        total += st.steps
+    if cfg.train.stages:
+        _need(total == cfg.train.steps, "train.stages",
+              f"stage steps add up to {total} but train.steps is {cfg.train.steps}")

@@ -1,0 +1,79 @@
+"""Causal attention with an optional sliding band, over keys that may start before the queries.
+
+q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D] with Tk >= Tq: the last Tq keys belong to the queries'
+own tokens, the first Tk - Tq are carried from earlier (the KV carry). Query i sits at key
+index i + (Tk - Tq). ``window`` None: plain causal; ``window`` L: query sees the keys at
+distance 0..L-1 behind it (a band of L tokens including itself). Returns [B, Tq, Hq, D].
+
+Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, everywhere) and ``flash``
+(flash-attn 2, CUDA, fp16/bf16).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash")
+
+
+@functools.lru_cache(maxsize=64)
+def _band_mask(tq: int, tk: int, window: int | None, device: str) -> torch.Tensor:
+    """Boolean [tq, tk] mask, True where query i may attend key j."""
+    qi = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    kj = torch.arange(tk, device=device)[None, :]
+    dist = qi - kj
+    mask = dist >= 0
+    if window is not None:
+        mask = mask & (dist < window)
+    return mask
+
+
+def _sdpa(q, k, v, window, scale):
+    tq, tk = q.shape[1], k.shape[1]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    if tq == tk and (window is None or window >= tk):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                             enable_gqa=gqa)
+    else:
+        mask = _band_mask(tq, tk, window, str(q.device))
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                             enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v, window, scale):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:
+        raise RuntimeError(
+            "model.attention_backend='flash' needs the flash-attn package "
+            f"(pip install 'sleeptrain[gpu]'), which is not importable here: {e}; "
+            "use model.attention_backend=sdpa"
+        ) from e
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(
+            "model.attention_backend='flash' needs CUDA fp16/bf16 tensors "
+            f"(got {q.dtype} on {q.device}); use sdpa or bf16 autocast"
+        )
+    ws = (-1, -1) if window is None else (window - 1, 0)
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=ws)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Causal (optionally banded) attention; see the module docstring for the layout."""
+    if backend == "sdpa":
+        return _sdpa(q, k, v, window, scale)
+    if backend == "flash":
+        return _flash(q, k, v, window, scale)
+    raise ValueError(f"model.attention_backend: unknown backend {backend!r}; one of {BACKENDS}")

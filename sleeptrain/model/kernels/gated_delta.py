@@ -1,0 +1,205 @@
+"""The gated delta rule with explicit initial and final state.
+
+For every head, with fast weights S [d_k, d_v] (fp32), per token t:
+
+    S <- exp(g_t) * S
+    S <- S + beta_t * k_t (v_t - S^T k_t)^T
+    o_t = S^T (scale * q_t)
+
+Inputs follow FLA's layout: q, k [B, T, H, d_k]; v [B, T, HV, d_v]; g, beta [B, T, HV] with
+HV a multiple of H (grouped value heads: value head j reads query/key head j // (HV // H)).
+``initial_state`` is [B, HV, d_k, d_v]. Every backend returns (o [B, T, HV, d_v] in v's dtype,
+final state [B, HV, d_k, d_v] in fp32, or fp64 for fp64 inputs), and gradients flow through q,
+k, v, g, beta and the initial state.
+
+Backends: ``fla`` (FLA's chunked Triton/TileLang kernels, CUDA), ``chunked`` (a PyTorch
+WY-form chunked reference, the CPU default), ``recurrent`` (token-by-token PyTorch, the
+ground truth for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "fla", "chunked", "recurrent")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _expand_qk(q: torch.Tensor, k: torch.Tensor, hv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h = q.shape[2]
+    if hv == h:
+        return q, k
+    if hv % h != 0:
+        raise ValueError(f"value heads ({hv}) must be a multiple of query/key heads ({h})")
+    r = hv // h
+    return q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+
+
+def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b, _, hv, dv = v.shape
+    return torch.zeros(b, hv, q.shape[-1], dv, dtype=dtype, device=v.device)
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token reference (slow, exact): returns (o, final_state)."""
+    dt, out_dtype = _compute_dtype(q), v.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k = _expand_qk(q, k, v.shape[2])
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    s = _zero_state(q, v, dt) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t].exp()[..., None, None]
+        kt = k[:, t]
+        pred = torch.einsum("bhk,bhkv->bhv", kt, s)
+        delta = (v[:, t] - pred) * beta[:, t, :, None]
+        s = s + kt[..., :, None] * delta[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, s))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
+    return o.to(out_dtype), s
+
+
+def chunked_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked (WY-form) reference: exact in exact arithmetic, O(T/C) sequential steps.
+
+    Inside a chunk with cumulative log-decay c_i and Gamma_ij = exp(c_i - c_j) (j <= i):
+    M = I + strict_lower(diag(beta) K K^T * Gamma), W = M^-1 (diag(beta) K * exp(c)),
+    U = M^-1 (diag(beta) V); then per chunk V' = U - W S, O = (Q * exp(c)) S +
+    tril(Q K^T * Gamma) V', S <- exp(c_last) S + (K * exp(c_last - c))^T V'.
+    Padding tokens (beta = 0, g = 0) leave the state unchanged.
+    """
+    dt, out_dtype = _compute_dtype(q), v.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, t_len, hv, dv = v.shape
+    q, k = _expand_qk(q, k, hv)
+    dk = q.shape[-1]
+    s = _zero_state(q, v, dt) if initial_state is None else initial_state.to(dt)
+    if t_len == 0:
+        return v.new_zeros(v.shape), s
+    c = chunk_size
+    pad = (-t_len) % c
+    # [B, H, T, D] in the compute dtype
+    q, k, v = (x.to(dt).transpose(1, 2) for x in (q, k, v))
+    g, beta = (x.to(dt).transpose(1, 2) for x in (g, beta))
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (t_len + pad) // c
+    q = (q * scale).reshape(b, hv, n, c, dk)
+    k = k.reshape(b, hv, n, c, dk)
+    v = v.reshape(b, hv, n, c, dv)
+    beta = beta.reshape(b, hv, n, c)
+    cum = g.reshape(b, hv, n, c).cumsum(-1)
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~lower, float("-inf"))
+    gamma = diff.exp()  # zero above the diagonal
+    kb = k * beta[..., None]
+    strict = (kb @ k.transpose(-1, -2)) * gamma
+    eye = torch.eye(c, dtype=dt, device=q.device)
+    m = eye + strict.masked_fill(~lower.tril(-1), 0.0)
+    w = torch.linalg.solve_triangular(m, kb * cum.exp()[..., None], upper=False,
+                                      unitriangular=True)
+    u = torch.linalg.solve_triangular(m, v * beta[..., None], upper=False, unitriangular=True)
+    qk = (q @ k.transpose(-1, -2)) * gamma
+    outs = []
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ s
+        o_i = (q[:, :, i] * cum[:, :, i, :, None].exp()) @ s + qk[:, :, i] @ v_new
+        outs.append(o_i)
+        last = cum[:, :, i, -1]
+        k_dec = k[:, :, i] * (last[..., None] - cum[:, :, i]).exp()[..., None]
+        s = s * last.exp()[..., None, None] + k_dec.transpose(-1, -2) @ v_new
+    o = torch.stack(outs, dim=2).reshape(b, hv, n * c, dv)[:, :, :t_len]
+    return o.transpose(1, 2).to(out_dtype), s
+
+
+def fla_available() -> bool:
+    """True when FLA's GPU kernels can run here (CUDA and an importable ``fla``)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fla_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLA's ``chunk_gated_delta_rule`` (CUDA) with the state in and out in fp32."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "model.gdn_backend='fla' needs flash-linear-attention with a working triton "
+            f"(pip install 'flash-linear-attention'): {e}"
+        ) from e
+    if not q.is_cuda:
+        raise RuntimeError(
+            "model.gdn_backend='fla' runs on CUDA tensors only; use 'chunked' on CPU")
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    # FLA wants q, k, v in one dtype; under autocast the projections give bf16.
+    dtype = v.dtype
+    o, s = chunk_gated_delta_rule(
+        q.to(dtype).contiguous(),
+        k.to(dtype).contiguous(),
+        v.contiguous(),
+        g.float().contiguous(),
+        beta.to(dtype).contiguous(),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=True,
+    )
+    return o, s
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatches to ``backend`` (auto: FLA for CUDA tensors below fp64, else chunked)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"model.gdn_backend: unknown backend {backend!r}; one of {BACKENDS}")
+    if backend == "auto":
+        backend = "fla" if q.is_cuda and q.dtype != torch.float64 else "chunked"
+    if backend == "fla":
+        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
+    if backend == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
+    return chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, chunk_size)

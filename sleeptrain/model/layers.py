@@ -1,0 +1,289 @@
+"""The layers of the hybrid: RMSNorm, RoPE, SwiGLU MLP, GQA attention, gated DeltaNet.
+
+Linears are megatron-core's tensor-parallel layers. Every fused projection uses a layout that
+does not depend on the tensor-parallel size: its output rows are grouped (per key/value head
+for attention, per query/key head for GDN, per hidden unit for the SwiGLU gate/up pair), and TP
+shards whole groups. So a checkpoint's full tensors are the same at every TP size, and TP rank
+r holds the contiguous slice r of each.
+
+All layers take and return [B, T, d_model] hidden states; head counts below are per TP rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from sleeptrain.model.kernels import attention as attention_op
+from sleeptrain.model.kernels import gated_delta_rule
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    """An init_method for megatron-core layers: N(0, std^2)."""
+
+    def init(w: torch.Tensor) -> None:
+        nn.init.normal_(w, mean=0.0, std=std)
+
+    return init
+
+
+def zeros_init(w: torch.Tensor) -> None:
+    """An init_method that zeroes the weight (retrofits: new layers start as identity)."""
+    nn.init.zeros_(w)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(dt)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(dt)).to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, dim] for rotate-half RoPE at absolute ``positions`` [T]."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=cdt) / dim)
+    ang = positions.to(cdt)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/Qwen2 convention) on x [B, T, H, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rot = torch.cat([-x2, x1], dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.to(c.dtype) * c + rot.to(c.dtype) * s).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate/up fused and interleaved per hidden unit."""
+
+    def __init__(self, d_model: int, hidden: int, config: ModelParallelConfig, std: float,
+                 out_std: float, tp_group: Any = None):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(d_model, 2 * hidden, config=config,
+                                        init_method=normal_init(std), bias=False,
+                                        gather_output=False, tp_group=tp_group)
+        self.fc2 = RowParallelLinear(hidden, d_model, config=config,
+                                     init_method=normal_init(out_std), bias=False,
+                                     input_is_parallel=True, skip_bias_add=False,
+                                     tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.fc1(x)
+        y = y.unflatten(-1, (-1, 2))
+        y = F.silu(y[..., 0]) * y[..., 1]
+        out, _ = self.fc2(y)
+        return out
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE at global positions and an optional carried KV.
+
+    Fused qkv rows are grouped per key/value head: [q of the group's heads, k, v].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope_theta: float, config: ModelParallelConfig, tp: int, std: float,
+                 out_std: float, qkv_bias: bool = False, backend: str = "sdpa",
+                 tp_group: Any = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.group = n_heads // n_kv_heads
+        self.kv_local = n_kv_heads // tp
+        self.rope_theta = rope_theta
+        self.backend = backend
+        width = (n_heads + 2 * n_kv_heads) * head_dim
+        self.qkv = ColumnParallelLinear(d_model, width, config=config,
+                                        init_method=normal_init(std), bias=qkv_bias,
+                                        gather_output=False, tp_group=tp_group)
+        self.out = RowParallelLinear(n_heads * head_dim, d_model, config=config,
+                                     init_method=normal_init(out_std), bias=False,
+                                     input_is_parallel=True, skip_bias_add=False,
+                                     tp_group=tp_group)
+
+    def project(self, x: torch.Tensor, pos_start: int) -> tuple[torch.Tensor, ...]:
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D] with RoPE applied at pos_start + t."""
+        y, _ = self.qkv(x)
+        b, t = x.shape[:2]
+        hd = self.head_dim
+        y = y.view(b, t, self.kv_local, (self.group + 2) * hd)
+        q = y[..., : self.group * hd].reshape(b, t, self.kv_local * self.group, hd)
+        k = y[..., self.group * hd : (self.group + 1) * hd]
+        v = y[..., (self.group + 1) * hd :]
+        pos = torch.arange(pos_start, pos_start + t, device=x.device)
+        cos, sin = rope_cos_sin(pos, hd, self.rope_theta, x.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos_start: int,
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None,
+        window: int | None = None,
+        segment: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns (output [B, T, d], (k, v) of this call's tokens, post-RoPE).
+
+        ``carry``: keys/values of earlier tokens to attend to (sliding eviction);
+        ``window``: band width L (query sees L tokens including itself), None = causal;
+        ``segment``: block-diagonal causal attention over segments of this length
+        (the parallel form of hard eviction).
+        """
+        q, k, v = self.project(x, pos_start)
+        b, t = x.shape[:2]
+        if segment is not None:
+            pad = (-t) % segment
+            qs, ks, vs = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (q, k, v))
+            n = (t + pad) // segment
+            qs, ks, vs = (z.reshape(b * n, segment, *z.shape[2:]) for z in (qs, ks, vs))
+            o = attention_op(qs, ks, vs, None, None, self.backend)
+            o = o.reshape(b, n * segment, *o.shape[2:])[:, :t]
+        else:
+            kk, vv = k, v
+            if carry is not None:
+                kk = torch.cat([carry[0].to(k.dtype), k], dim=1)
+                vv = torch.cat([carry[1].to(v.dtype), v], dim=1)
+            o = attention_op(q, kk, vv, window, None, self.backend)
+        out, _ = self.out(o.reshape(b, t, -1))
+        return out, (k, v)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet mixer with explicit state (fast weights S and the conv state).
+
+    in_proj rows, grouped per query/key head h (r = value heads per qk head):
+    [q_h (dk), k_h (dk), v (r*dv), z (r*dv), b (r), a (r)]. The short causal depthwise conv
+    runs over the [q, k, v] channels of each group, then SiLU; q, k are L2-normalized;
+    g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b); the gated delta rule; the
+    output is RMSNorm(o) * silu(z) per value head, then out_proj.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_v_heads: int, head_dim: int,
+                 v_head_dim: int, conv_kernel: int, config: ModelParallelConfig, tp: int,
+                 tp_rank: int, std: float, out_std: float, norm_eps: float,
+                 backend: str = "auto", chunk_size: int = 32, zero_out: bool = False,
+                 tp_group: Any = None):
+        super().__init__()
+        self.h_local = n_heads // tp
+        self.r = n_v_heads // n_heads
+        self.hv_local = self.h_local * self.r
+        self.dk, self.dv = head_dim, v_head_dim
+        self.kernel = conv_kernel
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.norm_eps = norm_eps
+        self.group_width = 2 * head_dim + 2 * self.r * v_head_dim + 2 * self.r
+        self.conv_group = 2 * head_dim + self.r * v_head_dim
+        self.in_proj = ColumnParallelLinear(d_model, n_heads * self.group_width, config=config,
+                                            init_method=normal_init(std), bias=False,
+                                            gather_output=False, tp_group=tp_group)
+        dtype = config.params_dtype
+        # Full tensors drawn in the same order on every TP rank, then sliced: TP-invariant init.
+        conv_full = torch.empty(n_heads * self.conv_group, conv_kernel, dtype=dtype)
+        bound = 1.0 / math.sqrt(conv_kernel)
+        nn.init.uniform_(conv_full, -bound, bound)
+        a_full = torch.empty(n_v_heads, dtype=torch.float32).uniform_(1.0, 16.0).log()
+        dt = torch.exp(torch.empty(n_v_heads, dtype=torch.float32).uniform_(
+            math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+        dt_bias_full = dt + torch.log(-torch.expm1(-dt))
+        cs = n_heads * self.conv_group // tp
+        self.conv_weight = nn.Parameter(conv_full[tp_rank * cs : (tp_rank + 1) * cs].clone())
+        hs = self.hv_local
+        self.A_log = nn.Parameter(a_full[tp_rank * hs : (tp_rank + 1) * hs].to(dtype).clone())
+        self.dt_bias = nn.Parameter(
+            dt_bias_full[tp_rank * hs : (tp_rank + 1) * hs].to(dtype).clone())
+        for p in (self.conv_weight, self.A_log, self.dt_bias):
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        self.out_norm_weight = nn.Parameter(torch.ones(v_head_dim, dtype=dtype))
+        self.out_proj = RowParallelLinear(n_v_heads * v_head_dim, d_model, config=config,
+                                          init_method=zeros_init if zero_out else
+                                          normal_init(out_std), bias=False,
+                                          input_is_parallel=True, skip_bias_add=False,
+                                     tp_group=tp_group)
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the short convolution on this TP rank."""
+        return self.h_local * self.conv_group
+
+    def _conv(self, x: torch.Tensor, state: torch.Tensor | None,
+              segment: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv over x [B, T, C] with the last K-1 inputs ``state``
+        [B, C, K-1] (zeros when None); returns (SiLU(conv) [B, T, C], new state)."""
+        b, t, c = x.shape
+        km1 = self.kernel - 1
+        w = self.conv_weight.to(x.dtype).unsqueeze(1)
+        xt = x.transpose(1, 2)
+        if segment is not None:  # independent segments (parallel form of hard eviction)
+            pad = (-t) % segment
+            n = (t + pad) // segment
+            xs = F.pad(xt, (0, pad)).reshape(b, c, n, segment).permute(0, 2, 1, 3)
+            xs = F.pad(xs.reshape(b * n, c, segment), (km1, 0))
+            y = F.conv1d(xs, w, groups=c).reshape(b, n, c, segment).permute(0, 2, 1, 3)
+            y = y.reshape(b, c, n * segment)[..., :t]
+            new_state = F.pad(xt, (km1, 0))[..., -km1:] if km1 else xt[..., :0]
+            return F.silu(y.transpose(1, 2)), new_state
+        if state is None:
+            state = xt.new_zeros(b, c, km1)
+        ext = torch.cat([state.to(xt.dtype), xt], dim=-1)
+        y = F.conv1d(ext, w, groups=c)
+        new_state = ext[..., ext.shape[-1] - km1 :]
+        return F.silu(y.transpose(1, 2)), new_state
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None,
+        conv_state: torch.Tensor | None = None,
+        segment: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B, T, d], S out [B, HV, dk, dv] fp32, conv state [B, C, K-1]).
+
+        ``state`` None means zeros. ``segment``: reset the conv every ``segment`` tokens
+        (the parallel form of hard eviction); the delta rule itself always runs through.
+        """
+        y, _ = self.in_proj(x)
+        b, t = x.shape[:2]
+        y = y.view(b, t, self.h_local, self.group_width)
+        dk, dv, r = self.dk, self.dv, self.r
+        qkv = y[..., : self.conv_group].reshape(b, t, -1)
+        z = y[..., self.conv_group : self.conv_group + r * dv]
+        braw = y[..., self.conv_group + r * dv : self.conv_group + r * dv + r]
+        araw = y[..., self.conv_group + r * dv + r :]
+        qkv, new_conv = self._conv(qkv, conv_state, segment)
+        qkv = qkv.view(b, t, self.h_local, self.conv_group)
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q = F.normalize(qkv[..., :dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
+        k = F.normalize(qkv[..., dk : 2 * dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
+        v = qkv[..., 2 * dk :].reshape(b, t, self.hv_local, dv)
+        araw = araw.reshape(b, t, self.hv_local).to(cdt)
+        g = -self.A_log.to(cdt).exp() * F.softplus(araw + self.dt_bias.to(cdt))
+        beta = torch.sigmoid(braw.reshape(b, t, self.hv_local).to(cdt))
+        o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                    backend=self.backend, chunk_size=self.chunk_size)
+        of = o.to(cdt)
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        of = of * self.out_norm_weight.to(cdt) * F.silu(z.reshape(b, t, self.hv_local, dv).to(cdt))
+        out, _ = self.out_proj(of.to(x.dtype).reshape(b, t, -1))
+        return out, s_new, new_conv

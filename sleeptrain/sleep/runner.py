@@ -1,0 +1,446 @@
+"""Windows, eviction, wake and sleep passes, gradient modes (DESIGN.md section 1).
+
+One window, in order: (1) wake pass: embed the window and run every block once with the
+incoming state; logits (and the loss) come from this pass only. (2) sleep: if another window
+follows, run the loop range [a, b) N-1 more times, pass n taking the loop range's output
+hidden states and fast weights of pass n-1. (3) evict: ``hard`` keeps only the fast weights;
+``sliding`` also keeps the GDN conv state and the last L-1 keys/values of the wake pass.
+
+Gradient modes for the sleep passes (the wake pass always carries gradient):
+
+- ``full``: backpropagation through every pass and every window (full BPTT).
+- ``truncated`` (k = ``grad_passes``): the first N-1-k sleep passes of a window run under
+  no_grad, so the gradient is that of full BPTT with the hidden states and fast weights
+  entering sleep pass N-k treated as constants. k >= N-1 is exactly ``full``. With k < N-1
+  this also cuts the gradient path through the state into earlier windows at every window
+  that sleeps (as in Huginn's truncated recurrence).
+- ``implicit``: the sleep passes are a fixed-point iteration z <- F(z) of z = (h, S) over the
+  loop range; the forward runs under no_grad and the memory held for backward does not grow
+  with N. ``neumann`` (m = ``neumann_terms``): with g the gradient at the last iterate z_N and
+  J = dF/dz at z_{N-1}, the parameter (and KV-carry/conv-state) gradient is that of the last
+  pass applied to sum_{j<m} (J^T)^j g, and the gradient handed to the wake pass (and so to
+  earlier windows) is (J^T)^m g: full BPTT with every Jacobian frozen at the last iterate and
+  the series cut after m terms (m is clipped to N-1; exact for N = 2). ``phantom``
+  (k = ``grad_passes``): the last k passes are unrolled with gradient from the no_grad iterate
+  z_{N-k}, and the gradient reaching z_{N-k} is handed to the wake pass unchanged
+  (Jacobian-free: dz_{N-k}/dz_1 taken as the identity). k >= N-1 is exactly ``full``.
+
+``detach_every`` K > 0 detaches the state after every K-th window in any mode.
+With ``checkpoint`` on, each window-pass keeps only its boundary tensors (hidden states
+entering the pass, the state, the KV carry) and is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
+
+
+@dataclass
+class WindowOutput:
+    """What the wake pass of one window produced.
+
+    logits: full-vocabulary logits [B, l, V] (only when asked for);
+    loss_sum: sum of masked token cross-entropies (fp32 scalar) when targets were given;
+    n_correct: number of masked targets predicted exactly (argmax), as a tensor;
+    predictions: argmax token ids [B, l] (when targets were given).
+    """
+
+    logits: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    n_correct: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """windowed_loss's result: the mean masked loss and the sums it came from.
+
+    loss = loss_sum / max(n_tokens, 1); n_tokens and n_correct are tensors (no host sync);
+    predictions [B, T-1] are the argmax of the wake-pass logits at every input position.
+    """
+
+    loss: torch.Tensor
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    n_correct: torch.Tensor
+    predictions: torch.Tensor | None = None
+    n_windows: int = 0
+
+
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the full vocabulary of logits split over the TP group [..., V/tp]."""
+    if not mpu.model_parallel_is_initialized() or mpu.get_tensor_model_parallel_world_size() == 1:
+        return logits.argmax(-1)
+    group = mpu.get_tensor_model_parallel_group()
+    local_max, local_idx = logits.float().max(-1)
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    offset = mpu.get_tensor_model_parallel_rank() * logits.shape[-1]
+    big = torch.iinfo(torch.int64).max
+    cand = torch.where(local_max == global_max, local_idx + offset,
+                       torch.full_like(local_idx, big))
+    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+    return cand
+
+
+def token_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, l] from vocab-parallel logits [B, l, V/tp].
+
+    megatron-core's vocab-parallel cross-entropy (fp32 math) in general; at TP=1 with fp64
+    logits, torch's cross-entropy in fp64 so that float64 gradient checks stay exact.
+    """
+    tp1 = (not mpu.model_parallel_is_initialized()
+           or mpu.get_tensor_model_parallel_world_size() == 1)
+    if tp1 and local_logits.dtype == torch.float64:
+        return torch.nn.functional.cross_entropy(
+            local_logits.flatten(0, -2), targets.flatten(), reduction="none"
+        ).view(targets.shape)
+    return vocab_parallel_cross_entropy(local_logits.float(), targets)
+
+
+def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    if enabled and torch.is_grad_enabled():
+        return activation_checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class _LoopRange:
+    """The sleep map F over the loop range, as a function of flat tensors.
+
+    z = [h, S of each GDN block in the loop range]; ctx tensors = the KV carry of attention
+    blocks and the conv state of GDN blocks in the loop range (sliding eviction).
+    """
+
+    def __init__(self, net: HybridModel, ctx: PassContext, fast: list[torch.Tensor | None]):
+        self.net = net
+        self.ctx = ctx
+        self.lo, self.hi = net.loop_start, net.loop_end
+        self.fast_template = list(fast)
+        self.gdn = [i for i in net.gdn_blocks() if self.lo <= i < self.hi]
+        self.ctx_slots: list[tuple[str, int, int]] = []
+        for i in range(self.lo, self.hi):
+            if ctx.kv and ctx.kv[i] is not None:
+                self.ctx_slots += [("kv", i, 0), ("kv", i, 1)]
+            if ctx.conv and ctx.conv[i] is not None:
+                self.ctx_slots.append(("conv", i, 0))
+
+    def pack(self, h: torch.Tensor, fast: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        return [h] + [fast[i] for i in self.gdn]
+
+    def unpack(self, z: Sequence[torch.Tensor], fast: list[torch.Tensor | None]
+               ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        fast = list(fast)
+        for j, i in enumerate(self.gdn):
+            fast[i] = z[1 + j]
+        return z[0], fast
+
+    def ctx_tensors(self) -> list[torch.Tensor]:
+        out = []
+        for kind, i, j in self.ctx_slots:
+            out.append(self.ctx.kv[i][j] if kind == "kv" else self.ctx.conv[i])
+        return out
+
+    def with_ctx(self, tensors: Sequence[torch.Tensor]) -> PassContext:
+        kv = list(self.ctx.kv)
+        conv = list(self.ctx.conv)
+        pending: dict[int, list[torch.Tensor]] = {}
+        for (kind, i, _j), t in zip(self.ctx_slots, tensors, strict=True):
+            if kind == "kv":
+                pending.setdefault(i, []).append(t)
+            else:
+                conv[i] = t
+        for i, pair in pending.items():
+            kv[i] = (pair[0], pair[1])
+        return PassContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv)
+
+    def step(self, z: Sequence[torch.Tensor], ctx: PassContext | None = None
+             ) -> list[torch.Tensor]:
+        h, fast = self.unpack(z, self.fast_template)
+        h, fast, _ = self.net.run_blocks(h, self.lo, self.hi, fast, ctx or self.ctx)
+        return self.pack(h, fast)
+
+
+class _JacobianFreeBridge(torch.autograd.Function):
+    """Runs n sleep passes under no_grad; backward hands the gradient through unchanged."""
+
+    @staticmethod
+    def forward(fctx, loop: _LoopRange, n: int, *z: torch.Tensor):  # type: ignore[override]
+        zz = list(z)
+        for _ in range(n):
+            zz = loop.step(zz)
+        return tuple(zz)
+
+    @staticmethod
+    def backward(fctx, *grads: torch.Tensor):  # type: ignore[override]
+        return (None, None, *grads)
+
+
+def _autocast_state() -> tuple[str, bool, torch.dtype] | None:
+    for dev in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(dev):
+            return dev, True, torch.get_autocast_dtype(dev)
+    return None
+
+
+class _NeumannSleep(torch.autograd.Function):
+    """n sleep passes under no_grad; backward: truncated Neumann series at the last iterate."""
+
+    @staticmethod
+    def forward(fctx, loop: _LoopRange, n: int, m: int, n_z: int, n_ctx: int,
+                *inputs: torch.Tensor):  # type: ignore[override]
+        z = list(inputs[:n_z])
+        ctx_t = list(inputs[n_z : n_z + n_ctx])
+        for _ in range(n - 1):
+            z = loop.step(z)
+        z_prev = [t.detach() for t in z]
+        z_out = loop.step(z)
+        fctx.loop, fctx.m, fctx.n_z, fctx.n_ctx = loop, m, n_z, n_ctx
+        fctx.params = list(inputs[n_z + n_ctx :])
+        fctx.autocast = _autocast_state()
+        fctx.save_for_backward(*z_prev, *ctx_t)
+        return tuple(z_out)
+
+    @staticmethod
+    def backward(fctx, *grads: torch.Tensor):  # type: ignore[override]
+        saved = fctx.saved_tensors
+        z_prev, ctx_t = saved[: fctx.n_z], saved[fctx.n_z :]
+        params = fctx.params
+        with torch.enable_grad():
+            z_in = [t.detach().requires_grad_(True) for t in z_prev]
+            c_in = [t.detach().requires_grad_(t.requires_grad) for t in ctx_t]
+            ac = fctx.autocast
+            if ac is not None:
+                with torch.autocast(ac[0], dtype=ac[2], enabled=ac[1]):
+                    z_out = fctx.loop.step(z_in, fctx.loop.with_ctx(c_in))
+            else:
+                z_out = fctx.loop.step(z_in, fctx.loop.with_ctx(c_in))
+
+            def vjp(targets: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
+                pairs = [(o, g) for o, g in zip(z_out, v, strict=True) if o.requires_grad]
+                got = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs],
+                                          retain_graph=True, allow_unused=True)
+                return [torch.zeros_like(t) if gr is None else gr
+                        for t, gr in zip(targets, got, strict=True)]
+
+            v = [torch.zeros_like(o) if g is None else g for o, g in zip(z_out, grads,
+                                                                          strict=True)]
+            acc = [t.clone() for t in v]
+            for j in range(1, fctx.m + 1):
+                v = vjp(z_in, v)
+                if j < fctx.m:
+                    acc = [a + b for a, b in zip(acc, v, strict=True)]
+            wants = [c for c in c_in if c.requires_grad] + [p for p in params if p.requires_grad]
+            rest = vjp(wants, acc) if wants else []
+        it = iter(rest)
+        ctx_grads = [next(it) if c.requires_grad else None for c in c_in]
+        param_grads = [next(it) if p.requires_grad else None for p in params]
+        return (None, None, None, None, None, *v, *ctx_grads, *param_grads)
+
+
+def _sleep(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
+           ctx: PassContext, n_sleep: int, sleep_cfg: Any) -> list[torch.Tensor | None]:
+    """Runs the N-1 sleep passes of one window; returns the refined fast weights."""
+    if n_sleep <= 0:
+        return fast
+    loop = _LoopRange(net, ctx, fast)
+    ckpt = bool(sleep_cfg.checkpoint)
+    mode = sleep_cfg.grad_mode
+    z = loop.pack(h, fast)
+
+    def run(z_list: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        for _ in range(count):
+            z_list = _maybe_checkpoint(ckpt, lambda *t: tuple(loop.step(list(t))), *z_list)
+            z_list = list(z_list)
+        return z_list
+
+    if not torch.is_grad_enabled() or mode == "full":
+        z = run(z, n_sleep)
+    elif mode == "truncated":
+        free = max(0, n_sleep - sleep_cfg.grad_passes)
+        if free:
+            with torch.no_grad():
+                z = run(z, free)
+            z = [t.detach() for t in z]
+        z = run(z, n_sleep - free)
+    elif sleep_cfg.implicit_method == "phantom":
+        free = max(0, n_sleep - sleep_cfg.grad_passes)
+        if free:
+            z = list(_JacobianFreeBridge.apply(loop, free, *z))
+        z = run(z, n_sleep - free)
+    else:
+        m = min(sleep_cfg.neumann_terms, n_sleep)
+        ctx_t = loop.ctx_tensors()
+        params = [p for i in range(loop.lo, loop.hi) for p in net.blocks[i].parameters()
+                  if p.requires_grad]
+        z = list(_NeumannSleep.apply(loop, n_sleep, m, len(z), len(ctx_t), *z, *ctx_t,
+                                     *params))
+    _, fast = loop.unpack(z, fast)
+    return fast
+
+
+def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None],
+          ctx: PassContext, targets: torch.Tensor | None, mask: torch.Tensor | None,
+          want_logits: bool, want_head: bool):
+    """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs)."""
+    a, b = net.loop_start, net.loop_end
+    h = net.embed_tokens(tokens)
+    h, fast, ex0 = net.run_blocks(h, 0, a, fast, ctx)
+    h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
+    h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
+    extras = [x if x is not None else (y if y is not None else w)
+              for x, y, w in zip(ex0, ex1, ex2, strict=True)]
+    logits = loss_sum = n_correct = preds = None
+    if want_head:
+        local = net.logits(h)
+        if targets is not None:
+            ce = token_cross_entropy(local, targets)
+            loss_sum = (ce * mask).sum()
+            preds = vocab_parallel_argmax(local.detach())
+            n_correct = ((preds == targets) & (mask > 0)).sum()
+        if want_logits:
+            logits = net.full_logits(h) if net.tp > 1 else local
+    return h_loop, fast, extras, (logits, loss_sum, n_correct, preds)
+
+
+def _evict(net: HybridModel, state: SleepState, fast: list[torch.Tensor | None],
+           extras: list[Any], window_tokens: int, eviction: str, window_len: int) -> SleepState:
+    """The state after the window: fast weights always; conv and KV carry only if sliding."""
+    n = net.depth
+    conv: list[torch.Tensor | None] = [None] * n
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+    if eviction == "sliding":
+        keep = window_len - 1
+        for i, blk in enumerate(net.blocks):
+            if blk.kind == "gdn":
+                conv[i] = extras[i]
+            elif blk.kind == "attention" and keep > 0:
+                k, v = extras[i]
+                old = state.kv[i]
+                if old is not None:
+                    k = torch.cat([old[0], k], dim=1)
+                    v = torch.cat([old[1], v], dim=1)
+                kv[i] = (k[:, -keep:], v[:, -keep:])
+    return SleepState(fast=fast, conv=conv, kv=kv, position=state.position + window_tokens)
+
+
+def run_window(
+    net: HybridModel,
+    tokens: torch.Tensor,
+    state: SleepState,
+    passes: int,
+    sleep_cfg: Any,
+    targets: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    want_logits: bool = True,
+    want_head: bool = True,
+) -> tuple[WindowOutput, SleepState]:
+    """One window [B, l] (l <= window_len): wake pass, passes-1 sleep passes, eviction.
+
+    ``targets``/``loss_mask`` [B, l] (next tokens and their mask) make the wake pass return the
+    masked cross-entropy sum. ``want_head`` False skips the output head (no loss in window).
+    """
+    length = tokens.shape[1]
+    if length > sleep_cfg.window_len:
+        raise ValueError(
+            f"window of {length} tokens is longer than sleep.window_len={sleep_cfg.window_len}"
+        )
+    sliding = sleep_cfg.eviction == "sliding"
+    ctx = PassContext(
+        pos_start=state.position,
+        window=sleep_cfg.window_len if sliding else None,
+        kv=list(state.kv) if sliding else [],
+        conv=list(state.conv) if sliding else [],
+    )
+    ldt = torch.float64 if net.dtype == torch.float64 else torch.float32
+    mask = None if loss_mask is None else loss_mask.to(ldt)
+
+    def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk):
+        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv)
+        return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head)
+
+    h_loop, fast, extras, outs = _maybe_checkpoint(
+        bool(sleep_cfg.checkpoint), wake_fn, tokens, state.fast, ctx.kv, ctx.conv, targets, mask
+    )
+    fast = _sleep(net, h_loop, fast, ctx, passes - 1, sleep_cfg)
+    new_state = _evict(net, state, fast, extras, length, sleep_cfg.eviction,
+                       sleep_cfg.window_len)
+    logits, loss_sum, n_correct, preds = outs
+    return WindowOutput(logits, loss_sum, n_correct, preds), new_state
+
+
+def windowed_loss(
+    model: HybridModel,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sleep_cfg: Any,
+    passes: int | None = None,
+    return_predictions: bool = False,
+) -> LossOutput:
+    """Masked next-token cross-entropy of a batch processed window by window with sleep.
+
+    tokens, loss_mask [B, T]: position j of ``loss_mask`` marks token j as a target, predicted
+    from the logits at position j-1. Inputs tokens[:, :-1] are cut into windows of
+    ``sleep.window_len``; every window but the last sleeps (``passes`` overrides sleep.passes).
+    The loss is the sum over all masked targets divided by their number.
+    """
+    if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
+        raise ValueError(
+            f"tokens and loss_mask must both be [B, T]; got {tuple(tokens.shape)} and "
+            f"{tuple(loss_mask.shape)}"
+        )
+    if tokens.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 tokens, got T={tokens.shape[1]}")
+    n_pass = sleep_cfg.passes if passes is None else passes
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = loss_mask[:, 1:]
+    t_in = inputs.shape[1]
+    L = sleep_cfg.window_len
+    starts = list(range(0, t_in, L))
+    # One host sync per batch (not per window): which windows hold a target at all.
+    has_loss = mask.reshape(mask.shape[0], -1).any(0)
+    window_has = [bool(x) for x in
+                  torch.stack([has_loss[s : s + L].any() for s in starts]).tolist()]
+    state = model.init_state(tokens.shape[0], tokens.device)
+    device = tokens.device
+    ldt = torch.float64 if model.dtype == torch.float64 else torch.float32
+    loss_sum = torch.zeros((), dtype=ldt, device=device)
+    n_correct = torch.zeros((), dtype=torch.int64, device=device)
+    preds = []
+    detach_every = int(sleep_cfg.detach_every)
+    for w, s in enumerate(starts):
+        last = w == len(starts) - 1
+        e = min(s + L, t_in)
+        head = window_has[w] or return_predictions
+        out, state = run_window(
+            model, inputs[:, s:e], state, 1 if last else n_pass, sleep_cfg,
+            targets=targets[:, s:e] if head else None,
+            loss_mask=mask[:, s:e] if head else None,
+            want_logits=False, want_head=head,
+        )
+        if out.loss_sum is not None:
+            loss_sum = loss_sum + out.loss_sum
+            n_correct = n_correct + out.n_correct
+        if return_predictions:
+            preds.append(out.predictions)
+        if detach_every and (w + 1) % detach_every == 0 and not last:
+            state = state.detach()
+    n_tokens = mask.sum().to(torch.int64)
+    loss = loss_sum / n_tokens.clamp(min=1).to(loss_sum.dtype)
+    return LossOutput(
+        loss=loss,
+        loss_sum=loss_sum,
+        n_tokens=n_tokens,
+        n_correct=n_correct,
+        predictions=torch.cat(preds, dim=1) if return_predictions else None,
+        n_windows=len(starts),
+    )

@@ -9,7 +9,14 @@ Public API::
     out = sleeptrain.windowed_loss(model, tokens, loss_mask, cfg.sleep)
 """
 
-from sleeptrain.api import build_model, load_config, windowed_loss
+import warnings
+
+# Import-time notices of optional libraries that say nothing about the user's run.
+for _msg in (".*Transformer Engine and Apex are not installed.*",
+             ".*Triton is not supported on current platform.*", ".*tp_group is None.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+from sleeptrain.api import build_model, load_config, windowed_loss  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "build_model", "load_config", "windowed_loss"]

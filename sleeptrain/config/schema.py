@@ -90,6 +90,9 @@ class OptimConfig:
     use_muon: bool = True
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    # torch.optim.Muon's lr scaling: "original" (Keller Jordan's, muon_lr ~0.02) or
+    # "match_rms_adamw" (update RMS matched to AdamW's: use an AdamW-sized muon_lr)
+    muon_adjust_lr: str = "original"
     adamw_lr: float = 3e-3
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8

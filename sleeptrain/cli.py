@@ -1,0 +1,128 @@
+"""Command line: ``sleeptrain train | eval | data preview``.
+
+    sleeptrain train CONFIG [key=value ...]
+    sleeptrain eval RUN_DIR [--n N] [key=value ...]
+    sleeptrain data preview TASK [key=value ...] [--n N] [--split train|test] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_kv(items: list[str], what: str) -> dict[str, object]:
+    import yaml
+
+    out: dict[str, object] = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"error: {what} {it!r} is not of the form key=value")
+        k, _, v = it.partition("=")
+        out[k] = yaml.safe_load(v) if v else ""
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sleeptrain.config import load_config
+    from sleeptrain.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if summary["exit"] == "stopped":
+        print(f"stopped at step {summary['step']} (checkpoint saved in {summary['run_dir']})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    import sleeptrain
+    from sleeptrain.config import from_yaml_text, load_config
+    from sleeptrain.data.tasks import build_task
+    from sleeptrain.eval.tasks import evaluate_task, format_table
+    from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    run = Path(args.run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
+    cfg = from_yaml_text(cfg_path.read_text())
+    if args.overrides:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(cfg_path.read_text())
+        cfg = load_config(f.name, args.overrides)
+    ckpt = find_latest_checkpoint(run)
+    if ckpt is None:
+        raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
+    model = sleeptrain.build_model(cfg)
+    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    task = build_task(cfg.data.task, **dict(cfg.data.task_args))
+    dev = next(model.parameters()).device
+    res = evaluate_task(model, task, cfg.sleep, args.n or cfg.train.eval_examples,
+                        cfg.data.eval_batch_size, cfg.train.seed, dev,
+                        autocast=dev.type == "cuda" and cfg.train.precision != "fp32")
+    res["checkpoint"] = str(ckpt)
+    print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
+    (run / "eval.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {run / 'eval.json'}")
+    del torch
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from sleeptrain.data.tasks import build_task
+
+    try:
+        task = build_task(args.task, **_parse_kv(args.options, "task option"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    stream = task.stream(args.split, args.seed, 0)
+    for _ in range(args.n):
+        ex = next(stream)
+        rec = {"text": ex.text, "tokens": ex.tokens, "loss_mask": ex.loss_mask, **ex.fields}
+        print(json.dumps(rec))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sleeptrain", description="Train and evaluate sleep models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train (or resume) the run of a config")
+    tr.add_argument("config", help="YAML config file (see configs/)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
+    tr.set_defaults(fn=cmd_train)
+    ev = sub.add_parser("eval", help="accuracy by depth of a run's latest checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--n", type=int, default=0, help="test examples (default train.eval_examples)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
+    ev.set_defaults(fn=cmd_eval)
+    da = sub.add_parser("data", help="task data utilities")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    pv = dsub.add_parser("preview", help="print task examples as JSON lines")
+    pv.add_argument("task", help="rule110 | depo")
+    pv.add_argument("options", nargs="*", help="task options key=value, e.g. t_max=8")
+    pv.add_argument("--n", type=int, default=3)
+    pv.add_argument("--split", default="train", choices=["train", "test"])
+    pv.add_argument("--seed", type=int, default=0)
+    pv.set_defaults(fn=cmd_data_preview)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sleeptrain.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy by depth on the synthetic tasks."""

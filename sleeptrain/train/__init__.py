@@ -1,0 +1,1 @@
+"""The training loop, optimizers (Muon + AdamW), schedules, checkpoints and logging."""

@@ -1,0 +1,275 @@
+"""Optimizer construction: Muon for hidden-layer matrices, AdamW for everything else.
+
+``build_optimizer`` splits named parameters into at most three groups:
+
+* ``muon``: 2-D weights of hidden layers (see :func:`is_muon_param`), with weight decay;
+* ``adamw`` with decay: every other parameter with ``ndim >= 2`` (token embedding, output head,
+  3-D conv kernels, and all matrices when ``use_muon=False``);
+* ``adamw`` without decay: 1-D / 0-D parameters (norm gains, biases, ``A_log``, ``dt_bias``).
+
+Both torch optimizers are wrapped in :class:`HybridOptimizer`, which behaves like one optimizer
+for the trainer (step, zero_grad, param_groups, state_dict). All parameters given are included
+regardless of ``requires_grad``: stage-wise freezing is done by setting ``requires_grad=False``;
+a frozen parameter's ``.grad`` stays ``None`` (use ``zero_grad(set_to_none=True)``) and torch
+optimizers skip parameters without a gradient, so their values and optimizer state are untouched
+and the optimizer never needs rebuilding between stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_MUON_EXCLUDE",
+    "HybridOptimizer",
+    "build_optimizer",
+    "is_muon_param",
+    "uses_weight_decay",
+]
+
+#: Name substrings (matched case-insensitively) of 2-D weights that must not use Muon: the token
+#: embedding and the output head are not hidden-layer linear maps.
+DEFAULT_MUON_EXCLUDE: tuple[str, ...] = ("embed", "head", "output_layer")
+
+_KINDS = ("muon", "adamw")
+_MUON_ADJUST = (None, "original", "match_rms_adamw")
+
+
+def is_muon_param(
+    name: str, p: torch.Tensor, exclude: tuple[str, ...] = DEFAULT_MUON_EXCLUDE
+) -> bool:
+    """Return True iff ``p`` is a 2-D hidden-layer weight that Muon should optimize.
+
+    A parameter qualifies when ``p.ndim == 2`` and its lower-cased ``name`` contains none of the
+    (lower-cased) substrings in ``exclude`` (by default the embedding and the output head).
+    Biases, norm gains, 3-D convolution kernels, embeddings and the head therefore go to AdamW.
+    """
+    lowered = name.lower()
+    return p.ndim == 2 and not any(s.lower() in lowered for s in exclude)
+
+
+def uses_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Return True iff ``p`` gets weight decay: all tensors with ``ndim >= 2`` (matrices,
+    embeddings, head, conv kernels); never 1-D/0-D ones (norm weights, biases, A_log, dt_bias).
+    ``name`` is accepted for symmetry with :func:`is_muon_param` and is not used."""
+    del name
+    return p.ndim >= 2
+
+
+class HybridOptimizer:
+    """A Muon optimizer and an AdamW optimizer driven as one.
+
+    Either part may be ``None`` (when its group would be empty). Every param group carries
+    ``kind`` ('muon' | 'adamw'), ``base_lr`` (the peak learning rate; the schedule sets
+    ``lr = base_lr * multiplier``, see ``sleeptrain.train.schedule.apply_lr``) and
+    ``param_names``. ``state_dict()`` returns ``{'muon': sd | None, 'adamw': sd | None}``;
+    loading restores the saved hyper-parameters too (torch semantics), after checking that the
+    structure (groups, parameter counts, names, state tensor shapes) matches this optimizer.
+    """
+
+    def __init__(
+        self, muon: torch.optim.Optimizer | None, adamw: torch.optim.Optimizer | None
+    ) -> None:
+        if muon is None and adamw is None:
+            raise ValueError("HybridOptimizer needs at least one of muon / adamw")
+        self.muon = muon
+        self.adamw = adamw
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The underlying torch optimizers that exist (Muon first)."""
+        return [o for o in (self.muon, self.adamw) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """All param groups of both optimizers (the live dicts: editing 'lr' takes effect)."""
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; ``closure`` is evaluated once."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients of all parameters (``None`` by default, which freezing relies on)."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{'muon': ..., 'adamw': ...}``; a missing part is stored as ``None``."""
+        return {
+            "muon": None if self.muon is None else self.muon.state_dict(),
+            "adamw": None if self.adamw is None else self.adamw.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict produced by :meth:`state_dict`; raise ValueError naming the first
+        structural difference (missing part, group count, kind, parameter count, parameter
+        name, or state tensor shape) before anything is modified."""
+        if not isinstance(state_dict, dict) or set(state_dict) != set(_KINDS):
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+            raise ValueError(f"optimizer state must have keys ['adamw', 'muon'], got {got}")
+        for kind in _KINDS:
+            _validate_part(kind, getattr(self, kind), state_dict[kind])
+        for kind in _KINDS:
+            opt = getattr(self, kind)
+            if opt is not None:
+                opt.load_state_dict(state_dict[kind])
+
+    def param_groups_summary(self) -> dict[str, int]:
+        """Counts for logging: tensors and elements per kind, split by weight decay."""
+        out: dict[str, int] = {}
+        for g in self.param_groups:
+            tag = f"{g['kind']}_{'decay' if g['weight_decay'] > 0 else 'nodecay'}"
+            out[f"{tag}_tensors"] = out.get(f"{tag}_tensors", 0) + len(g["params"])
+            out[f"{tag}_numel"] = out.get(f"{tag}_numel", 0) + sum(p.numel() for p in g["params"])
+        out["total_tensors"] = sum(len(g["params"]) for g in self.param_groups)
+        out["total_numel"] = sum(p.numel() for g in self.param_groups for p in g["params"])
+        return out
+
+
+def _validate_part(kind: str, opt: torch.optim.Optimizer | None, saved: Any) -> None:
+    """Raise ValueError if the saved state of one part does not fit optimizer ``opt``."""
+    if opt is None or saved is None:
+        if (opt is None) != (saved is None):
+            have = "no" if opt is None else "a"
+            saved_has = "no" if saved is None else "a"
+            raise ValueError(
+                f"optimizer state mismatch: this optimizer has {have} {kind} part but the "
+                f"saved state has {saved_has} {kind} part"
+            )
+        return
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise ValueError(f"saved {kind} optimizer state lacks 'param_groups'/'state'")
+    groups, saved_groups = opt.param_groups, saved["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"{kind} optimizer: saved state has {len(saved_groups)} param groups, "
+            f"this optimizer has {len(groups)}"
+        )
+    for i, (g, sg) in enumerate(zip(groups, saved_groups, strict=True)):
+        where = f"{kind} optimizer group {i}"
+        if sg.get("kind", kind) != g["kind"]:
+            raise ValueError(f"{where}: saved kind {sg.get('kind')!r} != {g['kind']!r}")
+        if len(sg["params"]) != len(g["params"]):
+            raise ValueError(
+                f"{where}: saved state has {len(sg['params'])} parameters, "
+                f"this optimizer has {len(g['params'])}"
+            )
+        names, saved_names = g.get("param_names"), sg.get("param_names")
+        if names is not None and saved_names is not None and names != saved_names:
+            j = next(k for k, (a, b) in enumerate(zip(names, saved_names, strict=True)) if a != b)
+            raise ValueError(
+                f"{where}: parameter {j} is {names[j]!r} here but {saved_names[j]!r} in the "
+                "saved state"
+            )
+        labels = names or [None] * len(g["params"])
+        for pid, p, pname in zip(sg["params"], g["params"], labels, strict=True):
+            for key, val in saved["state"].get(pid, {}).items():
+                if isinstance(val, torch.Tensor) and val.ndim > 0 and val.shape != p.shape:
+                    label = pname if pname is not None else f"#{pid}"
+                    raise ValueError(
+                        f"{where}: state {key!r} of parameter {label} has shape "
+                        f"{tuple(val.shape)}, parameter has shape {tuple(p.shape)}"
+                    )
+
+
+def build_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    *,
+    muon_lr: float,
+    adamw_lr: float,
+    weight_decay: float,
+    adamw_betas: tuple[float, float],
+    adamw_eps: float,
+    muon_momentum: float,
+    muon_nesterov: bool = True,
+    muon_ns_steps: int = 5,
+    muon_adjust_lr: str | None = "match_rms_adamw",
+    use_muon: bool = True,
+    fused: bool | None = None,
+    muon_exclude: tuple[str, ...] = DEFAULT_MUON_EXCLUDE,
+) -> HybridOptimizer:
+    """Build the Muon + AdamW optimizer over ``named_params`` (all of them, frozen or not).
+
+    Groups and weight decay follow :func:`is_muon_param` and :func:`uses_weight_decay`;
+    ``use_muon=False`` sends every parameter to AdamW. A parameter given twice (tied weights
+    under two names) is included once, under its first name. ``muon_adjust_lr`` is passed to
+    ``torch.optim.Muon`` as ``adjust_lr_fn`` ('match_rms_adamw' scales the lr by
+    ``0.2*sqrt(max(A, B))`` so AdamW-like learning rates apply; 'original'/None by
+    ``sqrt(max(1, A/B))``). ``fused=None`` uses the fused AdamW kernel iff every AdamW parameter
+    is on CUDA, else the foreach implementation.
+    """
+    for arg, val in (("muon_lr", muon_lr), ("adamw_lr", adamw_lr), ("adamw_eps", adamw_eps)):
+        if not (math.isfinite(val) and val >= 0):
+            raise ValueError(f"{arg} must be a finite number >= 0, got {val}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if len(adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in adamw_betas):
+        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {adamw_betas}")
+    if not 0.0 <= muon_momentum < 1.0:
+        raise ValueError(f"muon_momentum must be in [0, 1), got {muon_momentum}")
+    if muon_ns_steps < 1:
+        raise ValueError(f"muon_ns_steps must be >= 1, got {muon_ns_steps}")
+    if muon_adjust_lr not in _MUON_ADJUST:
+        raise ValueError(f"muon_adjust_lr must be one of {_MUON_ADJUST}, got {muon_adjust_lr!r}")
+
+    muon_p: list[tuple[str, nn.Parameter]] = []
+    decay_p: list[tuple[str, nn.Parameter]] = []
+    nodecay_p: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for name, p in named_params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if use_muon and is_muon_param(name, p, muon_exclude):
+            muon_p.append((name, p))
+        elif uses_weight_decay(name, p):
+            decay_p.append((name, p))
+        else:
+            nodecay_p.append((name, p))
+    if not seen:
+        raise ValueError("build_optimizer got no parameters")
+
+    muon = None
+    if muon_p:
+        muon = torch.optim.Muon(
+            [{"params": muon_p, "kind": "muon", "base_lr": muon_lr}],
+            lr=muon_lr,
+            weight_decay=weight_decay,
+            momentum=muon_momentum,
+            nesterov=muon_nesterov,
+            ns_steps=muon_ns_steps,
+            adjust_lr_fn=muon_adjust_lr,
+        )
+
+    adamw = None
+    adamw_groups = [
+        {"params": ps, "kind": "adamw", "base_lr": adamw_lr, "weight_decay": wd}
+        for ps, wd in ((decay_p, weight_decay), (nodecay_p, 0.0))
+        if ps
+    ]
+    if adamw_groups:
+        all_cuda = all(p.is_cuda for _, p in decay_p + nodecay_p)
+        use_fused = all_cuda if fused is None else fused
+        adamw = torch.optim.AdamW(
+            adamw_groups,
+            lr=adamw_lr,
+            betas=(float(adamw_betas[0]), float(adamw_betas[1])),
+            eps=adamw_eps,
+            weight_decay=weight_decay,
+            fused=use_fused,
+            foreach=None if use_fused else True,
+        )
+    return HybridOptimizer(muon, adamw)

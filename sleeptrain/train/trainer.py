@@ -1,0 +1,328 @@
+"""The training loop: stages, Muon + AdamW, schedule, accumulation, guard, checkpoints, eval.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` (deterministic values only, so a
+resumed run's file equals an uninterrupted run's), ``perf.jsonl`` (wall-clock numbers),
+``checkpoints/`` and ``eval.json``. Starting a run whose directory has a complete checkpoint
+resumes from it.
+
+Data order is a pure function of the step: example i of the train stream with
+i = step * global_batch + (micro * dp_size + dp_rank) * batch_size + j, so resuming needs only
+the step. Loss normalization: the summed masked cross-entropy of every micro-batch on every
+data-parallel rank, divided by the number of loss tokens of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sleeptrain.config import to_yaml
+from sleeptrain.config.validate import ConfigError
+from sleeptrain.data.tasks import build_task
+from sleeptrain.eval.tasks import batch_examples, evaluate_task, format_table
+from sleeptrain.parallel.state import init_parallel
+from sleeptrain.sleep.runner import windowed_loss
+from sleeptrain.train.checkpoint import (
+    capture_rng_state,
+    cleanup_stale_tmp,
+    find_latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from sleeptrain.train.logging import MetricsLogger, ProgressBar
+from sleeptrain.train.optim import build_optimizer
+from sleeptrain.train.schedule import apply_lr, lr_multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def trainable_predicate(spec: str):
+    """name -> bool for a stage's ``trainable``: all, gdn (GDN mixers only) or a regex."""
+    if spec == "all":
+        return lambda name: True
+    if spec == "gdn":
+        return lambda name: ".mixer." in name and _is_gdn_param(name)
+    try:
+        rx = re.compile(spec)
+    except re.error as e:
+        raise ConfigError(
+            f"train.stages[].trainable: invalid regular expression {spec!r}: {e}") from None
+    return lambda name: rx.search(name) is not None
+
+
+_GDN_NAMES = ("in_proj", "conv_weight", "A_log", "dt_bias", "out_norm_weight", "out_proj")
+
+
+def _is_gdn_param(name: str) -> bool:
+    return any(f".mixer.{n}" in name for n in _GDN_NAMES)
+
+
+def stage_at(cfg: Any, step: int) -> tuple[int, Any]:
+    """(stage index, stage config or None) in force at ``step`` (0-based)."""
+    start = 0
+    for i, st in enumerate(cfg.train.stages):
+        if step < start + st.steps:
+            return i, st
+        start += st.steps
+    return -1, None
+
+
+def _sleep_for_stage(cfg: Any, stage: Any) -> Any:
+    sc = cfg.sleep.copy()
+    if stage is not None:
+        if stage.eviction is not None:
+            sc.eviction = stage.eviction
+        if stage.passes is not None:
+            sc.passes = stage.passes
+    return sc
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1 (the handler only sets the flag) or by a STOP file."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run of ``cfg``; returns a summary dict.
+
+    ``max_steps`` saves and stops after that many optimizer steps in this process (tests use it
+    to interrupt a run); the schedule still follows ``train.steps``.
+    """
+    import sleeptrain  # local import: the package's API module builds the model
+
+    info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device)
+    device = info.device
+    is_cuda = device.type == "cuda"
+    precision = cfg.train.precision
+    autocast = precision == "bf16" or (precision == "auto" and is_cuda)
+    run_dir = Path(cfg.train.run_dir)
+    rank0 = info.rank == 0
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        cleanup_stale_tmp(run_dir)
+    if cfg.data.source != "task":
+        raise ConfigError("data.source: only 'task' is implemented by this trainer")
+    task = build_task(cfg.data.task, **dict(cfg.data.task_args))
+    if task.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} "
+            f"task's vocabulary ({task.vocab_size} tokens)"
+        )
+    torch.manual_seed(cfg.train.seed)
+    model = sleeptrain.build_model(cfg, device=device)
+    opt = build_optimizer(
+        model.named_parameters(), muon_lr=cfg.optim.muon_lr, adamw_lr=cfg.optim.adamw_lr,
+        weight_decay=cfg.optim.weight_decay, adamw_betas=tuple(cfg.optim.adamw_betas),
+        adamw_eps=cfg.optim.adamw_eps, muon_momentum=cfg.optim.muon_momentum,
+        use_muon=cfg.optim.use_muon, muon_adjust_lr=cfg.optim.muon_adjust_lr,
+    )
+    step = 0
+    nonfinite_total = 0
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        step = int(state["step"])
+        nonfinite_total = int(state.get("nonfinite_total", 0))
+    metrics = MetricsLogger(run_dir, info.rank, {
+        "mode": cfg.log.wandb, "project": cfg.log.wandb_project,
+        "name": cfg.log.wandb_name, "config": _plain(cfg),
+    })
+    if latest is not None:
+        metrics.truncate_after(step)
+    perf_path = run_dir / "perf.jsonl"
+    total = cfg.train.steps
+    bar = ProgressBar(total, initial=step, enabled=rank0 and cfg.log.progress,
+                      every=cfg.log.every)
+    stop = _StopFlag()
+    stop.install()
+    started = time.monotonic()
+    seed = cfg.train.seed
+    bs, accum = cfg.data.batch_size, cfg.train.grad_accum
+    global_batch = bs * accum * info.dp_size
+    consecutive_bad = 0
+    last_eval: dict[str, Any] | None = None
+    steps_this_run = 0
+    exit_reason = "done"
+    current_stage = None
+
+    def examples_for(step_: int, micro: int) -> list[Any]:
+        base = step_ * global_batch + (micro * info.dp_size + info.dp_rank) * bs
+        return [next(task.stream("train", seed, base + j)) for j in range(bs)]
+
+    try:
+        while step < total:
+            stage_idx, stage = stage_at(cfg, step)
+            if stage_idx != current_stage:
+                pred = trainable_predicate(stage.trainable if stage else "all")
+                for name, p in model.named_parameters():
+                    p.requires_grad_(pred(name))
+                current_stage = stage_idx
+            sleep_cfg = _sleep_for_stage(cfg, stage)
+            mult = lr_multiplier(step, warmup_steps=min(cfg.optim.warmup_steps, total),
+                                 total_steps=total, schedule=cfg.optim.schedule,
+                                 min_lr_ratio=cfg.optim.min_lr_ratio)
+            apply_lr(opt, mult)
+            t0 = time.perf_counter()
+            batches = [batch_examples(examples_for(step, m), device) for m in range(accum)]
+            n_loss = sum(int(mk[:, 1:].sum()) for _, mk in batches)
+            if info.dp_size > 1:
+                t = torch.tensor([n_loss], dtype=torch.float64, device=device)
+                dist.all_reduce(t, group=_dp_group())
+                n_loss = int(t.item())
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            for tokens, mask in batches:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and is_cuda):
+                    out = windowed_loss(model, tokens, mask, sleep_cfg)
+                (out.loss_sum / max(n_loss, 1)).backward()
+                loss_sum += out.loss_sum.detach().double()
+                correct += out.n_correct
+            _reduce_grads(model, info)
+            if info.dp_size > 1:
+                dist.all_reduce(loss_sum, group=_dp_group())
+                dist.all_reduce(correct, group=_dp_group())
+            params = [p for p in model.parameters() if p.grad is not None]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip
+                                                   if cfg.optim.grad_clip > 0 else math.inf)
+            loss_val = loss_sum.item() / max(n_loss, 1)
+            finite = math.isfinite(loss_val) and bool(torch.isfinite(gnorm))
+            if finite:
+                opt.step()
+                consecutive_bad = 0
+            else:
+                opt.zero_grad(set_to_none=True)
+                consecutive_bad += 1
+                nonfinite_total += 1
+                if consecutive_bad >= cfg.train.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} steps in a row had a non-finite loss or gradient "
+                        f"(train.max_nonfinite={cfg.train.max_nonfinite}); last loss {loss_val}"
+                    )
+            step += 1
+            steps_this_run += 1
+            dt = time.perf_counter() - t0
+            acc = correct.item() / max(n_loss, 1)
+            tok_s = global_batch * (batches[0][0].shape[1] - 1) / dt
+            bar.update(step, loss=loss_val, acc=acc, tok_s=tok_s)
+            if step % cfg.log.every == 0 or step == total:
+                rec = {"loss": round(loss_val, 6), "acc": round(acc, 6), "lr_mult": mult,
+                       "grad_norm": round(float(gnorm), 6), "skipped": int(not finite),
+                       "nonfinite_total": nonfinite_total,
+                       "stage": stage.name if stage else "main", "passes": sleep_cfg.passes}
+                metrics.log(step, rec)
+                if rank0:
+                    with open(perf_path, "a") as f:
+                        f.write(f'{{"step": {step}, "step_s": {dt:.4f}, "tok_s": {tok_s:.1f}}}\n')
+            if step % cfg.train.eval_every == 0 or step == total:
+                last_eval = evaluate_task(model, task, sleep_cfg, cfg.train.eval_examples,
+                                          cfg.data.eval_batch_size, seed, device,
+                                          autocast=autocast and is_cuda)
+                metrics.log(step, {"eval_token_acc": round(last_eval["token_acc"], 6),
+                                   "eval_example_acc": round(last_eval["example_acc"], 6),
+                                   **{f"eval_acc_depth{d}": round(r["token_acc"], 6)
+                                      for d, r in last_eval["by_depth"].items()}})
+            want_stop = stop.requested or (run_dir / "STOP").exists()
+            if cfg.train.exit_after_minutes > 0:
+                want_stop |= (time.monotonic() - started) / 60 > cfg.train.exit_after_minutes
+            want_stop = _any_rank(want_stop, device)
+            limit_hit = max_steps is not None and steps_this_run >= max_steps
+            if step % cfg.train.ckpt_every == 0 or step == total or want_stop or limit_hit:
+                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0)
+            if want_stop:
+                exit_reason = "stopped"
+                break
+            if limit_hit:
+                exit_reason = "max_steps"
+                break
+    finally:
+        bar.close()
+        metrics.close()
+        stop.restore()
+    if rank0 and last_eval is not None and step == total:
+        import json
+
+        (run_dir / "eval.json").write_text(json.dumps(last_eval, indent=2))
+        print(format_table(last_eval, "t" if cfg.data.task == "rule110" else "k"), flush=True)
+    return {"step": step, "exit": exit_reason, "eval": last_eval, "run_dir": str(run_dir)}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _dp_group():
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_group()
+
+
+def _reduce_grads(model: torch.nn.Module, info: Any) -> None:
+    """Sums gradients over data-parallel ranks (the loss is already globally normalized)."""
+    if info.dp_size == 1:
+        return
+    group = _dp_group()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_total: int,
+          rank0: bool) -> None:
+    if rank0:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
+                 "config": to_yaml(cfg)}
+        save_checkpoint(run_dir, step, state, cfg.train.keep_last,
+                        extra_files={"config.yaml": to_yaml(cfg)})
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def main_rank() -> bool:
+    """True on global rank 0 (or without torch.distributed)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+__all__ = ["NonFiniteLossError", "main_rank", "stage_at", "train", "trainable_predicate"]

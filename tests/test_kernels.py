@@ -1,0 +1,161 @@
+"""Kernel parity: PyTorch references vs FLA's naive ops (CPU) and FLA's fast kernels (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sleeptrain.model.kernels import (
+    attention,
+    chunked_gated_delta_rule,
+    gated_delta_rule,
+    recurrent_gated_delta_rule,
+)
+
+
+def _inputs(b=2, t=45, h=3, hv=3, dk=8, dv=6, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = mk(b, t, h, dk)
+    k = F.normalize(mk(b, t, h, dk), dim=-1)
+    v = mk(b, t, hv, dv)
+    gate = -torch.rand(b, t, hv, generator=g, dtype=torch.float64) * 0.5
+    beta = torch.rand(b, t, hv, generator=g, dtype=torch.float64)
+    s0 = mk(b, hv, dk, dv)
+    out = [x.to(dtype=dtype, device=device).requires_grad_() for x in (q, k, v, gate, beta)]
+    return (*out, s0.to(dtype=torch.float32 if dtype != torch.float64 else dtype,
+                        device=device).requires_grad_())
+
+
+def _value_and_grads(fn, inputs, seed=1):
+    o, s = fn(*inputs)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)
+    ws = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
+    loss = (o.float() * wo.float()).sum() + (s.float() * ws.float()).sum()
+    grads = torch.autograd.grad(loss, inputs)
+    return o, s, grads
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_chunked_matches_recurrent_fp64(chunk):
+    # Same math in two summation orders; fp64 round-off ~1e-15, bound 1e-11.
+    inp = _inputs()
+    o1, s1, g1 = _value_and_grads(lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), inp)
+    o2, s2, g2 = _value_and_grads(
+        lambda *a: chunked_gated_delta_rule(*a[:5], None, a[5], chunk_size=chunk), inp)
+    assert (o1 - o2).abs().max() < 1e-11 and (s1 - s2).abs().max() < 1e-11
+    for a, b in zip(g1, g2, strict=True):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_grouped_value_heads_read_their_query_key_head():
+    # HV = 2H: value head j must use q/k head j // 2, i.e. equal the H=HV computation with
+    # q, k repeated per head.
+    q, k, v, g, beta, s0 = _inputs(h=2, hv=4)
+    o, s = chunked_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    q2, k2 = q.repeat_interleave(2, 2), k.repeat_interleave(2, 2)
+    o_ref, s_ref = recurrent_gated_delta_rule(q2, k2, v, g, beta, initial_state=s0)
+    assert (o - o_ref).abs().max() < 1e-11 and (s - s_ref).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("naive", ["recurrent", "chunk"])
+def test_reference_matches_fla_naive(naive):
+    # FLA's naive ops compute in fp32; ours in fp32 here too. Bound 2e-5 absolute on O(1)
+    # values and gradients (fp32 accumulation over 45 steps).
+    from fla.ops.gated_delta_rule.naive import (
+        naive_chunk_gated_delta_rule,
+        naive_recurrent_gated_delta_rule,
+    )
+
+    inp = _inputs(dtype=torch.float32)
+    if naive == "recurrent":
+        fla_fn = lambda q, k, v, g, b, s: naive_recurrent_gated_delta_rule(  # noqa: E731
+            q, k, v, b, g, initial_state=s, output_final_state=True)
+    else:
+        fla_fn = lambda q, k, v, g, b, s: naive_chunk_gated_delta_rule(  # noqa: E731
+            q, k, v, g, b, chunk_size=16, initial_state=s, output_final_state=True)
+    o1, s1, g1 = _value_and_grads(fla_fn, inp)
+    for ours in (recurrent_gated_delta_rule, chunked_gated_delta_rule):
+        o2, s2, g2 = _value_and_grads(lambda *a, f=ours: f(*a[:5], None, a[5]), inp)
+        assert (o1 - o2).abs().max() < 2e-5
+        assert (s1 - s2).abs().max() < 2e-5
+        for name, a, b in zip("q k v g beta h0".split(), g1, g2, strict=True):
+            assert (a - b).abs().max() < 2e-5 * max(1.0, a.abs().max().item()), name
+
+
+def test_unknown_backend_is_named():
+    q, k, v, g, beta, s0 = _inputs()
+    with pytest.raises(ValueError, match="model.gdn_backend"):
+        gated_delta_rule(q, k, v, g, beta, initial_state=s0, backend="cuda-fast")
+    with pytest.raises(ValueError, match="model.attention_backend"):
+        attention(q, q, q, backend="xformers")
+
+
+def test_flash_backend_missing_is_a_clear_error():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        q = torch.randn(1, 4, 2, 8)
+        with pytest.raises(RuntimeError, match="flash-attn"):
+            attention(q, q, q, backend="flash")
+    else:  # pragma: no cover - only where flash-attn is installed
+        pytest.skip("flash-attn is installed here")
+
+
+def test_banded_attention_with_carry_matches_explicit_softmax():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 8, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 8, 2, 8, generator=g, dtype=torch.float64)
+    out = attention(q, k, v, window=4)
+    kk, vv = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) / 8**0.5
+    qi = torch.arange(5)[:, None] + 3
+    kj = torch.arange(8)[None, :]
+    allowed = (qi - kj >= 0) & (qi - kj < 4)
+    ref = torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~allowed, -torch.inf).softmax(-1),
+                       vv)
+    assert (out - ref).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- GPU parity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hv", [4, 8])
+def test_fla_matches_reference_on_gpu(dtype, hv):
+    # FLA's chunked kernel vs the fp64 recurrent reference, values and all gradients (state
+    # included). Tolerances: fp32 inputs 2e-3 (FLA uses tf32-class dot products inside),
+    # bf16 inputs 5e-2 on O(1) quantities (8-bit mantissa), both relative to max(1, |ref|).
+    inp = _inputs(b=2, t=300, h=4, hv=hv, dk=64, dv=64, dtype=dtype, device="cuda")
+    ref_inp = [x.detach().double().requires_grad_() for x in inp]
+    o_r, s_r, g_r = _value_and_grads(
+        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
+    o_f, s_f, g_f = _value_and_grads(
+        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="fla"), inp)
+    tol = 2e-3 if dtype == torch.float32 else 5e-2
+
+    def close(a, b, name):
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
+
+    close(o_f, o_r, "o")
+    close(s_f, s_r, "final state")
+    for name, a, b in zip("q k v g beta h0".split(), g_f, g_r, strict=True):
+        close(a, b, f"d{name}")
+
+
+@pytest.mark.gpu
+def test_flash_attention_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(2, 64, 8, 64, generator=g).cuda().bfloat16()
+    k = torch.randn(2, 100, 2, 64, generator=g).cuda().bfloat16()
+    v = torch.randn(2, 100, 2, 64, generator=g).cuda().bfloat16()
+    for window in (None, 48):
+        a = attention(q, k, v, window=window, backend="flash").float()
+        b = attention(q, k, v, window=window, backend="sdpa").float()
+        assert (a - b).abs().max().item() < 2e-2  # bf16 outputs of two kernels

@@ -1,0 +1,175 @@
+"""The trainer: exact resume after SIGKILL / SIGTERM, stages, guard, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sleeptrain.config import load_config
+from sleeptrain.train.logging import deterministic_view, read_metrics
+from sleeptrain.train.trainer import stage_at, train, trainable_predicate
+
+TINY_RUN = [
+    "model.vocab_size=16", "model.d_model=32", "model.pattern=AGAG", "model.n_heads=2",
+    "model.gdn_heads=2", "model.gdn_head_dim=16", "model.ffn_hidden=64",
+    "sleep.window_len=8", "sleep.passes=2",
+    "data.task=rule110", "data.task_args={width: 8, t_min: 1, t_max: 2}",
+    "data.batch_size=4", "data.eval_batch_size=16",
+    "optim.warmup_steps=2", "train.steps=12", "train.ckpt_every=3", "train.eval_every=6",
+    "train.eval_examples=16", "train.device=cpu", "log.every=1", "log.progress=false",
+]
+
+
+def _cfg(run_dir: Path, *extra: str):
+    return load_config(None, [*TINY_RUN, f"train.run_dir={run_dir}", *extra])
+
+
+def _view(run_dir: Path) -> list[dict]:
+    return [deterministic_view(r) for r in read_metrics(run_dir)]
+
+
+def _spawn(run_dir: Path, *extra: str) -> subprocess.Popen:
+    empty = run_dir.parent / "empty.yaml"
+    empty.write_text("{}\n")
+    args = [sys.executable, "-m", "sleeptrain.cli", "train", str(empty),
+            *TINY_RUN, f"train.run_dir={run_dir}", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> list[dict]:
+    run = tmp_path_factory.mktemp("ref")
+    summary = train(_cfg(run))
+    assert summary["step"] == 12
+    view = _view(run)
+    assert [r["step"] for r in view if "loss" in r] == list(range(1, 13))
+    return view
+
+
+def test_resume_after_max_steps_interrupt_is_exact(tmp_path, reference_run):
+    run = tmp_path / "run"
+    first = train(_cfg(run), max_steps=5)
+    assert first["exit"] == "max_steps" and first["step"] == 5
+    second = train(_cfg(run))
+    assert second["step"] == 12
+    assert _view(run) == reference_run
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, reference_run):
+    run = tmp_path / "run"
+    proc = _spawn(run)
+    _wait_for(run / "checkpoints" / "step_00000006" / "meta.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    train(_cfg(run))
+    assert _view(run) == reference_run
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, reference_run):
+    run = tmp_path / "run"
+    proc = _spawn(run)
+    _wait_for(run / "checkpoints" / "step_00000003" / "meta.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out
+    assert "stopped at step" in out
+    stopped_at = int(out.split("stopped at step ")[1].split()[0])
+    assert (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
+    train(_cfg(run))
+    assert _view(run) == reference_run
+
+
+def test_stop_file_triggers_save_and_exit(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").write_text("")
+    summary = train(_cfg(run))
+    assert summary["exit"] == "stopped" and summary["step"] == 1
+    assert (run / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
+    run = tmp_path / "run"
+    train(_cfg(run, "train.steps=6", "train.eval_every=6"))
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    assert (run / "checkpoints" / "latest").is_file()
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["by_depth"]) == {"1", "2"} and ev["n"] == 16
+    assert load_config(run / "config.yaml").sleep.passes == 2
+
+
+def test_stages_freeze_parameters(tmp_path):
+    cfg = _cfg(tmp_path / "run", "train.steps=4",
+               "train.stages=[{name: warmup, steps: 2, trainable: gdn, eviction: hard},"
+               " {name: full, steps: 2}]")
+    assert stage_at(cfg, 1)[1].name == "warmup" and stage_at(cfg, 2)[1].name == "full"
+    pred = trainable_predicate("gdn")
+    assert pred("blocks.1.mixer.in_proj.weight") and pred("blocks.1.mixer.A_log")
+    assert not pred("blocks.0.mixer.qkv.weight") and not pred("blocks.1.mlp.fc1.weight")
+    import torch
+
+    import sleeptrain
+
+    model = sleeptrain.build_model(cfg, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(cfg, max_steps=2)  # the warm-up stage only
+    from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
+
+    after = load_checkpoint(find_latest_checkpoint(cfg.train.run_dir))["model"]
+    for n, p in before.items():
+        changed = not torch.equal(after[n], p)
+        assert changed == pred(n), n
+
+
+def test_nonfinite_guard_stops(tmp_path):
+    from sleeptrain.train.trainer import NonFiniteLossError
+
+    cfg = _cfg(tmp_path / "run", "optim.adamw_lr=1e30", "optim.muon_lr=1e30",
+               "optim.grad_clip=0", "train.max_nonfinite=2", "optim.warmup_steps=1")
+    with pytest.raises(NonFiniteLossError, match="train.max_nonfinite=2"):
+        train(cfg)
+
+
+def test_misspelled_key_fails_before_any_work(tmp_path):
+    run = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sleeptrain.cli", "train", "configs/rule110_tiny.yaml",
+         "sleep.pases=4", f"train.run_dir={run}"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 2
+    assert "sleep.pases" in proc.stderr and "sleep.passes" in proc.stderr
+    assert not run.exists()
+
+
+def test_data_preview_prints_json_lines():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sleeptrain.cli", "data", "preview", "depo", "n_min=4",
+         "n_max=6", "window_len=16", "--n", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert len(lines) == 2
+    for rec in lines:
+        assert {"text", "tokens", "loss_mask", "edges", "queries"} <= set(rec)
+        assert len(rec["tokens"]) == len(rec["loss_mask"])

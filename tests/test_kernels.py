@@ -124,8 +124,8 @@ def test_banded_attention_with_carry_matches_explicit_softmax():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hv", [4, 8])
+@pytest.mark.parametrize("dtype, hv", [(torch.float32, 4), (torch.bfloat16, 8)],
+                         ids=["fp32-hv4", "bf16-hv8-grouped"])
 def test_fla_matches_reference_on_gpu(dtype, hv):
     # FLA's chunked kernel vs the fp64 recurrent reference, values and all gradients (state
     # included). Tolerances: fp32 inputs 2e-3 (FLA uses tf32-class dot products inside),

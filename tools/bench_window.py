@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", default="1,2,4,8")
     ap.add_argument("--passes-window", type=int, default=2048,
                     help="window length of the N-scaling runs")
+    ap.add_argument("--checkpoint", default="both", choices=["both", "on", "off"],
+                    help="N-scaling runs with window-pass checkpointing on, off or both")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="bench_window.json")
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from sleeptrain.sleep.runner import token_cross_entropy
 
     windows = [int(x) for x in args.windows.split(",") if x]
+    ckpt_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpoint]
     passes = [int(x) for x in args.passes.split(",") if x]
     base = [*PRESETS[args.preset], "train.device=cuda", *args.override]
     cfg = sleeptrain.load_config(None, base)
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                "seq_peak_gib": mem_seq, "par_peak_gib": mem_par, "seq_kernel_share": shares}
         results["parallel_vs_sequential"].append(row)
         print(json.dumps(row), flush=True)
-    for ckpt in (False, True):
+    for ckpt in ckpt_modes:
         for n in passes:
             sc = cfg.sleep.copy()
             sc.window_len, sc.passes, sc.checkpoint = args.passes_window, n, ckpt

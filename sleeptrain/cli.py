@@ -13,18 +13,6 @@ import sys
 from pathlib import Path
 
 
-def _parse_kv(items: list[str], what: str) -> dict[str, object]:
-    import yaml
-
-    out: dict[str, object] = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"error: {what} {it!r} is not of the form key=value")
-        k, _, v = it.partition("=")
-        out[k] = yaml.safe_load(v) if v else ""
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sleeptrain.config import load_config
     from sleeptrain.train.trainer import train
@@ -37,10 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     import sleeptrain
-    from sleeptrain.config import from_yaml_text, load_config
+    from sleeptrain.config import load_config
     from sleeptrain.data.tasks import build_task
     from sleeptrain.eval.tasks import evaluate_task, format_table
     from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -49,13 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
-    cfg = from_yaml_text(cfg_path.read_text())
-    if args.overrides:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(cfg_path.read_text())
-        cfg = load_config(f.name, args.overrides)
+    cfg = load_config(cfg_path, args.overrides)
     ckpt = find_latest_checkpoint(run)
     if ckpt is None:
         raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
@@ -70,15 +50,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
     (run / "eval.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {run / 'eval.json'}")
-    del torch
     return 0
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
+    from sleeptrain.config import parse_override
     from sleeptrain.data.tasks import build_task
 
     try:
-        task = build_task(args.task, **_parse_kv(args.options, "task option"))
+        task = build_task(args.task, **dict(parse_override(o) for o in args.options))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     stream = task.stream(args.split, args.seed, 0)
@@ -116,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sleeptrain.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (``eval RUN --n 64 sleep.passes=2``): argparse
+    # leaves those it met after an option unparsed; they join the command's overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -118,6 +118,11 @@ def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev["by_depth"]) == {"1", "2"} and ev["n"] == 16
     assert load_config(run / "config.yaml").sleep.passes == 2
+    from sleeptrain.cli import main
+
+    (run / "eval.json").unlink()
+    assert main(["eval", str(run), "--n", "8", "sleep.passes=1"]) == 0  # override after option
+    assert json.loads((run / "eval.json").read_text())["n"] == 8
 
 
 def test_stages_freeze_parameters(tmp_path):

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits_local = model.logits(_parallel_hidden(model, tokens[:, :-1], window))
+                logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
                 ce = token_cross_entropy(logits_local, tokens[:, 1:])
                 loss = ce.mean()
             loss.backward()
@@ -187,15 +187,6 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     _print_markdown(results)
-
-
-def _parallel_hidden(model, tokens, window):
-    from sleeptrain.model.hybrid import PassContext
-
-    ctx = PassContext(pos_start=0, segment=window)
-    state = model.init_state(tokens.shape[0], tokens.device)
-    h, _, _ = model.run_blocks(model.embed_tokens(tokens), 0, model.depth, state.fast, ctx)
-    return h
 
 
 def _print_markdown(r: dict[str, Any]) -> None:

@@ -83,7 +83,8 @@ def _is_stage_list(schema: ListConfig) -> bool:
     return schema._metadata.element_type is StageConfig
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, YAML-parsed value); ConfigError naming the item otherwise."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, _, raw = item.partition("=")
@@ -131,7 +132,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
         layers.append((str(p), data))
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         layers.append((f"override {item!r}", _nest(key, value)))
     for source, data in layers:
         try:

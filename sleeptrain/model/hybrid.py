@@ -236,7 +236,12 @@ class HybridModel(nn.Module):
 
     def forward_parallel(self, tokens: torch.Tensor, window_len: int,
                          eviction: str = "hard") -> torch.Tensor:
-        """The N=1 computation over a whole sequence in one call per layer: full logits.
+        """Full logits [B, T, V] of ``parallel_hidden`` (the N=1 computation in one call)."""
+        return self.full_logits(self.parallel_hidden(tokens, window_len, eviction))
+
+    def parallel_hidden(self, tokens: torch.Tensor, window_len: int,
+                        eviction: str = "hard") -> torch.Tensor:
+        """The N=1 computation over a whole sequence in one call per layer: final hidden states.
 
         hard: block-diagonal causal attention and conv reset every ``window_len`` tokens;
         sliding: banded causal attention of width ``window_len`` and a continuous conv. The
@@ -249,4 +254,4 @@ class HybridModel(nn.Module):
         )
         state = self.init_state(tokens.shape[0], tokens.device)
         h, _, _ = self.run_blocks(self.embed_tokens(tokens), 0, self.depth, state.fast, ctx)
-        return self.full_logits(h)
+        return h

@@ -186,7 +186,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
 
     def examples_for(step_: int, micro: int) -> list[Any]:
         base = step_ * global_batch + (micro * info.dp_size + info.dp_rank) * bs
-        return [next(task.stream("train", seed, base + j)) for j in range(bs)]
+        return [task.example_at("train", seed, base + j) for j in range(bs)]
 
     try:
         while step < total:
@@ -320,9 +320,4 @@ def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_to
         dist.barrier()
 
 
-def main_rank() -> bool:
-    """True on global rank 0 (or without torch.distributed)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-__all__ = ["NonFiniteLossError", "main_rank", "stage_at", "train", "trainable_predicate"]
+__all__ = ["NonFiniteLossError", "stage_at", "train", "trainable_predicate"]

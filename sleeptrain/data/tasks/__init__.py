@@ -6,6 +6,7 @@ Use ``build_task(name, **kwargs)`` to get a task; ``task.stream(split, seed, sta
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
@@ -38,7 +39,7 @@ def build_config(name: str, **kwargs: Any) -> Any:
             f"available: {', '.join(sorted(TASKS))}"
         )
     config_cls, _ = TASKS[name]
-    valid = config_cls.field_names()
+    valid = [f.name for f in dataclasses.fields(config_cls)]
     for key in kwargs:
         if key not in valid:
             raise ValueError(

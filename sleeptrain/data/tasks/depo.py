@@ -32,7 +32,7 @@ Canonical key (split assignment): the edge set (order-free) and the list of (sta
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -95,11 +95,6 @@ class DepoConfig:
         set_("test_k", test_k)
         set_("pad_token", check_token(owner, "pad_token", self.pad_token))
         set_("test_permille", check_int(owner, "test_permille", self.test_permille, 0, 1000))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Return the names of the config fields."""
-        return [f.name for f in fields(cls)]
 
 
 class DepoTask(Task):

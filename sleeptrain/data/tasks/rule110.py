@@ -33,7 +33,7 @@ Canonical key (split assignment): the state bit strings and ``t``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -75,11 +75,6 @@ class Rule110Config:
         if self.boundary not in BOUNDARIES:
             raise ValueError(f"{owner}.boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
         set_("test_permille", check_int(owner, "test_permille", self.test_permille, 0, 1000))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Return the names of the config fields."""
-        return [f.name for f in fields(cls)]
 
 
 def rule110_evolve(state: str | Sequence[int], steps: int, boundary: str = "periodic") -> list[int]:

@@ -69,6 +69,7 @@ class PassContext:
     segment: int | None = None  # parallel form of hard eviction: reset every `segment` tokens
     kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     conv: list[torch.Tensor | None] = field(default_factory=list)
+    kv_keep: torch.Tensor | None = None  # [B] bool: False drops the KV carry (document start)
 
 
 class Block(nn.Module):
@@ -110,7 +111,8 @@ class Block(nn.Module):
         extra = None
         if self.kind == "attention":
             carry = ctx.kv[index] if ctx.kv else None
-            y, extra = self.mixer(self.norm1(h), ctx.pos_start, carry, ctx.window, ctx.segment)
+            y, extra = self.mixer(self.norm1(h), ctx.pos_start, carry, ctx.window, ctx.segment,
+                                  ctx.kv_keep)
             h = h + y
         elif self.kind == "gdn":
             conv = ctx.conv[index] if ctx.conv else None

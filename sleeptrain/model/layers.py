@@ -142,10 +142,12 @@ class Attention(nn.Module):
         carry: tuple[torch.Tensor, torch.Tensor] | None = None,
         window: int | None = None,
         segment: int | None = None,
+        carry_keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns (output [B, T, d], (k, v) of this call's tokens, post-RoPE).
 
         ``carry``: keys/values of earlier tokens to attend to (sliding eviction);
+        ``carry_keep`` [B] bool: False hides the carry from that sequence (a document starts);
         ``window``: band width L (query sees L tokens including itself), None = causal;
         ``segment``: block-diagonal causal attention over segments of this length
         (the parallel form of hard eviction).
@@ -160,11 +162,14 @@ class Attention(nn.Module):
             o = attention_op(qs, ks, vs, None, None, self.backend)
             o = o.reshape(b, n * segment, *o.shape[2:])[:, :t]
         else:
-            kk, vv = k, v
+            kk, vv, key_keep = k, v, None
             if carry is not None:
                 kk = torch.cat([carry[0].to(k.dtype), k], dim=1)
                 vv = torch.cat([carry[1].to(v.dtype), v], dim=1)
-            o = attention_op(q, kk, vv, window, None, self.backend)
+                if carry_keep is not None:
+                    key_keep = torch.cat([carry_keep[:, None].expand(b, carry[0].shape[1]),
+                                          carry_keep.new_ones(b, t)], dim=1)
+            o = attention_op(q, kk, vv, window, None, self.backend, key_keep)
         out, _ = self.out(o.reshape(b, t, -1))
         return out, (k, v)
 

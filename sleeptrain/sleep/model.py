@@ -24,17 +24,21 @@ class SleepModel(HybridModel):
         self.sleep_cfg = sleep_cfg
 
     def step_window(
-        self, tokens: torch.Tensor, state: SleepState, passes: int | None = None
+        self, tokens: torch.Tensor, state: SleepState, passes: int | None = None,
+        reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, SleepState]:
         """Wake pass over ``tokens`` [B, l] (l <= window_len), then passes-1 sleep passes and
         eviction. Returns (wake-pass logits [B, l, V], state for the next window).
 
         ``passes`` defaults to sleep.passes; pass 1 for a window that nothing follows.
+        ``reset`` [B] bool: sequences whose state is cleared before this window (a new
+        document starts with it).
         """
         n = self.sleep_cfg.passes if passes is None else passes
         if n < 1:
             raise ValueError(f"passes must be >= 1, got {n}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, l], got shape {tuple(tokens.shape)}")
-        out, state = run_window(self, tokens, state, n, self.sleep_cfg, want_logits=True)
+        out, state = run_window(self, tokens, state, n, self.sleep_cfg, want_logits=True,
+                                reset=reset)
         return out.logits, state

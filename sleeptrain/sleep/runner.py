@@ -161,7 +161,8 @@ class _LoopRange:
                 conv[i] = t
         for i, pair in pending.items():
             kv[i] = (pair[0], pair[1])
-        return PassContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv)
+        return PassContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv,
+                           self.ctx.kv_keep)
 
     def step(self, z: Sequence[torch.Tensor], ctx: PassContext | None = None
              ) -> list[torch.Tensor]:
@@ -333,6 +334,29 @@ def _evict(net: HybridModel, state: SleepState, fast: list[torch.Tensor | None],
     return SleepState(fast=fast, conv=conv, kv=kv, position=state.position + window_tokens)
 
 
+def _reset_state(state: SleepState, reset: torch.Tensor, batch: int, device: torch.device
+                 ) -> tuple[SleepState, torch.Tensor | None]:
+    """Clears the state of the sequences flagged in ``reset`` [B] (bool).
+
+    Fast weights and conv state become exact zeros there (``torch.where``, so gradients of the
+    other sequences are untouched); the KV carry cannot be cut per sequence, so a [B] keep-mask
+    is returned for attention to hide it (None when there is no carry).
+    """
+    if reset.shape != (batch,) or reset.dtype != torch.bool:
+        raise ValueError(f"reset must be a bool tensor of shape [{batch}], got "
+                         f"{reset.dtype} {tuple(reset.shape)}")
+    keep = ~reset.to(device)
+
+    def clear(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
+
+    kv_keep = keep if any(kv is not None for kv in state.kv) else None
+    return SleepState(fast=[clear(s) for s in state.fast], conv=[clear(c) for c in state.conv],
+                      kv=state.kv, position=state.position), kv_keep
+
+
 def run_window(
     net: HybridModel,
     tokens: torch.Tensor,
@@ -343,11 +367,14 @@ def run_window(
     loss_mask: torch.Tensor | None = None,
     want_logits: bool = True,
     want_head: bool = True,
+    reset: torch.Tensor | None = None,
 ) -> tuple[WindowOutput, SleepState]:
     """One window [B, l] (l <= window_len): wake pass, passes-1 sleep passes, eviction.
 
     ``targets``/``loss_mask`` [B, l] (next tokens and their mask) make the wake pass return the
     masked cross-entropy sum. ``want_head`` False skips the output head (no loss in window).
+    ``reset`` [B] bool: sequences where a new document starts with this window; their state
+    (fast weights, conv state, KV carry) is cleared first, as if the window began a sequence.
     """
     length = tokens.shape[1]
     if length > sleep_cfg.window_len:
@@ -355,17 +382,21 @@ def run_window(
             f"window of {length} tokens is longer than sleep.window_len={sleep_cfg.window_len}"
         )
     sliding = sleep_cfg.eviction == "sliding"
+    kv_keep = None
+    if reset is not None:
+        state, kv_keep = _reset_state(state, reset, tokens.shape[0], tokens.device)
     ctx = PassContext(
         pos_start=state.position,
         window=sleep_cfg.window_len if sliding else None,
         kv=list(state.kv) if sliding else [],
         conv=list(state.conv) if sliding else [],
+        kv_keep=kv_keep if sliding else None,
     )
     ldt = torch.float64 if net.dtype == torch.float64 else torch.float32
     mask = None if loss_mask is None else loss_mask.to(ldt)
 
     def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk):
-        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv)
+        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep)
         return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head)
 
     h_loop, fast, extras, outs = _maybe_checkpoint(
@@ -385,6 +416,7 @@ def windowed_loss(
     sleep_cfg: Any,
     passes: int | None = None,
     return_predictions: bool = False,
+    doc_starts: torch.Tensor | None = None,
 ) -> LossOutput:
     """Masked next-token cross-entropy of a batch processed window by window with sleep.
 
@@ -392,6 +424,10 @@ def windowed_loss(
     from the logits at position j-1. Inputs tokens[:, :-1] are cut into windows of
     ``sleep.window_len``; every window but the last sleeps (``passes`` overrides sleep.passes).
     The loss is the sum over all masked targets divided by their number.
+
+    ``doc_starts`` [B, n_windows] bool (packed documents): True where a new document starts
+    with that window; the state of that sequence is reset there (``run_window``'s ``reset``).
+    Column 0 is ignored (every sequence starts from a fresh state).
     """
     if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
         raise ValueError(
@@ -410,6 +446,17 @@ def windowed_loss(
     has_loss = mask.reshape(mask.shape[0], -1).any(0)
     window_has = [bool(x) for x in
                   torch.stack([has_loss[s : s + L].any() for s in starts]).tolist()]
+    resets: list[torch.Tensor | None] = [None] * len(starts)
+    if doc_starts is not None:
+        if doc_starts.shape != (tokens.shape[0], len(starts)) or doc_starts.dtype != torch.bool:
+            raise ValueError(
+                f"doc_starts must be a bool tensor [B, n_windows] = [{tokens.shape[0]}, "
+                f"{len(starts)}] for T-1={t_in} inputs and window_len={L}; got "
+                f"{doc_starts.dtype} {tuple(doc_starts.shape)}"
+            )
+        any_start = doc_starts.any(0).tolist()  # free for the loader's CPU tensor
+        ds = doc_starts.to(tokens.device)
+        resets = [ds[:, w] if w > 0 and any_start[w] else None for w in range(len(starts))]
     state = model.init_state(tokens.shape[0], tokens.device)
     device = tokens.device
     ldt = torch.float64 if model.dtype == torch.float64 else torch.float32
@@ -425,7 +472,7 @@ def windowed_loss(
             model, inputs[:, s:e], state, 1 if last else n_pass, sleep_cfg,
             targets=targets[:, s:e] if head else None,
             loss_mask=mask[:, s:e] if head else None,
-            want_logits=False, want_head=head,
+            want_logits=False, want_head=head, reset=resets[w],
         )
         if out.loss_sum is not None:
             loss_sum = loss_sum + out.loss_sum

@@ -12,6 +12,7 @@ Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, everywhere) and ``flas
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,15 @@ def _band_mask(tq: int, tk: int, window: int | None, device: str) -> torch.Tenso
     return mask
 
 
-def _sdpa(q, k, v, window, scale):
+def _sdpa(q, k, v, window, scale, key_keep=None):
     tq, tk = q.shape[1], k.shape[1]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
-    if tq == tk and (window is None or window >= tk):
+    if key_keep is not None:
+        mask = _band_mask(tq, tk, window, str(q.device))[None, None] & key_keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                             enable_gqa=gqa)
+    elif tq == tk and (window is None or window >= tk):
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
                                              enable_gqa=gqa)
     else:
@@ -63,6 +68,9 @@ def _flash(q, k, v, window, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=ws)
 
 
+_warned_flash_mask = False
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,10 +78,24 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     backend: str = "sdpa",
+    key_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (optionally banded) attention; see the module docstring for the layout."""
+    """Causal (optionally banded) attention; see the module docstring for the layout.
+
+    ``key_keep`` [B, Tk] bool hides, per sequence, the keys where it is False (used to drop a
+    KV carry at a document boundary). flash-attn has no per-sequence key mask: such calls run
+    on SDPA (with a one-time warning).
+    """
+    global _warned_flash_mask
+    if backend == "flash" and key_keep is not None:
+        if not _warned_flash_mask:
+            warnings.warn("attention with a per-sequence key mask (a document boundary under "
+                          "sliding eviction) runs on SDPA: flash-attn has no such mask",
+                          stacklevel=2)
+            _warned_flash_mask = True
+        backend = "sdpa"
     if backend == "sdpa":
-        return _sdpa(q, k, v, window, scale)
+        return _sdpa(q, k, v, window, scale, key_keep)
     if backend == "flash":
         return _flash(q, k, v, window, scale)
     raise ValueError(f"model.attention_backend: unknown backend {backend!r}; one of {BACKENDS}")

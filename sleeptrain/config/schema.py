@@ -74,13 +74,27 @@ class SleepConfig:
 
 @dataclass
 class DataConfig:
-    """Where training examples come from. ``source: task`` uses a procedural generator."""
+    """Where training examples come from.
+
+    ``source: task``: a procedural generator (``task``, ``task_args``). ``source: shards``:
+    tokenized WebDataset shards written by ``tools/make_shards.py`` (``shards``: dataset
+    directories, manifest files, glob/brace patterns or ``pipe:`` commands), packed into rows of
+    ``seq_len`` input tokens with every document starting at a window boundary.
+    """
 
     source: str = "task"  # task | shards
     task: str = "rule110"
     task_args: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     eval_batch_size: int = 64
+    shards: list[str] = field(default_factory=list)
+    eval_shards: list[str] = field(default_factory=list)  # held-out loss (empty: no eval)
+    seq_len: int = 2048  # input tokens per packed row (shards)
+    workers: int = 2  # DataLoader worker processes per rank (0: read in the main process)
+    shuffle_buffer: int = 1000  # documents shuffled within a shard
+    epochs: int = 0  # 0: repeat the shards forever; E > 0: stop after E epochs (all ranks)
+    on_corrupt: str = "error"  # error | skip (count and skip an unreadable shard)
+    tokenizer: str = ""  # "byte" or a local HF tokenizer dir (decoding in previews / eval)
 
 
 @dataclass

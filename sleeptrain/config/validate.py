@@ -102,6 +102,14 @@ def validate_run(cfg: Any) -> None:
     validate_sleep(cfg.sleep)
     _choice(cfg.data.source, "data.source", ("task", "shards"))
     _need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _choice(cfg.data.on_corrupt, "data.on_corrupt", ("error", "skip"))
+    _need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
+    _need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _need(cfg.data.epochs >= 0, "data.epochs", "must be >= 0 (0 repeats forever)")
+    if cfg.data.source == "shards":
+        _need(len(cfg.data.shards) > 0, "data.shards",
+              "data.source=shards needs at least one shard path, pattern or dataset directory")
+        _need(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2")
     _need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     _need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")

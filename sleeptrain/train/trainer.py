@@ -5,9 +5,9 @@ resumed run's file equals an uninterrupted run's), ``perf.jsonl`` (wall-clock nu
 ``checkpoints/`` and ``eval.json``. Starting a run whose directory has a complete checkpoint
 resumes from it.
 
-Data order is a pure function of the step: example i of the train stream with
-i = step * global_batch + (micro * dp_size + dp_rank) * batch_size + j, so resuming needs only
-the step. Loss normalization: the summed masked cross-entropy of every micro-batch on every
+Data (``sleeptrain.train.data``): with a task source the order is a pure function of the step;
+with shards, every data-parallel rank's loader position is saved in the checkpoint and restored
+exactly. Loss normalization: the summed masked cross-entropy of every micro-batch on every
 data-parallel rank, divided by the number of loss tokens of the whole global batch.
 """
 
@@ -26,7 +26,8 @@ import torch.distributed as dist
 from sleeptrain.config import to_yaml
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
-from sleeptrain.eval.tasks import batch_examples, evaluate_task, format_table
+from sleeptrain.eval.lm import evaluate_shards
+from sleeptrain.eval.tasks import evaluate_task, format_table
 from sleeptrain.parallel.state import init_parallel
 from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.train.checkpoint import (
@@ -37,6 +38,7 @@ from sleeptrain.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from sleeptrain.train.data import build_train_data
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import build_optimizer
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
@@ -136,14 +138,15 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         cleanup_stale_tmp(run_dir)
-    if cfg.data.source != "task":
-        raise ConfigError("data.source: only 'task' is implemented by this trainer")
-    task = build_task(cfg.data.task, **dict(cfg.data.task_args))
-    if task.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} "
-            f"task's vocabulary ({task.vocab_size} tokens)"
-        )
+    task = None
+    if cfg.data.source == "task":
+        task = build_task(cfg.data.task, **dict(cfg.data.task_args))
+        if task.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} "
+                f"task's vocabulary ({task.vocab_size} tokens)"
+            )
+    data = build_train_data(cfg, info, task)
     torch.manual_seed(cfg.train.seed)
     model = sleeptrain.build_model(cfg, device=device)
     opt = build_optimizer(
@@ -162,6 +165,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         restore_rng_state(state["rng"])
         step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
+        data.load_state_dict(state.get("data"))
     metrics = MetricsLogger(run_dir, info.rank, {
         "mode": cfg.log.wandb, "project": cfg.log.wandb_project,
         "name": cfg.log.wandb_name, "config": _plain(cfg),
@@ -175,7 +179,6 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     stop = _StopFlag()
     stop.install()
     started = time.monotonic()
-    seed = cfg.train.seed
     bs, accum = cfg.data.batch_size, cfg.train.grad_accum
     global_batch = bs * accum * info.dp_size
     consecutive_bad = 0
@@ -183,10 +186,6 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     steps_this_run = 0
     exit_reason = "done"
     current_stage = None
-
-    def examples_for(step_: int, micro: int) -> list[Any]:
-        base = step_ * global_batch + (micro * info.dp_size + info.dp_rank) * bs
-        return [task.example_at("train", seed, base + j) for j in range(bs)]
 
     try:
         while step < total:
@@ -202,8 +201,13 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                                  min_lr_ratio=cfg.optim.min_lr_ratio)
             apply_lr(opt, mult)
             t0 = time.perf_counter()
-            batches = [batch_examples(examples_for(step, m), device) for m in range(accum)]
-            n_loss = sum(int(mk[:, 1:].sum()) for _, mk in batches)
+            batches = data.step_batches(step, accum)
+            data_s = time.perf_counter() - t0
+            if batches is None:  # a finite shard stream ended (on every rank at once)
+                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
+                exit_reason = "data_exhausted"
+                break
+            n_loss = sum(int(mk[:, 1:].sum()) for _, mk, _ in batches)
             if info.dp_size > 1:
                 t = torch.tensor([n_loss], dtype=torch.float64, device=device)
                 dist.all_reduce(t, group=_dp_group())
@@ -211,9 +215,9 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            for tokens, mask in batches:
+            for tokens, mask, doc_starts in batches:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and is_cuda):
-                    out = windowed_loss(model, tokens, mask, sleep_cfg)
+                    out = windowed_loss(model, tokens, mask, sleep_cfg, doc_starts=doc_starts)
                 (out.loss_sum / max(n_loss, 1)).backward()
                 loss_sum += out.loss_sum.detach().double()
                 correct += out.n_correct
@@ -252,22 +256,19 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 metrics.log(step, rec)
                 if rank0:
                     with open(perf_path, "a") as f:
-                        f.write(f'{{"step": {step}, "step_s": {dt:.4f}, "tok_s": {tok_s:.1f}}}\n')
-            if step % cfg.train.eval_every == 0 or step == total:
-                last_eval = evaluate_task(model, task, sleep_cfg, cfg.train.eval_examples,
-                                          cfg.data.eval_batch_size, seed, device,
-                                          autocast=autocast and is_cuda)
-                metrics.log(step, {"eval_token_acc": round(last_eval["token_acc"], 6),
-                                   "eval_example_acc": round(last_eval["example_acc"], 6),
-                                   **{f"eval_acc_depth{d}": round(r["token_acc"], 6)
-                                      for d, r in last_eval["by_depth"].items()}})
+                        f.write(f'{{"step": {step}, "step_s": {dt:.4f}, "data_s": {data_s:.5f}, '
+                                f'"tok_s": {tok_s:.1f}}}\n')
+            if (step % cfg.train.eval_every == 0 or step == total) and (
+                    task is not None or cfg.data.eval_shards):
+                last_eval = _evaluate(model, task, cfg, sleep_cfg, info, autocast and is_cuda)
+                metrics.log(step, _eval_record(last_eval))
             want_stop = stop.requested or (run_dir / "STOP").exists()
             if cfg.train.exit_after_minutes > 0:
                 want_stop |= (time.monotonic() - started) / 60 > cfg.train.exit_after_minutes
             want_stop = _any_rank(want_stop, device)
             limit_hit = max_steps is not None and steps_this_run >= max_steps
             if step % cfg.train.ckpt_every == 0 or step == total or want_stop or limit_hit:
-                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0)
+                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
             if want_stop:
                 exit_reason = "stopped"
                 break
@@ -282,8 +283,29 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         import json
 
         (run_dir / "eval.json").write_text(json.dumps(last_eval, indent=2))
-        print(format_table(last_eval, "t" if cfg.data.task == "rule110" else "k"), flush=True)
+        if task is not None:
+            print(format_table(last_eval, "t" if cfg.data.task == "rule110" else "k"), flush=True)
+        else:
+            print(f"eval: loss {last_eval['loss']:.4f}, token accuracy "
+                  f"{last_eval['token_acc']:.4f} over {last_eval['tokens']} tokens", flush=True)
     return {"step": step, "exit": exit_reason, "eval": last_eval, "run_dir": str(run_dir)}
+
+
+def _evaluate(model: Any, task: Any, cfg: Any, sleep_cfg: Any, info: Any,
+              autocast: bool) -> dict[str, Any]:
+    if task is not None:
+        return evaluate_task(model, task, sleep_cfg, cfg.train.eval_examples,
+                             cfg.data.eval_batch_size, cfg.train.seed, info.device,
+                             autocast=autocast)
+    return evaluate_shards(model, cfg, sleep_cfg, info, cfg.train.eval_examples, autocast)
+
+
+def _eval_record(ev: dict[str, Any]) -> dict[str, Any]:
+    if "by_depth" not in ev:
+        return {"eval_loss": round(ev["loss"], 6), "eval_token_acc": round(ev["token_acc"], 6)}
+    return {"eval_token_acc": round(ev["token_acc"], 6),
+            "eval_example_acc": round(ev["example_acc"], 6),
+            **{f"eval_acc_depth{d}": round(r["token_acc"], 6) for d, r in ev["by_depth"].items()}}
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -309,11 +331,12 @@ def _reduce_grads(model: torch.nn.Module, info: Any) -> None:
 
 
 def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_total: int,
-          rank0: bool) -> None:
+          rank0: bool, data: Any) -> None:
+    data_state = data.state_dict()  # a collective with shards: every rank calls it
     if rank0:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
-                 "config": to_yaml(cfg)}
+                 "config": to_yaml(cfg), "data": data_state}
         save_checkpoint(run_dir, step, state, cfg.train.keep_last,
                         extra_files={"config.yaml": to_yaml(cfg)})
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,7 +1,8 @@
-"""Command line: ``sleeptrain train | eval | data preview``.
+"""Command line: ``sleeptrain train | eval | generate | data preview``.
 
     sleeptrain train CONFIG [key=value ...]
     sleeptrain eval RUN_DIR [--n N] [key=value ...]
+    sleeptrain generate RUN_DIR --prompt-file F [--lines] [--max-new-tokens K] [--ids]
     sleeptrain data preview TASK [key=value ...] [--n N] [--split train|test] [--seed S]
 """
 
@@ -24,23 +25,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _load_run(run_dir: str, overrides: list[str]):
+    """(config, model with the latest checkpoint's weights, checkpoint path) of a run."""
     import sleeptrain
     from sleeptrain.config import load_config
-    from sleeptrain.data.tasks import build_task
-    from sleeptrain.eval.tasks import evaluate_task, format_table
     from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
 
-    run = Path(args.run_dir)
+    run = Path(run_dir)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path, args.overrides)
+    cfg = load_config(cfg_path, overrides)
     ckpt = find_latest_checkpoint(run)
     if ckpt is None:
         raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
     model = sleeptrain.build_model(cfg)
     model.load_state_dict(load_checkpoint(ckpt)["model"])
+    model.eval()
+    return cfg, model, ckpt
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sleeptrain.data.tasks import build_task
+    from sleeptrain.eval.tasks import evaluate_task, format_table
+
+    run = Path(args.run_dir)
+    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
     task = build_task(cfg.data.task, **dict(cfg.data.task_args))
     dev = next(model.parameters()).device
     res = evaluate_task(model, task, cfg.sleep, args.n or cfg.train.eval_examples,
@@ -50,6 +60,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
     (run / "eval.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {run / 'eval.json'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sleeptrain.data.tokenizers import build_tokenizer
+    from sleeptrain.infer import generate
+
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise SystemExit(f"error: --prompt-file {path} does not exist")
+    text = path.read_text()
+    prompts_text = [ln for ln in text.splitlines() if ln.strip()] if args.lines else [text]
+    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
+    tok = None
+    if args.ids:
+        try:
+            prompts = [[int(x) for x in p.split()] for p in prompts_text]
+        except ValueError as e:
+            raise SystemExit(f"error: --ids: {path} must hold whitespace-separated token ids "
+                             f"({e})") from None
+    else:
+        spec = args.tokenizer or cfg.data.tokenizer
+        if not spec:
+            raise SystemExit("error: the run has no data.tokenizer; pass --tokenizer byte|DIR, "
+                             "or --ids with token ids in the prompt file")
+        tok = build_tokenizer(spec)
+        prompts = [tok.encode(p) for p in prompts_text]
+    bad = [t for p in prompts for t in p if not 0 <= t < cfg.model.vocab_size]
+    if bad:
+        raise SystemExit(f"error: token id {bad[0]} is outside the model's vocabulary "
+                         f"(model.vocab_size={cfg.model.vocab_size})")
+    eos = None if args.no_eos or tok is None else tok.eos_id
+    outs = generate(model, prompts, args.max_new_tokens, eos_id=eos)
+    for p, o in zip(prompts, outs, strict=True):
+        rec = {"prompt_tokens": len(p), "output_ids": o}
+        if tok is not None:
+            rec["output"] = tok.decode(o)
+        print(json.dumps(rec, ensure_ascii=False))
+    print(f"# {len(prompts)} prompt(s), checkpoint {ckpt}, passes {cfg.sleep.passes}, "
+          f"window {cfg.sleep.window_len}", file=sys.stderr)
     return 0
 
 
@@ -81,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=0, help="test examples (default train.eval_examples)")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     ev.set_defaults(fn=cmd_eval)
+    ge = sub.add_parser("generate", help="greedy continuation with streaming sleep inference")
+    ge.add_argument("run_dir")
+    ge.add_argument("--prompt-file", required=True, help="the prompt (whole file, or --lines)")
+    ge.add_argument("--lines", action="store_true", help="one prompt per non-empty line")
+    ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
+    ge.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
+    ge.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's eos")
+    ge.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
+    ge.set_defaults(fn=cmd_generate)
     da = sub.add_parser("data", help="task data utilities")
     dsub = da.add_subparsers(dest="data_command", required=True)
     pv = dsub.add_parser("preview", help="print task examples as JSON lines")

@@ -3,6 +3,7 @@ workers, a finite stream that ends the run, and the held-out shard eval."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,28 @@ def test_vocab_larger_than_model_is_refused(tmp_path, data):
 def test_too_few_shards_for_workers(tmp_path, data):
     with pytest.raises(ConfigError, match="9 workers"):
         train(_cfg(tmp_path / "run", data, "data.workers=9"))
+
+
+def test_generate_cli_on_a_trained_run(tmp_path, data, capsys):
+    from sleeptrain.cli import main
+    from sleeptrain.infer import generate as engine_generate
+
+    run = tmp_path / "run"
+    train(_cfg(run, data, "train.steps=2", "data.workers=0"))
+    capsys.readouterr()  # the trainer's own output
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("5 6 7 8 9 10 11 12 13\n2 3 4\n")
+    assert main(["generate", str(run), "--prompt-file", str(prompt), "--lines", "--ids",
+                 "--max-new-tokens", "5"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt_tokens"] for r in lines] == [9, 3]
+    from sleeptrain.cli import _load_run
+
+    _, model, _ = _load_run(str(run), [])
+    expect = engine_generate(model, [list(range(5, 14)), [2, 3, 4]], 5)
+    assert [r["output_ids"] for r in lines] == expect
+    prompt.write_text("5 99")
+    with pytest.raises(SystemExit, match="token id 99 is outside the model's vocabulary"):
+        main(["generate", str(run), "--prompt-file", str(prompt), "--ids"])
+    with pytest.raises(SystemExit, match="no data.tokenizer"):
+        main(["generate", str(run), "--prompt-file", str(prompt)])

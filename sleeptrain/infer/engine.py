@@ -1,0 +1,190 @@
+"""Streaming sleep inference: consume a context of any length window by window, then decode.
+
+A ``Stream`` holds a batch of sequences that advance together (same length so far):
+
+* ``feed(tokens)`` appends tokens. They enter the current window in chunks; when the window
+  holds ``window_len`` tokens and more tokens come, the window sleeps (N-1 passes of the loop
+  range, exactly as in training) and is evicted before the next token enters.
+* Within a window, a chunk runs every block once with the state reached so far: the fast
+  weights, the GDN conv states, and the keys/values of the window's earlier tokens (plus the
+  sliding-eviction carry). Attention over the window's own keys is the window's KV cache; it
+  is dropped at eviction, so memory is O(window) whatever the context length.
+* The logits of a chunk are those of the wake pass over its tokens: a long context fed in
+  one call gives the logits ``windowed_loss`` computes (tested), and ``generate`` decodes
+  greedily with one single-token forward pass per new token.
+
+Requests of different lengths are grouped by length and each group runs as one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
+from sleeptrain.sleep.runner import _evict, _sleep
+
+
+@dataclass
+class _Window:
+    """The current, unfinished window: its entering state and what its tokens produced."""
+
+    start: SleepState  # state entering the window (carry and position for sleep/eviction)
+    fast: list[torch.Tensor | None]  # fast weights after the window's tokens so far
+    conv: list[torch.Tensor | None]  # GDN conv states after those tokens
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    h_loop: list[torch.Tensor] = field(default_factory=list)  # loop-range outputs, per chunk
+    n: int = 0  # tokens in the window
+
+
+class Stream:
+    """A batch of sequences consumed window by window with sleep (module docstring)."""
+
+    def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: Any | None = None,
+                 passes: int | None = None, device: torch.device | str | None = None):
+        self.net = model
+        self.cfg = sleep_cfg if sleep_cfg is not None else model.sleep_cfg
+        self.passes = int(self.cfg.passes if passes is None else passes)
+        if self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got {self.passes}")
+        self.L = int(self.cfg.window_len)
+        self.sliding = self.cfg.eviction == "sliding"
+        self.device = torch.device(device) if device is not None else model.embed.weight.device
+        self.batch_size = batch_size
+        st = model.init_state(batch_size, self.device)
+        self.win = _Window(start=st, fast=list(st.fast), conv=[None] * model.depth)
+        self.windows_slept = 0
+
+    @property
+    def position(self) -> int:
+        """Tokens consumed so far."""
+        return self.win.start.position + self.win.n
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, want: str = "last") -> torch.Tensor | None:
+        """Consumes tokens [B, t]; returns the wake-pass logits of every token ([B, t, V],
+        ``want='all'``), of the last one ([B, V], ``'last'``) or nothing (``'none'``)."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"tokens must be [{self.batch_size}, t], got {tuple(tokens.shape)}")
+        if want not in ("all", "last", "none"):
+            raise ValueError(f"want must be 'all', 'last' or 'none', got {want!r}")
+        tokens = tokens.to(self.device)
+        outs = []
+        s, t = 0, tokens.shape[1]
+        while s < t:
+            if self.win.n == self.L:
+                self._sleep_and_evict()
+            e = min(t, s + self.L - self.win.n)
+            last_chunk = e == t
+            h = self._advance(tokens[:, s:e], want == "all" or (want == "last" and last_chunk))
+            if h is not None:
+                outs.append(h if want == "all" else h[:, -1:])
+            s = e
+        if not outs:
+            return None
+        h = torch.cat(outs, dim=1)
+        logits = self.net.full_logits(h)
+        return logits if want == "all" else logits[:, -1]
+
+    def _advance(self, tokens: torch.Tensor, want_hidden: bool) -> torch.Tensor | None:
+        """Runs a chunk that fits in the current window; returns its final hidden states."""
+        net, w = self.net, self.win
+        a, b = net.loop_start, net.loop_end
+        kv: list[Any] = [None] * net.depth
+        for i, blk in enumerate(net.blocks):
+            if blk.kind != "attention":
+                continue
+            parts = ([w.start.kv[i]] if self.sliding and w.start.kv[i] is not None else [])
+            parts += w.kv.get(i, [])
+            if parts:
+                kv[i] = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+        ctx = PassContext(pos_start=self.position, window=self.L if self.sliding else None,
+                          kv=kv, conv=list(w.conv))
+        h = net.embed_tokens(tokens)
+        h, fast, ex0 = net.run_blocks(h, 0, a, w.fast, ctx)
+        h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
+        h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
+        for i, blk in enumerate(net.blocks):
+            extra = ex0[i] if i < a else (ex1[i] if i < b else ex2[i])
+            if blk.kind == "attention":
+                w.kv.setdefault(i, []).append(extra)
+            elif blk.kind == "gdn":
+                w.conv[i] = extra
+        w.fast = fast
+        w.h_loop.append(h_loop)
+        w.n += tokens.shape[1]
+        return h if want_hidden else None
+
+    def _sleep_and_evict(self) -> None:
+        """The full window sleeps (passes-1 loop-range passes), then eviction."""
+        net, w = self.net, self.win
+        start = w.start
+        ctx = PassContext(pos_start=start.position, window=self.L if self.sliding else None,
+                          kv=list(start.kv) if self.sliding else [],
+                          conv=list(start.conv) if self.sliding else [])
+        fast = _sleep(net, torch.cat(w.h_loop, 1), w.fast, ctx, self.passes - 1, self.cfg)
+        extras: list[Any] = [None] * net.depth
+        for i, blk in enumerate(net.blocks):
+            if blk.kind == "attention" and i in w.kv:
+                extras[i] = (torch.cat([p[0] for p in w.kv[i]], 1),
+                             torch.cat([p[1] for p in w.kv[i]], 1))
+            elif blk.kind == "gdn":
+                extras[i] = w.conv[i]
+        new = _evict(net, start, fast, extras, w.n, self.cfg.eviction, self.L)
+        self.win = _Window(start=new, fast=list(new.fast),
+                           conv=list(new.conv) if self.sliding else [None] * net.depth)
+        self.windows_slept += 1
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int, first_logits: torch.Tensor,
+                 eos_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding from the logits of the last fed token ([B, V]); returns the new
+        tokens [B, max_new_tokens] (after ``eos_id``, a sequence repeats ``eos_id``)."""
+        out = []
+        logits = first_logits
+        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self.feed(nxt[:, None], want="last")
+        return torch.stack(out, 1) if out else torch.zeros(self.batch_size, 0, dtype=torch.long)
+
+
+def generate(model: HybridModel, prompts: list[list[int]], max_new_tokens: int,
+             eos_id: int | None = None, passes: int | None = None,
+             chunk: int | None = None) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token id lists) with streaming sleep inference.
+
+    Prompts of equal length share a batch. ``chunk`` limits the tokens fed per call while
+    consuming the prompt (default: one window). A sequence's output stops at ``eos_id``.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    results: list[list[int] | None] = [None] * len(prompts)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    device = model.embed.weight.device
+    for _length, idx in sorted(groups.items()):
+        toks = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
+        stream = Stream(model, len(idx), passes=passes, device=device)
+        step = chunk or stream.L
+        logits = None
+        for s in range(0, toks.shape[1], step):
+            logits = stream.feed(toks[:, s : s + step], want="last")
+        new = stream.generate(max_new_tokens, logits, eos_id).tolist()
+        for j, i in enumerate(idx):
+            seq = new[j]
+            if eos_id is not None and eos_id in seq:
+                seq = seq[: seq.index(eos_id)]
+            results[i] = seq
+    return [r if r is not None else [] for r in results]
+
+
+__all__ = ["Stream", "generate"]

@@ -154,7 +154,12 @@ def fla_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLA's ``chunk_gated_delta_rule`` (CUDA) with the state in and out in fp32."""
+    """FLA's ``chunk_gated_delta_rule`` (CUDA) with the state in and out in fp32.
+
+    Decoding uses it too: FLA 0.6.0's ``fused_recurrent_gated_delta_rule`` returned NaN
+    outputs and states on an H200 (torch 2.11, triton 3.6) in our check, see
+    ``docs/benchmarks.md``.
+    """
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError as e:  # pragma: no cover - depends on the install

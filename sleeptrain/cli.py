@@ -2,6 +2,7 @@
 
     sleeptrain train CONFIG [key=value ...]
     sleeptrain eval RUN_DIR [--n N] [key=value ...]
+    sleeptrain eval RUN_DIR --suite ruler|babilong|gsm [--tasks a,b] [--lengths 4k,8k] [--n N]
     sleeptrain generate RUN_DIR --prompt-file F [--lines] [--max-new-tokens K] [--ids]
     sleeptrain data preview TASK [key=value ...] [--n N] [--split train|test] [--seed S]
 """
@@ -46,6 +47,8 @@ def _load_run(run_dir: str, overrides: list[str]):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.suite != "tasks":
+        return _eval_suite(args)
     from sleeptrain.data.tasks import build_task
     from sleeptrain.eval.tasks import evaluate_task, format_table
 
@@ -60,6 +63,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
     (run / "eval.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {run / 'eval.json'}")
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    from sleeptrain.data.tokenizers import build_tokenizer
+    from sleeptrain.eval.harness import DEFAULT_TASKS, SUITES, parse_lengths, run_suite
+
+    if args.suite not in SUITES:
+        raise SystemExit(f"error: --suite {args.suite!r}: one of tasks, {', '.join(SUITES)}")
+    try:
+        lengths = parse_lengths(args.lengths)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    tasks = args.tasks.split(",") if args.tasks else DEFAULT_TASKS[args.suite]
+    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
+    spec = args.tokenizer or cfg.data.tokenizer
+    if not spec:
+        raise SystemExit("error: the run has no data.tokenizer; pass --tokenizer byte|DIR")
+    tok = build_tokenizer(spec)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise SystemExit(f"error: the tokenizer has {tok.vocab_size} ids, more than "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.suite}"
+    try:
+        recs = run_suite(model, tok, args.suite, tasks, lengths, args.n or 20, out,
+                         seed=args.seed, eos_id=tok.eos_id)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if recs:
+        print((out / "results.md").read_text(), end="")
+        print(f"wrote {out}/results.csv, results.md (checkpoint {ckpt}, passes "
+              f"{cfg.sleep.passes}, window {cfg.sleep.window_len})")
+        if cfg.log.wandb != "disabled":
+            import wandb
+
+            wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb,
+                       name=f"{Path(args.run_dir).name}-eval-{args.suite}", dir=str(out))
+            cols = ["task", "length", "n", "score"]
+            wandb.log({f"eval/{args.suite}": wandb.Table(
+                columns=cols, data=[[r[c] for c in cols] for r in recs])})
+            wandb.finish()
     return 0
 
 
@@ -126,9 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="YAML config file (see configs/)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     tr.set_defaults(fn=cmd_train)
-    ev = sub.add_parser("eval", help="accuracy by depth of a run's latest checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint: its task's accuracy "
+                        "by depth, or a long-context suite (RULER, BABILong, GSM)")
     ev.add_argument("run_dir")
-    ev.add_argument("--n", type=int, default=0, help="test examples (default train.eval_examples)")
+    ev.add_argument("--suite", default="tasks", help="tasks | ruler | babilong | gsm")
+    ev.add_argument("--tasks", default="", help="comma list (default: the suite's all)")
+    ev.add_argument("--lengths", default="4k,8k,16k,32k", help="context lengths, e.g. 4k,1M")
+    ev.add_argument("--n", type=int, default=0,
+                    help="examples (tasks: default train.eval_examples; suites: per cell, 20)")
+    ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE)")
+    ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     ev.set_defaults(fn=cmd_eval)
     ge = sub.add_parser("generate", help="greedy continuation with streaming sleep inference")

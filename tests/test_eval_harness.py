@@ -1,0 +1,75 @@
+"""The long-context eval harness: cells, scoring plumbing, resumability, summaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sleeptrain.data.tokenizers import ByteTokenizer
+from sleeptrain.eval import harness
+from sleeptrain.eval.harness import parse_lengths, run_suite
+from tests.conftest import tiny_model
+
+
+def test_parse_lengths():
+    assert parse_lengths("4k, 8K,1M,3000") == [4096, 8192, 1 << 20, 3000]
+    with pytest.raises(ValueError, match="cannot read '4g'"):
+        parse_lengths("4k,4g")
+
+
+@pytest.fixture
+def byte_model():
+    return tiny_model("model.vocab_size=258", "sleep.window_len=64", "sleep.passes=2",
+                      "model.params_dtype=float32")[1]
+
+
+def _oracle(monkeypatch, tok, answers):
+    """Replaces generation by the reference answer of the prompt it is given."""
+    def fake(model, prompts, max_new_tokens, eos_id=None):
+        return [tok.encode(answers[tok.decode(p)]) for p in prompts]
+
+    monkeypatch.setattr("sleeptrain.infer.generate", fake)
+
+
+@pytest.mark.parametrize("suite, task", [("ruler", "niah_single_1"), ("ruler", "vt"),
+                                         ("babilong", "qa1"), ("gsm", "ops2")])
+def test_a_perfect_answerer_scores_100(tmp_path, monkeypatch, byte_model, suite, task):
+    tok = ByteTokenizer()
+    gen, _ = harness._generator(suite, task)
+    samples = gen(1024, tok, 3, 0)
+    prefix = {"gsm": "", "babilong": " ", "ruler": " "}[suite]
+    _oracle(monkeypatch, tok, {s.prompt: prefix + ", ".join(s.outputs) for s in samples})
+    recs = run_suite(byte_model, tok, suite, [task], [1024], 3, tmp_path, log=lambda m: None)
+    assert [r["score"] for r in recs] == [100.0]
+
+
+def test_real_model_cells_resume_and_summaries(tmp_path, byte_model):
+    tok = ByteTokenizer()
+    logs: list[str] = []
+    recs = run_suite(byte_model, tok, "ruler", ["niah_single_1"], [512, 1024], 2, tmp_path,
+                     eos_id=tok.eos_id, log=logs.append)
+    assert [(r["task"], r["length"]) for r in recs] == [("niah_single_1", 512),
+                                                        ("niah_single_1", 1024)]
+    for r in recs:
+        assert 0.0 <= r["score"] <= 100.0 and len(r["predictions"]) == 2
+        assert all(n <= r["length"] for n in r["prompt_tokens"])
+    cell = tmp_path / "cells" / "niah_single_1@1024.json"
+    before = cell.read_text()
+    logs.clear()
+    run_suite(byte_model, tok, "ruler", ["niah_single_1"], [512, 1024], 2, tmp_path,
+              eos_id=tok.eos_id, log=logs.append)
+    assert all("skipped" in m for m in logs) and cell.read_text() == before
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0] == "| task | 512 | 1k |" and md[2].startswith("| niah_single_1 |")
+    assert (tmp_path / "results.csv").read_text().count("\n") == 3
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
+    json.loads(cell.read_text())
+
+
+def test_unknown_task_is_named_before_any_work(tmp_path, byte_model):
+    with pytest.raises(ValueError, match="'niah_single_9' is not a RULER task"):
+        run_suite(byte_model, ByteTokenizer(), "ruler", ["vt", "niah_single_9"], [512], 1,
+                  tmp_path)
+    assert not (tmp_path / "cells").exists() or not any((tmp_path / "cells").iterdir())

@@ -73,3 +73,42 @@ def test_unknown_task_is_named_before_any_work(tmp_path, byte_model):
         run_suite(byte_model, ByteTokenizer(), "ruler", ["vt", "niah_single_9"], [512], 1,
                   tmp_path)
     assert not (tmp_path / "cells").exists() or not any((tmp_path / "cells").iterdir())
+
+
+def test_two_data_parallel_ranks_give_the_single_process_cells(tmp_path, byte_model):
+    # torchrun with 2 gloo processes: each answers half of the samples, rank 0 gathers; the
+    # cell equals the one a single process writes.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from tests.conftest import TINY
+
+    root = Path(__file__).resolve().parents[1]
+    over = [*TINY, "model.vocab_size=258", "sleep.window_len=64", "sleep.passes=2",
+            "model.params_dtype=float32"]
+    script = tmp_path / "dp_eval.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(root)!r})
+        from pathlib import Path
+        import sleeptrain
+        from sleeptrain.data.tokenizers import ByteTokenizer
+        from sleeptrain.eval.harness import run_suite
+        cfg = sleeptrain.load_config(None, {over!r})
+        model = sleeptrain.build_model(cfg, device="cpu", seed=0)
+        tok = ByteTokenizer()
+        run_suite(model, tok, "ruler", ["niah_single_1"], [512], 3, Path({str(tmp_path)!r}) /
+                  "dp", eos_id=tok.eos_id, log=lambda m: None)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = ByteTokenizer()
+    run_suite(byte_model, tok, "ruler", ["niah_single_1"], [512], 3, tmp_path / "one",
+              eos_id=tok.eos_id, log=lambda m: None)
+    dp = json.loads((tmp_path / "dp" / "cells" / "niah_single_1@512.json").read_text())
+    one = json.loads((tmp_path / "one" / "cells" / "niah_single_1@512.json").read_text())
+    assert dp["predictions"] == one["predictions"] and dp["score"] == one["score"]

@@ -221,6 +221,9 @@ class GatedDeltaNet(nn.Module):
         for p in (self.conv_weight, self.A_log, self.dt_bias):
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.out_norm_weight = nn.Parameter(torch.ones(v_head_dim, dtype=dtype))
+        # shared by every head, so each TP rank's gradient covers only its heads: summed over
+        # the TP group before the optimizer step (sleeptrain.parallel.tensors.sync_tp_grads)
+        self.out_norm_weight.tp_partial_grad = True
         self.out_proj = RowParallelLinear(n_v_heads * v_head_dim, d_model, config=config,
                                           init_method=zeros_init if zero_out else
                                           normal_init(out_std), bias=False,

@@ -24,9 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sleeptrain.parallel.tensors import gather_tp, partition_dim, shard_tp, tp_group_and_size
+
 __all__ = [
     "DEFAULT_MUON_EXCLUDE",
     "HybridOptimizer",
+    "TensorParallelMuon",
     "build_optimizer",
     "is_muon_param",
     "uses_weight_decay",
@@ -59,6 +62,73 @@ def uses_weight_decay(name: str, p: torch.Tensor) -> bool:
     ``name`` is accepted for symmetry with :func:`is_muon_param` and is not used."""
     del name
     return p.ndim >= 2
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz orthogonalization of a matrix, in bf16 (the same operations,
+    in the same order, as ``torch.optim.Muon``)."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        upd = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, upd, x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr_scale(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
+    """Muon's learning-rate factor for a matrix of ``shape`` (as ``torch.optim.Muon``)."""
+    a, b = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    return 1.0
+
+
+class TensorParallelMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` whose orthogonalization sees the full matrix of a TP-split weight.
+
+    Momentum is elementwise and stays local; the Nesterov update of a split weight is gathered
+    over the TP group, orthogonalized whole, and each rank keeps its slice, so the step equals
+    the single-device one (up to bf16 rounding of a row/column permutation). The learning-rate
+    factor uses the full shape. Without tensor parallelism it is ``torch.optim.Muon``'s step,
+    operation for operation (tested); hyper-parameters and state (``momentum_buffer``) are its.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        tp_group, tp, tp_rank = tp_group_and_size()
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)
+                upd = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+                dim = partition_dim(p) if tp > 1 else None
+                full = gather_tp(upd, dim, tp_group, tp)
+                ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"])
+                ortho = shard_tp(ortho, dim, tp_rank, tp)
+                scaled = lr * muon_lr_scale(group["adjust_lr_fn"], tuple(full.shape))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(ortho, alpha=-scaled)
+        return loss
 
 
 class HybridOptimizer:
@@ -206,7 +276,7 @@ def build_optimizer(
     Groups and weight decay follow :func:`is_muon_param` and :func:`uses_weight_decay`;
     ``use_muon=False`` sends every parameter to AdamW. A parameter given twice (tied weights
     under two names) is included once, under its first name. ``muon_adjust_lr`` is passed to
-    ``torch.optim.Muon`` as ``adjust_lr_fn`` ('match_rms_adamw' scales the lr by
+    Muon (:class:`TensorParallelMuon`) as ``adjust_lr_fn`` ('match_rms_adamw' scales the lr by
     ``0.2*sqrt(max(A, B))`` so AdamW-like learning rates apply; 'original'/None by
     ``sqrt(max(1, A/B))``). ``fused=None`` uses the fused AdamW kernel iff every AdamW parameter
     is on CUDA, else the foreach implementation.
@@ -244,7 +314,7 @@ def build_optimizer(
 
     muon = None
     if muon_p:
-        muon = torch.optim.Muon(
+        muon = TensorParallelMuon(
             [{"params": muon_p, "kind": "muon", "base_lr": muon_lr}],
             lr=muon_lr,
             weight_decay=weight_decay,

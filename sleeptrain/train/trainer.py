@@ -29,6 +29,7 @@ from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import evaluate_task, format_table
 from sleeptrain.parallel.state import init_parallel
+from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.train.checkpoint import (
     capture_rng_state,
@@ -221,13 +222,14 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 (out.loss_sum / max(n_loss, 1)).backward()
                 loss_sum += out.loss_sum.detach().double()
                 correct += out.n_correct
+            sync_tp_grads(model.parameters())
             _reduce_grads(model, info)
             if info.dp_size > 1:
                 dist.all_reduce(loss_sum, group=_dp_group())
                 dist.all_reduce(correct, group=_dp_group())
             params = [p for p in model.parameters() if p.grad is not None]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip
-                                                   if cfg.optim.grad_clip > 0 else math.inf)
+            gnorm = clip_grad_norm_(params, cfg.optim.grad_clip
+                                    if cfg.optim.grad_clip > 0 else math.inf)
             loss_val = loss_sum.item() / max(n_loss, 1)
             finite = math.isfinite(loss_val) and bool(torch.isfinite(gnorm))
             if finite:

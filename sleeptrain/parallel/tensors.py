@@ -1,0 +1,116 @@
+"""Tensor-parallel parameters: which dimension is split, full tensors, gradient sync and norms.
+
+A parameter split over the TP group carries megatron-core's attributes
+``tensor_model_parallel=True`` and ``partition_dim``; TP rank r holds the contiguous slice r
+of the full tensor along that dimension (the model's layouts are TP-size independent, see
+:mod:`sleeptrain.model.layers`). Every other parameter is replicated. A replicated parameter
+used by only this rank's heads (the GDN output-norm gain, shared by all heads) gets a partial
+gradient on each rank; it is marked ``tp_partial_grad=True`` and summed over the TP group by
+:func:`sync_tp_grads` before the optimizer step, as megatron-core does for its layer-norm
+weights under sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def partition_dim(p: torch.Tensor) -> int | None:
+    """The dimension ``p`` is split along over the TP group, or None when replicated."""
+    if getattr(p, "tensor_model_parallel", False):
+        return int(p.partition_dim)
+    return None
+
+
+def tp_group_and_size() -> tuple[Any, int, int]:
+    """(megatron-core's TP group, its size, this rank's TP rank); (None, 1, 0) without it."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        return None, 1, 0
+    return (mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_world_size(),
+            mpu.get_tensor_model_parallel_rank())
+
+
+def gather_tp(t: torch.Tensor, dim: int | None, group: Any = None,
+              size: int | None = None) -> torch.Tensor:
+    """The full tensor of a TP shard ``t`` split along ``dim`` (``t`` itself if dim is None)."""
+    if dim is None:
+        return t
+    if group is None:
+        group, size, _ = tp_group_and_size()
+    size = size if size is not None else dist.get_world_size(group)
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def shard_tp(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
+    """TP rank ``rank``'s slice of ``full`` along ``dim`` (``full`` when dim is None)."""
+    if dim is None or size == 1:
+        return full
+    if full.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split over "
+                         f"{size} tensor-parallel ranks")
+    n = full.shape[dim] // size
+    return full.narrow(dim, rank * n, n)
+
+
+def full_shape(p: torch.Tensor, size: int) -> tuple[int, ...]:
+    """The shape of the full tensor of TP shard ``p``."""
+    shape = list(p.shape)
+    d = partition_dim(p)
+    if d is not None:
+        shape[d] *= size
+    return tuple(shape)
+
+
+def sync_tp_grads(params: Iterable[torch.Tensor]) -> None:
+    """Sums the partial gradients of parameters marked ``tp_partial_grad`` over the TP group."""
+    group, size, _ = tp_group_and_size()
+    if size == 1:
+        return
+    for p in params:
+        if getattr(p, "tp_partial_grad", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clips gradients by their global L2 norm over the full (unsharded) model; returns it.
+
+    Split parameters contribute their slices' squares summed over the TP group, replicated ones
+    once. Data-parallel ranks hold the same (already reduced) gradients, so the norm is the
+    same on every rank. ``max_norm=inf`` only measures.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    group, size, _ = tp_group_and_size()
+    dev = params[0].grad.device
+    split = torch.zeros((), dtype=torch.float32, device=dev)
+    rep = torch.zeros((), dtype=torch.float32, device=dev)
+    for p in params:
+        sq = p.grad.detach().float().pow(2).sum()
+        if partition_dim(p) is not None:
+            split += sq
+        else:
+            rep += sq
+    if size > 1:
+        dist.all_reduce(split, group=group)
+    total = (split + rep).sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return total
+
+
+__all__ = ["clip_grad_norm_", "full_shape", "gather_tp", "partition_dim", "shard_tp",
+           "sync_tp_grads", "tp_group_and_size"]

@@ -20,7 +20,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sleeptrain.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"error: --max-steps must be >= 1, got {args.max_steps}")
+    summary = train(cfg, max_steps=args.max_steps)
+    if summary["exit"] == "max_steps":
+        print(f"saved step {summary['step']} after --max-steps {args.max_steps}")
     if summary["exit"] == "stopped":
         print(f"stopped at step {summary['step']} (checkpoint saved in {summary['run_dir']})")
     return 0
@@ -31,6 +35,7 @@ def _load_run(run_dir: str, overrides: list[str]):
     import sleeptrain
     from sleeptrain.config import load_config
     from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
+    from sleeptrain.train.dist_ckpt import is_sharded, load_model
 
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
@@ -41,7 +46,10 @@ def _load_run(run_dir: str, overrides: list[str]):
     if ckpt is None:
         raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
     model = sleeptrain.build_model(cfg)
-    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    if is_sharded(ckpt):
+        load_model(ckpt, model)
+    else:
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
     model.eval()
     return cfg, model, ckpt
 
@@ -169,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train (or resume) the run of a config")
     tr.add_argument("config", help="YAML config file (see configs/)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
+    tr.add_argument("--max-steps", type=int, default=None,
+                    help="save and stop after this many optimizer steps in this process "
+                         "(the schedule still follows train.steps)")
     tr.set_defaults(fn=cmd_train)
     ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint: its task's accuracy "
                         "by depth, or a long-context suite (RULER, BABILong, GSM)")

@@ -120,3 +120,28 @@ def test_two_process_training_follows_the_one_process_run(tmp_path, tmp_path_fac
         assert l2 == pytest.approx(l1, rel=rtol)
         assert g2 == pytest.approx(g1, rel=rtol)
     assert got[0][0] == pytest.approx(ref[0][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["tp2-then-tp1", "tp1-then-tp2"])
+def test_checkpoint_reshards_between_tp_sizes(tmp_path, tmp_path_factory, first, then):
+    """Two steps at one TP size, resume at the other: steps 3-4 follow the uninterrupted
+    one-process run (model and Muon/AdamW state resharded; rtol as for TP=2 training)."""
+    ref = _one_process(tmp_path_factory, True)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    run = tmp_path / "run"
+    common = [*RUN, "data.batch_size=4", f"train.run_dir={run}"]
+    for tp, extra in ((first, ["--max-steps", "2"]), (then, [])):
+        if tp == 2:
+            _torchrun("-m", "sleeptrain.cli", "train", str(empty), *common, "parallel.tp=2",
+                      *extra)
+        else:
+            train(load_config(None, [*common, "parallel.tp=1"]),
+                  max_steps=2 if extra else None)
+    shards = sorted(p.name for p in (run / "checkpoints" / "step_00000002" / "shards").iterdir())
+    assert ".metadata" in shards
+    got = _losses(run)
+    assert len(got) == 4
+    for (l2, g2), (l1, g1) in zip(got, ref, strict=True):
+        assert l2 == pytest.approx(l1, rel=1e-3)
+        assert g2 == pytest.approx(g1, rel=1e-3)

@@ -140,9 +140,11 @@ def test_stages_freeze_parameters(tmp_path):
     model = sleeptrain.build_model(cfg, device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train(cfg, max_steps=2)  # the warm-up stage only
-    from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
+    from sleeptrain.train.checkpoint import find_latest_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model
 
-    after = load_checkpoint(find_latest_checkpoint(cfg.train.run_dir))["model"]
+    load_model(find_latest_checkpoint(cfg.train.run_dir), model)
+    after = dict(model.named_parameters())
     for n, p in before.items():
         changed = not torch.equal(after[n], p)
         assert changed == pred(n), n

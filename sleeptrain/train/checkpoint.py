@@ -6,6 +6,8 @@ Layout under ``RUN_DIR/checkpoints/``::
     step_00000123/meta.json    {'step', 'time', 'files': {name: sha256}, 'sizes': {name: bytes},
                                 'complete': true, 'format': 1}   (written last)
     step_00000123/<extra>      optional extra files (e.g. config.yaml)
+    step_00000123/shards/      sharded model/optimizer tensors written by every rank
+                               (sleeptrain.train.dist_ckpt); meta.json records their sizes
     latest                     text file holding the name of the newest saved directory
 
 A checkpoint is written into ``.tmp-step_00000123-<pid>/`` (every file fsynced, meta.json last),
@@ -44,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "tmp_dir_for",
     "validate_checkpoint",
 ]
 
@@ -114,6 +117,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     extra_files: dict[str, bytes | str] | None = None,
+    prepared: Path | None = None,
 ) -> SaveInfo:
     """Atomically write ``state`` (and ``extra_files``) as the checkpoint for ``step``.
 
@@ -121,6 +125,10 @@ def save_checkpoint(
     step are deleted except the ``keep_last - 1`` newest complete ones (complete checkpoints
     with a larger step, left by an abandoned run branch, are not touched). An existing
     checkpoint for the same step is replaced. Returns a :class:`SaveInfo`.
+
+    ``prepared``: a temporary directory (from :func:`tmp_dir_for`) that other processes have
+    already filled (the ``shards/`` of a sharded checkpoint); it is finalized with the rest,
+    its files' sizes recorded in meta.json (not their sha256: they can be many GB).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -144,12 +152,21 @@ def save_checkpoint(
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     name = _step_name(step)
     final = ckpt_dir / name
-    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    tmp = prepared if prepared is not None else tmp_dir_for(run_dir, step)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if prepared is None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        elif not prepared.is_dir():
+            raise CheckpointError(f"{prepared}: prepared checkpoint directory is missing")
+        sized = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        for f in sized:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        for d in {(tmp / f).parent for f in sized}:
+            _fsync_dir(d)
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -162,7 +179,7 @@ def save_checkpoint(
             "step": step,
             "time": time.time(),
             "files": {f: _sha256(tmp / f) for f in files},
-            "sizes": {f: (tmp / f).stat().st_size for f in files},
+            "sizes": {f: (tmp / f).stat().st_size for f in [*sized, *files]},
             "complete": True,
             "format": FORMAT_VERSION,
         }
@@ -192,6 +209,11 @@ def save_checkpoint(
     _prune(ckpt_dir, step, keep_last)
     nbytes = sum(meta["sizes"].values()) + (final / META_FILE).stat().st_size
     return SaveInfo(path=final, bytes=nbytes, seconds=time.perf_counter() - t0)
+
+
+def tmp_dir_for(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """The temporary directory this process writes checkpoint ``step`` into."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-{_step_name(step)}-{os.getpid()}"
 
 
 def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -245,13 +267,13 @@ def _problem(path: Path, verify: bool) -> str | None:
     files, sizes = meta.get("files"), meta.get("sizes", {})
     if not isinstance(files, dict) or STATE_FILE not in files or not isinstance(sizes, dict):
         return f"{META_FILE} does not list {STATE_FILE}"
-    for fname, digest in files.items():
+    for fname in [*files, *(f for f in sizes if f not in files)]:
         fpath = path / fname
         if not fpath.is_file():
             return f"{fname} is missing"
         if fname in sizes and fpath.stat().st_size != sizes[fname]:
             return f"{fname} has {fpath.stat().st_size} bytes, expected {sizes[fname]}"
-        if verify and _sha256(fpath) != digest:
+        if verify and fname in files and _sha256(fpath) != files[fname]:
             return f"{fname} fails its sha256 check"
     return None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -32,14 +33,24 @@ from sleeptrain.parallel.state import init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.train.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     cleanup_stale_tmp,
     find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    tmp_dir_for,
 )
 from sleeptrain.train.data import build_train_data
+from sleeptrain.train.dist_ckpt import (
+    SHARDS_DIR,
+    is_sharded,
+    load_model,
+    load_optimizer,
+    save_shards,
+    sharded_state,
+)
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import build_optimizer
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
@@ -161,8 +172,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
         state = load_checkpoint(latest, map_location="cpu")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_train_state(latest, state, model, opt)
         restore_rng_state(state["rng"])
         step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
@@ -332,17 +342,41 @@ def _reduce_grads(model: torch.nn.Module, info: Any) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
+def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) -> None:
+    """Model weights and optimizer state of checkpoint ``path`` (its ``state.pt`` already
+    loaded as ``state``), sharded or (single-file checkpoints of earlier versions) not."""
+    if is_sharded(path):
+        load_model(path, model)
+        load_optimizer(path, opt, state["optim_layout"])
+        return
+    if "model" not in state:
+        raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+
+
 def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_total: int,
           rank0: bool, data: Any) -> None:
+    """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
+    state.pt and finalizes the checkpoint atomically."""
     data_state = data.state_dict()  # a collective with shards: every rank calls it
+    tensors, layout = sharded_state(model, opt)
+    box = [str(tmp_dir_for(run_dir, step)) if rank0 else None]
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if multi:
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
     if rank0:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
-                 "config": to_yaml(cfg), "data": data_state}
-        save_checkpoint(run_dir, step, state, cfg.train.keep_last,
-                        extra_files={"config.yaml": to_yaml(cfg)})
-    if dist.is_initialized() and dist.get_world_size() > 1:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if multi:
         dist.barrier()
-
-
-__all__ = ["NonFiniteLossError", "stage_at", "train", "trainable_predicate"]
+    save_shards(tmp / SHARDS_DIR, tensors)
+    if rank0:
+        state = {"step": step, "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
+                 "config": to_yaml(cfg), "data": data_state, "optim_layout": layout}
+        save_checkpoint(run_dir, step, state, cfg.train.keep_last,
+                        extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
+    if multi:
+        dist.barrier()

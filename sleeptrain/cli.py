@@ -171,6 +171,15 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sleeptrain.config import load_config
+    from sleeptrain.parallel.plan import plan_report
+
+    cfg = load_config(args.config, args.overrides)
+    print(plan_report(cfg, args.gpus, args.seq_len or None, args.gpu_name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sleeptrain", description="Train and evaluate sleep models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -181,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save and stop after this many optimizer steps in this process "
                          "(the schedule still follows train.steps)")
     tr.set_defaults(fn=cmd_train)
+    pl = sub.add_parser("plan", help="check a config's parallel layout for G GPUs and print "
+                        "parameters, sleep-aware FLOPs per token and a per-GPU memory estimate")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=4")
+    pl.add_argument("--gpus", type=int, required=True, help="world size (GPUs in the job)")
+    pl.add_argument("--seq-len", type=int, default=0, help="tokens per row (default data.seq_len)")
+    pl.add_argument("--gpu-name", default="H100", help="for the throughput line (H100, A100..)")
+    pl.set_defaults(fn=cmd_plan)
     ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint: its task's accuracy "
                         "by depth, or a long-context suite (RULER, BABILong, GSM)")
     ev.add_argument("run_dir")

@@ -19,9 +19,9 @@ from tests.conftest import TINY
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, timeout: int = 300, nproc: int = 2) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", *args], capture_output=True, text=True,
+                           f"--nproc_per_node={nproc}", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

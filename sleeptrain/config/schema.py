@@ -150,6 +150,8 @@ class TrainConfig:
     max_nonfinite: int = 5
     stages: list[StageConfig] = field(default_factory=list)
     exit_after_minutes: float = 0.0
+    peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU (0: from the GPU's name)
+    save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)
 
 
 @dataclass

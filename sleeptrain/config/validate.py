@@ -114,6 +114,8 @@ def validate_run(cfg: Any) -> None:
     _need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _need(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
     _need(cfg.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    _need(cfg.train.peak_tflops >= 0, "train.peak_tflops",
+          f"must be >= 0 (0: from the GPU name), got {cfg.train.peak_tflops}")
     _need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
     _choice(cfg.train.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(cfg.train.precision, "train.precision", ("auto", "bf16", "fp32"))

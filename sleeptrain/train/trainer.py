@@ -29,6 +29,7 @@ from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import evaluate_task, format_table
+from sleeptrain.parallel.plan import peak_flops, train_flops_per_token
 from sleeptrain.parallel.state import init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.sleep.runner import windowed_loss
@@ -192,6 +193,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     started = time.monotonic()
     bs, accum = cfg.data.batch_size, cfg.train.grad_accum
     global_batch = bs * accum * info.dp_size
+    peak = _peak_flops(cfg, device, rank0)
     consecutive_bad = 0
     last_eval: dict[str, Any] | None = None
     steps_this_run = 0
@@ -258,7 +260,10 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
             steps_this_run += 1
             dt = time.perf_counter() - t0
             acc = correct.item() / max(n_loss, 1)
-            tok_s = global_batch * (batches[0][0].shape[1] - 1) / dt
+            seq = batches[0][0].shape[1] - 1
+            tok_s = global_batch * seq / dt
+            mfu = (tok_s * train_flops_per_token(cfg, seq, sleep=sleep_cfg)
+                   / (peak * info.world_size)) if peak else None
             bar.update(step, loss=loss_val, acc=acc, tok_s=tok_s)
             if step % cfg.log.every == 0 or step == total:
                 rec = {"loss": round(loss_val, 6), "acc": round(acc, 6), "lr_mult": mult,
@@ -268,8 +273,12 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 metrics.log(step, rec)
                 if rank0:
                     with open(perf_path, "a") as f:
+                        mfu_s = f', "mfu": {mfu:.4f}' if mfu is not None else ""
+                        if is_cuda:
+                            gib = torch.cuda.max_memory_allocated(device) / 2**30
+                            mfu_s += f', "peak_gib": {gib:.2f}'
                         f.write(f'{{"step": {step}, "step_s": {dt:.4f}, "data_s": {data_s:.5f}, '
-                                f'"tok_s": {tok_s:.1f}}}\n')
+                                f'"tok_s": {tok_s:.1f}{mfu_s}}}\n')
             if (step % cfg.train.eval_every == 0 or step == total) and (
                     task is not None or cfg.data.eval_shards):
                 last_eval = _evaluate(model, task, cfg, sleep_cfg, info, autocast and is_cuda)
@@ -279,7 +288,8 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 want_stop |= (time.monotonic() - started) / 60 > cfg.train.exit_after_minutes
             want_stop = _any_rank(want_stop, device)
             limit_hit = max_steps is not None and steps_this_run >= max_steps
-            if step % cfg.train.ckpt_every == 0 or step == total or want_stop or limit_hit:
+            at_end = step == total and cfg.train.save_at_end
+            if step % cfg.train.ckpt_every == 0 or at_end or want_stop or limit_hit:
                 _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
             if want_stop:
                 exit_reason = "stopped"
@@ -324,6 +334,19 @@ def _plain(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _peak_flops(cfg: Any, device: torch.device, rank0: bool) -> float | None:
+    """Per-GPU bf16 peak FLOP/s for MFU: train.peak_tflops, else by the GPU's name."""
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name)
+    if peak is None and rank0:
+        print(f"MFU not logged: unknown peak for {name!r}; set train.peak_tflops", flush=True)
+    return peak
 
 
 def _dp_group():

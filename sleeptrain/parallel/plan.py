@@ -1,0 +1,206 @@
+"""Layout checks, parameter counts, sleep-aware FLOPs and a per-GPU memory estimate.
+
+``sleeptrain plan CONFIG --gpus G`` prints these before any heavy work; the trainer logs MFU
+with :func:`train_flops_per_token`. The formulas (docs/design.md, "FLOPs and MFU"):
+
+Forward FLOPs per token of a block (multiply-add = 2 FLOPs, d = d_model):
+
+* attention: projections ``2 d (Hq + 2 Hkv) D + 2 Hq D d``; scores and values
+  ``4 Hq D k``, with ``k`` the keys a query sees: ``(L + 1) / 2`` on average for hard
+  eviction (causal inside the window), ``L`` for sliding eviction (the band of L keys);
+* GDN: projections ``2 d H w + 2 Hv dv d`` (w: the fused in-projection's rows per head), the
+  short convolution ``2 K C``, and the chunked gated delta rule ``Hv (6 dk dv + 2 c (dk + dv))``
+  with chunk size c: per token the output and the state update through the state
+  (``q S``, ``k S``, ``k^T u``: ``6 dk dv``) and the causal intra-chunk products
+  (``q k^T`` and ``(.) v`` over on average c/2 positions, twice for the WY terms);
+* SwiGLU: ``6 d f``; the output head ``2 d V`` (wake pass only); norms and elementwise ops
+  are not counted.
+
+A training token costs ``3 (F_all + (N - 1) F_loop s)``: the wake pass over all blocks plus
+N - 1 sleep passes over the loop range, forward and backward (backward = 2 x forward), where
+``s`` is the share of windows that sleep (the last window of a row never does). Activation
+checkpointing recomputes a forward pass; that is hardware work, not model FLOPs, and MFU
+does not count it (as in Megatron-LM and PaLM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sleeptrain.config.validate import PATTERN_SYMBOLS, ConfigError, validate_model
+
+#: Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, first match wins.
+PEAK_BF16 = (
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    params: int
+    matrices: int  # parameters in 2-D hidden matrices (Muon's; the rest is AdamW's)
+    flops: float  # forward FLOPs per token
+
+
+def _attn(m: Any) -> tuple[int, int, int]:
+    hkv = m.n_kv_heads or m.n_heads
+    hd = m.head_dim or m.d_model // m.n_heads
+    return m.n_heads, hkv, hd
+
+
+def _gdn(m: Any) -> tuple[int, int, int, int]:
+    hv = m.gdn_v_heads or m.gdn_heads
+    return m.gdn_heads, hv, m.gdn_head_dim, m.gdn_v_head_dim or m.gdn_head_dim
+
+
+def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
+    """Parameters and forward FLOPs per token of one block of pattern symbol ``symbol``."""
+    from sleeptrain.model.hybrid import ffn_hidden
+
+    kind, has_mlp = PATTERN_SYMBOLS[symbol]
+    d = m.d_model
+    params, mats, flops = 0, 0, 0.0
+    if kind == "attention":
+        hq, hkv, hd = _attn(m)
+        proj = d * (hq + 2 * hkv) * hd + hq * hd * d
+        mats += proj
+        params += proj + d + ((hq + 2 * hkv) * hd if m.qkv_bias else 0)
+        keys = window if sliding else (window + 1) / 2
+        flops += 2 * proj + 4 * hq * hd * keys
+    elif kind == "gdn":
+        h, hv, dk, dv = _gdn(m)
+        r = hv // h
+        width = 2 * dk + 2 * r * dv + 2 * r
+        conv_ch = h * (2 * dk + r * dv)
+        proj = d * h * width + hv * dv * d
+        mats += proj + conv_ch * m.conv_kernel  # the conv kernel [C, K] is 2-D too
+        params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
+        c = m.gdn_chunk_size
+        flops += 2 * proj + 2 * m.conv_kernel * conv_ch + hv * (6 * dk * dv + 2 * c * (dk + dv))
+    if has_mlp:
+        f = ffn_hidden(m)
+        mats += 3 * d * f
+        params += 3 * d * f + d
+        flops += 6 * d * f
+    return BlockCost(params, mats, flops)
+
+
+def param_count(m: Any) -> int:
+    """Parameters of the full (unsharded) model."""
+    n = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    return n + sum(block_cost(m, s, 1, False).params for s in m.pattern)
+
+
+def _windows(seq_len: int, window: int) -> int:
+    return max(1, math.ceil(seq_len / window))
+
+
+def train_flops_per_token(cfg: Any, seq_len: int | None = None, passes: int | None = None,
+                          sleep: Any | None = None) -> float:
+    """Sleep-aware model FLOPs per trained token (module docstring) for rows of ``seq_len``
+    input tokens (default ``data.seq_len``) and ``sleep`` (default ``cfg.sleep``)."""
+    from sleeptrain.model.hybrid import loop_range
+
+    m, s = cfg.model, (sleep if sleep is not None else cfg.sleep)
+    n = int(s.passes if passes is None else passes)
+    L, sliding = int(s.window_len), s.eviction == "sliding"
+    costs = [block_cost(m, sym, L, sliding).flops for sym in m.pattern]
+    a, b = loop_range(m)
+    f_all = sum(costs) + 2 * m.d_model * m.vocab_size
+    w = _windows(int(seq_len or cfg.data.seq_len), L)
+    return 3 * (f_all + (n - 1) * sum(costs[a:b]) * (w - 1) / w)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (None when unknown)."""
+    for key, val in PEAK_BF16:
+        if key.lower() in device_name.lower():
+            return val
+    return None
+
+
+def check_layout(cfg: Any, gpus: int) -> tuple[int, int]:
+    """(tp, dp) for ``gpus`` ranks; ConfigError naming the numbers when impossible."""
+    tp = int(cfg.parallel.tp)
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    if gpus % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the {gpus} GPUs "
+                          f"(world size = tp x dp must hold)")
+    validate_model(cfg.model, tp)
+    return tp, gpus // tp
+
+
+def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None) -> dict[str, float]:
+    """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer (fp32
+    master weights and gradients, AdamW two fp32 moments, Muon one momentum; split by TP,
+    replicated over DP). Activations are a rough estimate for one micro-batch: the window in
+    backward holds ~(8 + 16 / tp) d values per token per block in the compute dtype, and with
+    ``sleep.checkpoint`` the row keeps one fp32 hidden state per token per pass boundary."""
+    from sleeptrain.model.hybrid import loop_range
+
+    m, s = cfg.model, cfg.sleep
+    p = param_count(m)
+    mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
+    weights = grads = 4 * p / tp
+    optimizer = (4 * mats + 8 * (p - mats)) / tp
+    B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
+    T = int(seq_len or cfg.data.seq_len)
+    a, b = loop_range(m)
+    depth = len(m.pattern)
+    nbytes = 4 if cfg.train.precision == "fp32" else 2
+    window = B * L * depth * nbytes * (8 + 16 / tp) * d
+    if s.checkpoint:
+        acts = window + B * T * d * 4 * (1 + (s.passes - 1))
+    else:
+        acts = window * _windows(T, L) * (1 + (s.passes - 1) * (b - a) / depth)
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": acts,
+            "total": weights + grads + optimizer + acts}
+
+
+def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
+                device_name: str = "H100") -> str:
+    """The text ``sleeptrain plan`` prints."""
+    tp, dp = check_layout(cfg, gpus)
+    T = int(seq_len or cfg.data.seq_len)
+    p = param_count(cfg.model)
+    f = train_flops_per_token(cfg, T)
+    f1 = train_flops_per_token(cfg, T, passes=1)
+    mem = memory_estimate(cfg, tp, T)
+    gb = cfg.data.batch_size * cfg.train.grad_accum * dp
+    peak = peak_flops(device_name)
+    gib = 1024 ** 3
+    lines = [
+        f"layout: {gpus} GPUs = TP {tp} x DP {dp}; global batch {gb} rows x {T} tokens "
+        f"({cfg.data.batch_size} per rank x {cfg.train.grad_accum} accumulation x {dp})",
+        f"parameters: {p / 1e9:.3f} B ({p:,})",
+        f"window {cfg.sleep.window_len}, passes N={cfg.sleep.passes}, eviction "
+        f"{cfg.sleep.eviction}, loop blocks {_loop_text(cfg)}",
+        f"train FLOPs per token: {f / 1e9:.2f} GFLOP (N=1: {f1 / 1e9:.2f}; sleep adds "
+        f"{100 * (f / f1 - 1):.0f}%)",
+        f"per-GPU memory estimate: weights {mem['weights'] / gib:.1f} GiB, grads "
+        f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}, activations "
+        f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
+        f"~{mem['total'] / gib:.1f} GiB",
+    ]
+    if peak:
+        tok = 0.4 * peak * gpus / f
+        lines.append(f"at 40% MFU on {gpus} x {device_name} ({peak / 1e12:.0f} TFLOP/s bf16): "
+                     f"{tok:,.0f} tokens/s, {tok * 3600 / 1e9:.2f} B tokens/hour")
+    return "\n".join(lines)
+
+
+def _loop_text(cfg: Any) -> str:
+    from sleeptrain.model.hybrid import loop_range
+
+    a, b = loop_range(cfg.model)
+    return f"[{a}, {b}) of {len(cfg.model.pattern)}"
+
+
+__all__ = ["block_cost", "check_layout", "memory_estimate", "param_count", "peak_flops",
+           "plan_report", "train_flops_per_token"]

@@ -1,0 +1,90 @@
+"""`sleeptrain plan`: layout checks, parameter counts and sleep-aware FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sleeptrain.cli import main
+from sleeptrain.config import ConfigError, load_config
+from sleeptrain.parallel.plan import (
+    block_cost,
+    check_layout,
+    memory_estimate,
+    param_count,
+    train_flops_per_token,
+)
+from tests.conftest import TINY, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["model.tie_embeddings=true"],
+    ["model.pattern=AgMaG", "model.qkv_bias=true"],
+    ["model.gdn_v_heads=2", "model.head_dim=6", "model.conv_kernel=3"],
+])
+def test_param_count_is_the_built_models(extra):
+    cfg, model = tiny_model(*extra)
+    assert param_count(cfg.model) == sum(p.numel() for p in model.parameters())
+
+
+def test_forward_flops_of_mlp_and_attention_blocks_match_torch_flop_counter():
+    """Counted matmul FLOPs of one window's forward (projections, SwiGLU, head) equal the
+    formula less its attention-core term 4 Hq D k (torch's counter does not see the CPU SDPA
+    kernel). GDN's chunk math depends on the kernel and is not compared."""
+    L = 8
+    cfg, model = tiny_model("model.pattern=aMA", f"sleep.window_len={L}", "sleep.passes=1")
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, L))
+    with FlopCounterMode(display=False) as fc:
+        model.full_logits(model.parallel_hidden(tokens, L))
+    per_token = sum(block_cost(cfg.model, s, L, sliding=True).flops for s in cfg.model.pattern)
+    per_token += 2 * cfg.model.d_model * cfg.model.vocab_size
+    hq, hd = cfg.model.n_heads, cfg.model.d_model // cfg.model.n_heads
+    per_token -= 2 * 4 * hq * hd * L  # two attention blocks' cores, k = L keys (sliding)
+    assert fc.get_total_flops() == pytest.approx(per_token * tokens.numel(), rel=1e-12)
+
+
+def test_sleep_flops_add_loop_range_passes_for_sleeping_windows():
+    cfg = load_config(None, [*TINY, "model.pattern=GAGAGA", "model.loop_start=2",
+                             "model.loop_end=4", "sleep.window_len=16", "data.seq_len=64"])
+    loop = sum(block_cost(cfg.model, s, 16, False).flops for s in cfg.model.pattern[2:4])
+    f1 = train_flops_per_token(cfg, passes=1)
+    for n in (2, 4):  # 4 windows, 3 sleep: 3 (N-1) F_loop * 3/4 more
+        assert train_flops_per_token(cfg, passes=n) - f1 == pytest.approx(
+            3 * (n - 1) * loop * 3 / 4)
+    assert train_flops_per_token(cfg, seq_len=16, passes=4) == pytest.approx(
+        train_flops_per_token(cfg, seq_len=16, passes=1))  # one window never sleeps
+
+
+def test_plan_rejects_impossible_layouts_naming_the_numbers():
+    with pytest.raises(ConfigError, match="8 key/value heads are not divisible by "
+                                          "tensor-parallel size 3"):
+        check_layout(load_config(ROOT / "configs" / "7b_sleep.yaml", ["parallel.tp=3"]), 6)
+    cfg = load_config(ROOT / "configs" / "7b_sleep.yaml", ["parallel.tp=4"])
+    with pytest.raises(ConfigError, match="parallel.tp=4 does not divide the 6 GPUs"):
+        check_layout(cfg, 6)
+    assert check_layout(cfg, 16) == (4, 4)
+
+
+def test_plan_cli(capsys):
+    assert main(["plan", str(ROOT / "configs" / "7b_sleep.yaml"), "--gpus", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "TP 2 x DP 8" in out and "7.333 B" in out and "GFLOP" in out
+    assert main(["plan", str(ROOT / "configs" / "7b_sleep.yaml"), "--gpus", "16",
+                 "parallel.tp=3"]) == 2
+    assert "not divisible by tensor-parallel size 3" in capsys.readouterr().err
+
+
+def test_memory_estimate_state_bytes_are_exact_for_this_trainer():
+    cfg, model = tiny_model()
+    mem = memory_estimate(cfg, tp=1, seq_len=64)
+    n = sum(p.numel() for p in model.parameters())
+    muon = sum(p.numel() for name, p in model.named_parameters()
+               if p.ndim == 2 and "embed" not in name and "head" not in name)
+    assert mem["weights"] == mem["grads"] == 4 * n
+    assert mem["optimizer"] == 4 * muon + 8 * (n - muon)

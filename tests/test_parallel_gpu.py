@@ -42,7 +42,10 @@ def test_tp2_loss_and_gradients_equal_tp1_on_gpus(tmp_path):
                          ids=["tp2", "dp2"])
 def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     """Four optimizer steps, AdamW only (Muon's bf16 orthogonalization is compared on CPU):
-    losses and gradient norms agree to rtol 1e-4 (fp32 weights, FLA kernels)."""
+    losses and gradient norms agree to rtol 1e-3. fp32 weights, but FLA's Triton/TileLang
+    kernels multiply fp32 in TF32 (10-bit mantissa), so a changed summation order moves a
+    gradient norm by ~2e-4 relative after four steps (H200, 2026-11-22); CPU runs agree to
+    rtol 1e-6 (tests/test_parallel.py)."""
     over = [*[o for o in RUN if not o.startswith(("train.device", "parallel.backend",
                                                   "model.params_dtype", "model.gdn_head_dim"))],
             "model.params_dtype=float32", "model.gdn_head_dim=32", "train.precision=fp32",
@@ -56,5 +59,5 @@ def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     for (l2, g2), (l1, g1) in zip(two, one, strict=True):
-        assert l2 == pytest.approx(l1, rel=1e-4)
-        assert g2 == pytest.approx(g1, rel=1e-4)
+        assert l2 == pytest.approx(l1, rel=1e-3)
+        assert g2 == pytest.approx(g1, rel=1e-3)

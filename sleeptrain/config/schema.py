@@ -152,6 +152,7 @@ class TrainConfig:
     exit_after_minutes: float = 0.0
     peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU (0: from the GPU's name)
     save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)
+    init_from: str = ""  # a run dir or checkpoint dir: its model weights start a new run
 
 
 @dataclass

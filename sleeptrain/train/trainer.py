@@ -178,6 +178,8 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
         data.load_state_dict(state.get("data"))
+    elif cfg.train.init_from:
+        _init_from(cfg.train.init_from, model, rank0)
     metrics = MetricsLogger(run_dir, info.rank, {
         "mode": cfg.log.wandb, "project": cfg.log.wandb_project,
         "name": cfg.log.wandb_name, "config": _plain(cfg),
@@ -365,12 +367,27 @@ def _reduce_grads(model: torch.nn.Module, info: Any) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
+def _init_from(source: str, model: Any, rank0: bool) -> None:
+    """Model weights of a run directory's latest checkpoint, or of a checkpoint directory."""
+    path = Path(source)
+    ckpt = path if (path / "meta.json").is_file() else find_latest_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(f"train.init_from: no complete checkpoint under {path}")
+    if is_sharded(ckpt):
+        load_model(ckpt, model)
+    else:
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    if rank0:
+        print(f"initialized the model from {ckpt}", flush=True)
+
+
 def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) -> None:
     """Model weights and optimizer state of checkpoint ``path`` (its ``state.pt`` already
     loaded as ``state``), sharded or (single-file checkpoints of earlier versions) not."""
     if is_sharded(path):
         load_model(path, model)
-        load_optimizer(path, opt, state["optim_layout"])
+        if state["optim_layout"]["optim"]:  # empty: weights only (a converted checkpoint)
+            load_optimizer(path, opt, state["optim_layout"])
         return
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")

@@ -1,0 +1,156 @@
+"""Checkpoint conversion: Hugging Face models in and out, GDN retrofits, verification.
+
+``import_hf`` turns a Hugging Face Llama / Qwen2 directory into a sleeptrain run directory
+(``config.yaml`` + a step-0 sharded checkpoint), optionally inserting new GDN blocks;
+``export_hf`` writes an attention-only sleeptrain model back as a Hugging Face Llama / Qwen2
+directory; ``verify`` runs one prompt through both and reports the largest logit difference
+and the top-k agreement. ``tools/convert.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sleeptrain.convert.common import (
+    ConversionError,
+    SafetensorsReader,
+    read_hf_config,
+    save_run,
+    write_safetensors,
+)
+from sleeptrain.convert.hf_llama import export_state, import_state, model_overrides
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, insert_gdn: list[int] | None = None,
+              gdn_mlp: bool = False, dtype: str = "float32", overrides: list[str] | None = None,
+              seed: int = 0) -> tuple[Any, torch.nn.Module]:
+    """Converts ``hf_dir`` into the sleeptrain run directory ``out_dir``; returns
+    (config, model). ``overrides`` are extra config keys (``sleep.window_len=2048``,
+    ``model.loop_start=4``, ...). Inserted GDN blocks (before the given Hugging Face layers)
+    start with zero output projections, so the model's function is the pretrained one."""
+    import sleeptrain
+
+    if dtype not in _DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    hf = read_hf_config(hf_dir)
+    ov, source = model_overrides(hf, insert_gdn, gdn_mlp)
+    cfg = sleeptrain.load_config(None, [*ov, f"model.params_dtype={dtype}",
+                                        f"train.run_dir={out_dir}", *(overrides or [])])
+    model = sleeptrain.build_model(cfg, device="cpu", seed=seed)
+    reader = SafetensorsReader(hf_dir)
+    ours = model.state_dict()
+    filled: set[str] = set()
+    for name, t in import_state(reader, reader.names(), hf, source):
+        if name not in ours:
+            raise ConversionError(f"converted tensor {name!r} has no place in the model")
+        if tuple(ours[name].shape) != tuple(t.shape):
+            raise ConversionError(f"{name}: converted shape {tuple(t.shape)}, the model's "
+                                  f"{tuple(ours[name].shape)}")
+        with torch.no_grad():
+            ours[name].copy_(t.to(ours[name].dtype))
+        filled.add(name)
+    new_blocks = {i for i, s in enumerate(source) if s < 0}
+    unfilled = sorted(n for n in ours if n not in filled and not n.endswith("_extra_state")
+                      and not (n.startswith("blocks.") and int(n.split(".")[1]) in new_blocks))
+    if unfilled:
+        raise ConversionError(f"model tensors without a source: {unfilled[:10]}")
+    with torch.no_grad():
+        for i in new_blocks:
+            blk = model.blocks[i]
+            blk.mixer.out_proj.weight.zero_()
+            if blk.mlp is not None:
+                blk.mlp.fc2.weight.zero_()
+    save_run(Path(out_dir), cfg, model, {"from": str(hf_dir), "insert_gdn": insert_gdn or [],
+                                          "gdn_mlp": gdn_mlp})
+    return cfg, model
+
+
+def hf_config_for(cfg: Any) -> dict[str, Any]:
+    """A Llama (no qkv bias) or Qwen2 (qkv bias) config.json for an attention-only model."""
+    m = cfg.model
+    if set(m.pattern) != {"A"}:
+        raise ConversionError(f"model.pattern {m.pattern!r} is not attention-only")
+    from sleeptrain.model.hybrid import ffn_hidden
+
+    arch = "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
+    out = {"architectures": [arch], "model_type": "qwen2" if m.qkv_bias else "llama",
+           "vocab_size": m.vocab_size, "hidden_size": m.d_model,
+           "num_hidden_layers": len(m.pattern), "num_attention_heads": m.n_heads,
+           "num_key_value_heads": m.n_kv_heads or m.n_heads,
+           "head_dim": m.head_dim or m.d_model // m.n_heads,
+           "intermediate_size": ffn_hidden(m), "rms_norm_eps": m.norm_eps,
+           "rope_theta": m.rope_theta, "tie_word_embeddings": bool(m.tie_embeddings),
+           "hidden_act": "silu", "max_position_embeddings": 1 << 20,
+           "torch_dtype": "float32"}
+    if not m.qkv_bias:
+        out["attention_bias"] = False
+    return out
+
+
+def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path) -> Path:
+    """Writes an attention-only sleeptrain model as a Hugging Face directory (config.json,
+    model.safetensors) that ``transformers`` loads without remote code."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = hf_config_for(cfg)
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    write_safetensors(out / "model.safetensors", export_state(state, hf, cfg.model.pattern))
+    (out / "config.json").write_text(json.dumps(hf, indent=1))
+    return out
+
+
+def load_run_model(run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
+    """(config, model) of a sleeptrain run directory's latest checkpoint, on the CPU."""
+    import sleeptrain
+    from sleeptrain.train.checkpoint import find_latest_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model
+
+    run = Path(run_dir)
+    cfg = sleeptrain.load_config(run / "config.yaml", ["train.device=cpu"])
+    ckpt = find_latest_checkpoint(run)
+    if ckpt is None:
+        raise ConversionError(f"{run}: no complete checkpoint")
+    model = sleeptrain.build_model(cfg, device="cpu")
+    load_model(ckpt, model)
+    return cfg, model.eval()
+
+
+@torch.no_grad()
+def compare_logits(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> dict[str, float]:
+    """Largest absolute difference, top-1 agreement and mean top-k overlap of two [T, V]."""
+    ta, tb = a.topk(k, -1).indices, b.topk(k, -1).indices
+    overlap = torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k
+                            for x, y in zip(ta, tb, strict=True)])
+    return {"max_abs_diff": float((a.double() - b.double()).abs().max()),
+            "top1_agreement": float((ta[:, 0] == tb[:, 0]).double().mean()),
+            f"top{k}_overlap": float(overlap.mean())}
+
+
+@torch.no_grad()
+def verify(hf_dir: str | Path, run_dir: str | Path, tokens: list[int] | None = None,
+           length: int = 32, seed: int = 0, trust_remote_code: bool = False,
+           k: int = 5) -> dict[str, float]:
+    """Logits of one prompt (``tokens``, or ``length`` seeded random ids) through the Hugging
+    Face model and through the sleeptrain run, with one window covering the prompt."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, model = load_run_model(run_dir)
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, cfg.model.vocab_size, (length,), generator=gen).tolist()
+    ids = torch.tensor([tokens])
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=model.dtype, trust_remote_code=trust_remote_code).eval()
+    ref = hf_model(ids).logits[0]
+    ours = model.forward_parallel(ids, ids.shape[1], "hard")[0]
+    return compare_logits(ours, ref, k)
+
+
+__all__ = ["ConversionError", "compare_logits", "export_hf", "hf_config_for", "import_hf",
+           "load_run_model", "verify"]

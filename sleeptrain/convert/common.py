@@ -1,0 +1,101 @@
+"""Shared pieces of the converters: errors, streaming tensor readers, sleeptrain run output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted; the message names the file or the tensors."""
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found (a Hugging Face model directory holds "
+                              "config.json and *.safetensors)") from None
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON: {e}") from None
+
+
+class SafetensorsReader:
+    """Tensors of a Hugging Face directory's ``*.safetensors`` (single file or sharded with
+    ``model.safetensors.index.json``), read one at a time. ``.bin`` checkpoints are refused:
+    they are pickles (convert them with ``transformers`` ``save_pretrained`` first)."""
+
+    def __init__(self, hf_dir: str | Path):
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            bins = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = f" (found {bins}: pickled weights are not read)" if bins else ""
+            raise ConversionError(f"{self.dir}: no *.safetensors files{hint}")
+        self._handles = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
+        self.where: dict[str, str] = {}
+        for f, h in self._handles.items():
+            for k in h.keys():
+                if weight_map is not None and weight_map.get(k) != f:
+                    continue
+                self.where[k] = f
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self._handles[self.where[name]].get_tensor(name)
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written to ``path.tmp`` then renamed (never a partial file)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors}, str(tmp),
+              metadata=metadata or {"format": "pt"})
+    tmp.replace(path)
+
+
+def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, Any]) -> Path:
+    """``out_dir`` as a sleeptrain run directory: ``config.yaml`` and a step-0 sharded
+    checkpoint holding the model weights only (load it with ``train.init_from``, or use the
+    directory with ``sleeptrain generate`` / ``eval``)."""
+    import shutil
+
+    from sleeptrain.config import to_yaml
+    from sleeptrain.train.checkpoint import capture_rng_state, save_checkpoint, tmp_dir_for
+    from sleeptrain.train.dist_ckpt import SHARDS_DIR, save_shards, sharded_state
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, layout = sharded_state(model, None)
+    tmp = tmp_dir_for(out_dir, 0)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_shards(tmp / SHARDS_DIR, tensors)
+    state = {"step": 0, "rng": capture_rng_state(), "nonfinite_total": 0,
+             "config": to_yaml(cfg), "data": None, "optim_layout": layout,
+             "converted_from": json.dumps(note)}
+    info = save_checkpoint(out_dir, 0, state, keep_last=1,
+                           extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    return info.path
+
+
+__all__ = ["ConversionError", "SafetensorsReader", "read_hf_config", "save_run",
+           "write_safetensors"]

@@ -1,0 +1,95 @@
+"""Checkpoint conversion between Hugging Face models and sleeptrain runs.
+
+    python tools/convert.py import-hf HF_DIR OUT_RUN [--insert-gdn 4,8 [--gdn-mlp]]
+        [--dtype float32] [key=value ...]
+    python tools/convert.py export-hf RUN_DIR OUT_HF_DIR
+    python tools/convert.py verify HF_DIR RUN_DIR [--tokens 1,2,3 | --length 32] [--tol 1e-4]
+
+import-hf reads a Llama / Qwen2 directory (config.json + *.safetensors, tensor by tensor) and
+writes a sleeptrain run directory (config.yaml + a step-0 sharded checkpoint); key=value
+overrides set the sleep/loop settings (sleep.window_len=2048 sleep.passes=4
+model.loop_start=4 model.loop_end=18). --insert-gdn places new GDN blocks (mixer only, or
+with their own MLP with --gdn-mlp) before the given Hugging Face layers, with zero output
+projections, so the converted model is the pretrained function. Fine-tune from it with
+`sleeptrain train OUT_RUN/config.yaml train.init_from=OUT_RUN train.run_dir=runs/ft`.
+
+export-hf writes an attention-only run back as a Llama (or, with qkv biases, Qwen2)
+directory that transformers loads without remote code. verify runs one prompt through both
+sides with one window covering it and exits 1 when the largest logit difference exceeds
+--tol. Exit status 2: bad arguments or an unconvertible checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="convert.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    im = sub.add_parser("import-hf", help="Hugging Face Llama/Qwen2 -> sleeptrain run")
+    im.add_argument("hf_dir")
+    im.add_argument("out")
+    im.add_argument("--insert-gdn", type=_ints, default=[], metavar="I,J",
+                    help="insert new GDN blocks before these Hugging Face layers")
+    im.add_argument("--gdn-mlp", action="store_true", help="inserted GDN blocks get an MLP")
+    im.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    im.add_argument("overrides", nargs="*", help="config key=value, e.g. sleep.passes=4")
+    ex = sub.add_parser("export-hf", help="attention-only sleeptrain run -> Hugging Face")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    ve = sub.add_parser("verify", help="compare logits of a Hugging Face model and a run")
+    ve.add_argument("hf_dir")
+    ve.add_argument("run_dir")
+    ve.add_argument("--tokens", type=_ints, default=None, help="prompt token ids")
+    ve.add_argument("--length", type=int, default=32, help="random prompt length")
+    ve.add_argument("--tol", type=float, default=1e-4, help="largest allowed |logit diff|")
+    ve.add_argument("--trust-remote-code", action="store_true",
+                    help="let transformers run the Hugging Face directory's own code")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sleeptrain.config import ConfigError
+    from sleeptrain.convert import ConversionError, export_hf, import_hf, load_run_model, verify
+    from sleeptrain.train.checkpoint import CheckpointError
+
+    try:
+        if args.cmd == "import-hf":
+            cfg, _ = import_hf(args.hf_dir, args.out, args.insert_gdn, args.gdn_mlp, args.dtype,
+                               args.overrides)
+            print(f"wrote {args.out}: pattern {cfg.model.pattern}, loop "
+                  f"[{cfg.model.loop_start}, {cfg.model.loop_end}), window "
+                  f"{cfg.sleep.window_len}, passes {cfg.sleep.passes}")
+            return 0
+        if args.cmd == "export-hf":
+            cfg, model = load_run_model(args.run_dir)
+            print(f"wrote {export_hf(model, cfg, args.out)}")
+            return 0
+        if args.length < 1:
+            raise ConversionError(f"--length must be >= 1, got {args.length}")
+        res = verify(args.hf_dir, args.run_dir, args.tokens, args.length,
+                     trust_remote_code=args.trust_remote_code)
+        ok = res["max_abs_diff"] <= args.tol
+        print(json.dumps({**res, "tol": args.tol, "ok": ok}))
+        return 0 if ok else 1
+    except (ConversionError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -25,10 +26,13 @@ def build_model(cfg: Any, device: torch.device | str | None = None,
     info = init_parallel(cfg.parallel.tp, cfg.parallel.backend,
                          "cpu" if device is not None and str(device) == "cpu" else
                          cfg.train.device)
+    if cfg.parallel.sequence_parallel and info.tp_size == 1:
+        warnings.warn("parallel.sequence_parallel has no effect at parallel.tp=1", stacklevel=2)
     gen_state = torch.get_rng_state()
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     try:
-        model = SleepModel(cfg.model, cfg.sleep, tp=info.tp_size, tp_rank=info.tp_rank)
+        model = SleepModel(cfg.model, cfg.sleep, tp=info.tp_size, tp_rank=info.tp_rank,
+                           sequence_parallel=cfg.parallel.sequence_parallel)
     finally:
         torch.set_rng_state(gen_state)
     return model.to(info.device if device is None else device)

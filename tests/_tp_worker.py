@@ -23,15 +23,17 @@ def run(tp: int, overrides: list[str]) -> dict[str, object]:
     model = sleeptrain.build_model(cfg, seed=0)
     dev = model.embed.weight.device
     gen = torch.Generator().manual_seed(1)
-    t = 3 * cfg.sleep.window_len + 5  # three full windows and a short last one
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, t), generator=gen).to(dev)
-    mask = (torch.rand(2, t, generator=gen) < 0.8).to(dev)
+    # three full windows and a short last one of 5 inputs: 3 x 5 tokens do not split evenly
+    # over 2 ranks (sequence parallelism pads)
+    t = 3 * cfg.sleep.window_len + 6
+    tokens = torch.randint(0, cfg.model.vocab_size, (3, t), generator=gen).to(dev)
+    mask = (torch.rand(3, t, generator=gen) < 0.8).to(dev)
     out = sleeptrain.windowed_loss(model, tokens, mask, cfg.sleep)
     out.loss.backward()
     sync_tp_grads(model.parameters())
     grads = {n: gather_tp(p.grad, partition_dim(p)).cpu().clone()
              for n, p in model.named_parameters() if p.grad is not None}
-    return {"loss": out.loss.detach().cpu().clone(), "grads": grads}
+    return {"loss": out.loss.detach().cpu().clone(), "grads": grads, "sp": model.sp}
 
 
 def main() -> None:

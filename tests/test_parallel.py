@@ -31,7 +31,11 @@ def _torchrun(*args: str, timeout: int = 300, nproc: int = 2) -> subprocess.Comp
     ["sleep.eviction=sliding", "sleep.passes=2"],
     ["sleep.eviction=hard", "sleep.passes=3", "sleep.grad_mode=truncated",
      "sleep.grad_passes=2"],
-], ids=["sliding-N2", "hard-N3-truncated"])
+    ["sleep.eviction=sliding", "sleep.passes=2", "parallel.sequence_parallel=true",
+     "model.tie_embeddings=true"],
+    ["sleep.eviction=hard", "sleep.passes=2", "sleep.grad_mode=implicit",
+     "parallel.sequence_parallel=true", "sleep.checkpoint=true"],
+], ids=["sliding-N2", "hard-N3-truncated", "sp-sliding-N2-tied", "sp-hard-implicit-ckpt"])
 def test_tp2_loss_and_gradients_equal_tp1(tmp_path, sleep):
     """fp64 weights; megatron-core's vocab-parallel cross-entropy computes in fp32, so the loss
     and the gradients agree to fp32 rounding: |diff| <= 1e-6 * (1 + max|g|)."""
@@ -41,6 +45,7 @@ def test_tp2_loss_and_gradients_equal_tp1(tmp_path, sleep):
     _torchrun("tests/_tp_worker.py", str(tmp_path / "tp2.pt"), "2", json.dumps(over))
     tp2 = torch.load(tmp_path / "tp2.pt")
     tp1 = run(1, over)
+    assert tp2["sp"] == ("parallel.sequence_parallel=true" in sleep)
     assert abs(tp1["loss"].item() - tp2["loss"].item()) <= 1e-6
     assert set(tp1["grads"]) == set(tp2["grads"])
     for name, g1 in tp1["grads"].items():
@@ -99,7 +104,8 @@ def _one_process(tmp_path_factory, muon: bool) -> list[tuple[float, float]]:
     (["parallel.tp=2", "data.batch_size=4"], True, 1e-3),
     (["parallel.tp=1", "data.batch_size=2"], True, 1e-3),
     (["parallel.tp=2", "data.batch_size=4"], False, 1e-6),
-], ids=["tp2", "dp2-half-batch", "tp2-adamw-only"])
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.batch_size=4"], False, 1e-6),
+], ids=["tp2", "dp2-half-batch", "tp2-adamw-only", "tp2-sp-adamw-only"])
 def test_two_process_training_follows_the_one_process_run(tmp_path, tmp_path_factory, layout,
                                                           muon, rtol):
     """Four optimizer steps with clipping: losses and gradient norms match the one-process run.

@@ -172,6 +172,7 @@ class ParallelConfig:
 
     tp: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    sequence_parallel: bool = False  # split training windows' residual stream over TP ranks
 
 
 @dataclass

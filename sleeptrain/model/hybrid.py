@@ -21,7 +21,15 @@ from megatron.core.tensor_parallel import (
 )
 
 from sleeptrain.config.validate import PATTERN_SYMBOLS, loop_range, validate_model
-from sleeptrain.model.layers import Attention, GatedDeltaNet, RMSNorm, SwiGLU, normal_init
+from sleeptrain.model.layers import (
+    Attention,
+    GatedDeltaNet,
+    RMSNorm,
+    SwiGLU,
+    column,
+    normal_init,
+)
+from sleeptrain.parallel import seqpar
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -70,6 +78,7 @@ class PassContext:
     kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     conv: list[torch.Tensor | None] = field(default_factory=list)
     kv_keep: torch.Tensor | None = None  # [B] bool: False drops the KV carry (document start)
+    sp_shape: tuple[int, int] | None = None  # (B, T): h is sequence-parallel local tokens
 
 
 class Block(nn.Module):
@@ -107,6 +116,8 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: PassContext, index: int,
                 fast: torch.Tensor | None) -> tuple[torch.Tensor, Any, Any]:
         """Returns (h, S out or None, wake extras: conv state (GDN) or (k, v) (attention))."""
+        if ctx.sp_shape is not None:
+            return self._forward_sp(h, ctx, index, fast)
         s_out = None
         extra = None
         if self.kind == "attention":
@@ -120,6 +131,27 @@ class Block(nn.Module):
             h = h + y
         if self.mlp is not None:
             h = h + self.mlp(self.norm2(h))
+        return h, s_out, extra
+
+    def _forward_sp(self, h: torch.Tensor, ctx: PassContext, index: int,
+                    fast: torch.Tensor | None) -> tuple[torch.Tensor, Any, Any]:
+        """Sequence parallelism: h holds this rank's tokens; mixers and the MLP see the
+        gathered window and their partial outputs are reduce-scattered back."""
+        shape = ctx.sp_shape
+        s_out = None
+        extra = None
+        if self.kind == "attention":
+            carry = ctx.kv[index] if ctx.kv else None
+            y, extra = self.mixer(seqpar.gather(self.norm1(h), shape), ctx.pos_start, carry,
+                                  ctx.window, ctx.segment, ctx.kv_keep, sp=True)
+            h = h + seqpar.scatter(y)
+        elif self.kind == "gdn":
+            conv = ctx.conv[index] if ctx.conv else None
+            y, s_out, extra = self.mixer(seqpar.gather(self.norm1(h), shape), fast, conv,
+                                         ctx.segment, sp=True)
+            h = h + seqpar.scatter(y)
+        if self.mlp is not None:
+            h = h + seqpar.scatter(self.mlp(seqpar.gather(self.norm2(h), shape), sp=True))
         return h, s_out, extra
 
 
@@ -149,11 +181,14 @@ def megatron_config(cfg: Any, tp: int) -> ModelParallelConfig:
 class HybridModel(nn.Module):
     """Embedding -> blocks (pattern) -> final RMSNorm -> vocab-parallel head (tied or not)."""
 
-    def __init__(self, cfg: Any, tp: int = 1, tp_rank: int = 0):
+    def __init__(self, cfg: Any, tp: int = 1, tp_rank: int = 0,
+                 sequence_parallel: bool = False):
         super().__init__()
         validate_model(cfg, tp)
         self.cfg = cfg
         self.tp = tp
+        # sequence parallelism of training windows (sleeptrain.parallel.seqpar); TP>1 only
+        self.sp = bool(sequence_parallel) and tp > 1
         self.loop_start, self.loop_end = loop_range(cfg)
         mp = megatron_config(cfg, tp)
         self.mp_config = mp
@@ -173,6 +208,10 @@ class HybridModel(nn.Module):
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=self.tp_group,
         )
+        if self.sp:  # replicated weights see only this rank's tokens: sum their gradients
+            for name, p in self.named_parameters():
+                if getattr(p, "tensor_model_parallel", False) is False and "norm" in name:
+                    p.tp_partial_grad = True
 
     @property
     def depth(self) -> int:
@@ -203,9 +242,11 @@ class HybridModel(nn.Module):
         n = self.depth
         return SleepState(fast=fast, conv=[None] * n, kv=[None] * n, position=0)
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """h [B, T, d] for token ids [B, T]."""
-        return self.embed(tokens)
+    def embed_tokens(self, tokens: torch.Tensor,
+                     sp_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """h [B, T, d] for token ids [B, T] (this rank's tokens under sequence parallelism)."""
+        h = self.embed(tokens)
+        return seqpar.split(h) if sp_shape is not None else h
 
     def run_blocks(
         self, h: torch.Tensor, lo: int, hi: int, fast: list[torch.Tensor | None],
@@ -225,16 +266,20 @@ class HybridModel(nn.Module):
             extras[i] = extra
         return h, fast, extras
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor,
+               sp_shape: tuple[int, int] | None = None) -> torch.Tensor:
         """This TP rank's vocabulary slice of the logits [B, T, V / tp]."""
         x = self.final_norm(h)
+        if sp_shape is not None:
+            x = seqpar.gather(x, sp_shape)
         weight = self.embed.weight if self.cfg.tie_embeddings else None
-        out, _ = self.head(x, weight=weight)
-        return out
+        return column(self.head, x, sp_shape is not None, weight=weight)
 
-    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def full_logits(self, h: torch.Tensor,
+                    sp_shape: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits over the whole vocabulary [B, T, V] (gathered across TP ranks)."""
-        return gather_from_tensor_model_parallel_region(self.logits(h), group=self.tp_group)
+        return gather_from_tensor_model_parallel_region(self.logits(h, sp_shape),
+                                                        group=self.tp_group)
 
     def forward_parallel(self, tokens: torch.Tensor, window_len: int,
                          eviction: str = "hard") -> torch.Tensor:

@@ -35,6 +35,30 @@ def normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
+def column(layer: nn.Module, x: torch.Tensor, sp: bool = False, **kw: Any) -> torch.Tensor:
+    """A megatron-core column-parallel linear; with ``sp`` its input was all-gathered by
+    sequence parallelism, whose backward reduce-scatters the input gradient, so the layer's
+    own all-reduce of that gradient is switched off for this call."""
+    if not sp:
+        return layer(x, **kw)[0]
+    saved = layer.allreduce_dgrad, layer.disable_grad_reduce
+    layer.allreduce_dgrad, layer.disable_grad_reduce = False, True
+    try:
+        return layer(x, **kw)[0]
+    finally:
+        layer.allreduce_dgrad, layer.disable_grad_reduce = saved
+
+
+def row(layer: nn.Module, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
+    """A megatron-core row-parallel linear: all-reduced output, or with ``sp`` this rank's
+    partial sums (sequence parallelism reduce-scatters them)."""
+    if not sp:
+        return layer(x)[0]
+    if layer.bias is not None:
+        raise ValueError("sequence parallelism: row-parallel biases are not supported")
+    return F.linear(x, layer.weight)
+
+
 def zeros_init(w: torch.Tensor) -> None:
     """An init_method that zeroes the weight (retrofits: new layers start as identity)."""
     nn.init.zeros_(w)
@@ -89,12 +113,11 @@ class SwiGLU(nn.Module):
                                      input_is_parallel=True, skip_bias_add=False,
                                      tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.fc1(x)
+    def forward(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
+        y = column(self.fc1, x, sp)
         y = y.unflatten(-1, (-1, 2))
         y = F.silu(y[..., 0]) * y[..., 1]
-        out, _ = self.fc2(y)
-        return out
+        return row(self.fc2, y, sp)
 
 
 class Attention(nn.Module):
@@ -122,9 +145,10 @@ class Attention(nn.Module):
                                      input_is_parallel=True, skip_bias_add=False,
                                      tp_group=tp_group)
 
-    def project(self, x: torch.Tensor, pos_start: int) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, pos_start: int,
+                sp: bool = False) -> tuple[torch.Tensor, ...]:
         """q [B, T, Hq, D], k, v [B, T, Hkv, D] with RoPE applied at pos_start + t."""
-        y, _ = self.qkv(x)
+        y = column(self.qkv, x, sp)
         b, t = x.shape[:2]
         hd = self.head_dim
         y = y.view(b, t, self.kv_local, (self.group + 2) * hd)
@@ -143,6 +167,7 @@ class Attention(nn.Module):
         window: int | None = None,
         segment: int | None = None,
         carry_keep: torch.Tensor | None = None,
+        sp: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns (output [B, T, d], (k, v) of this call's tokens, post-RoPE).
 
@@ -150,9 +175,9 @@ class Attention(nn.Module):
         ``carry_keep`` [B] bool: False hides the carry from that sequence (a document starts);
         ``window``: band width L (query sees L tokens including itself), None = causal;
         ``segment``: block-diagonal causal attention over segments of this length
-        (the parallel form of hard eviction).
+        (the parallel form of hard eviction); ``sp``: sequence parallelism (partial output).
         """
-        q, k, v = self.project(x, pos_start)
+        q, k, v = self.project(x, pos_start, sp)
         b, t = x.shape[:2]
         if segment is not None:
             pad = (-t) % segment
@@ -170,8 +195,7 @@ class Attention(nn.Module):
                     key_keep = torch.cat([carry_keep[:, None].expand(b, carry[0].shape[1]),
                                           carry_keep.new_ones(b, t)], dim=1)
             o = attention_op(q, kk, vv, window, None, self.backend, key_keep)
-        out, _ = self.out(o.reshape(b, t, -1))
-        return out, (k, v)
+        return row(self.out, o.reshape(b, t, -1), sp), (k, v)
 
 
 class GatedDeltaNet(nn.Module):
@@ -265,13 +289,14 @@ class GatedDeltaNet(nn.Module):
         state: torch.Tensor | None,
         conv_state: torch.Tensor | None = None,
         segment: int | None = None,
+        sp: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output [B, T, d], S out [B, HV, dk, dv] fp32, conv state [B, C, K-1]).
 
         ``state`` None means zeros. ``segment``: reset the conv every ``segment`` tokens
         (the parallel form of hard eviction); the delta rule itself always runs through.
         """
-        y, _ = self.in_proj(x)
+        y = column(self.in_proj, x, sp)
         b, t = x.shape[:2]
         y = y.view(b, t, self.h_local, self.group_width)
         dk, dv, r = self.dk, self.dv, self.r
@@ -293,5 +318,4 @@ class GatedDeltaNet(nn.Module):
         of = o.to(cdt)
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         of = of * self.out_norm_weight.to(cdt) * F.silu(z.reshape(b, t, self.hv_local, dv).to(cdt))
-        out, _ = self.out_proj(of.to(x.dtype).reshape(b, t, -1))
-        return out, s_new, new_conv
+        return row(self.out_proj, of.to(x.dtype).reshape(b, t, -1), sp), s_new, new_conv

@@ -18,9 +18,10 @@ class SleepModel(HybridModel):
     ``sleeptrain.sleep`` composes it over a batch and gives the same numbers.
     """
 
-    def __init__(self, model_cfg: Any, sleep_cfg: Any, tp: int = 1, tp_rank: int = 0):
+    def __init__(self, model_cfg: Any, sleep_cfg: Any, tp: int = 1, tp_rank: int = 0,
+                 sequence_parallel: bool = False):
         validate_sleep(sleep_cfg)
-        super().__init__(model_cfg, tp=tp, tp_rank=tp_rank)
+        super().__init__(model_cfg, tp=tp, tp_rank=tp_rank, sequence_parallel=sequence_parallel)
         self.sleep_cfg = sleep_cfg
 
     def step_window(

@@ -39,7 +39,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import (
+    gather_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
@@ -162,7 +165,7 @@ class _LoopRange:
         for i, pair in pending.items():
             kv[i] = (pair[0], pair[1])
         return PassContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv,
-                           self.ctx.kv_keep)
+                           self.ctx.kv_keep, self.ctx.sp_shape)
 
     def step(self, z: Sequence[torch.Tensor], ctx: PassContext | None = None
              ) -> list[torch.Tensor]:
@@ -294,7 +297,7 @@ def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None
           want_logits: bool, want_head: bool):
     """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs)."""
     a, b = net.loop_start, net.loop_end
-    h = net.embed_tokens(tokens)
+    h = net.embed_tokens(tokens, ctx.sp_shape)
     h, fast, ex0 = net.run_blocks(h, 0, a, fast, ctx)
     h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
     h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
@@ -302,14 +305,15 @@ def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None
               for x, y, w in zip(ex0, ex1, ex2, strict=True)]
     logits = loss_sum = n_correct = preds = None
     if want_head:
-        local = net.logits(h)
+        local = net.logits(h, ctx.sp_shape)
         if targets is not None:
             ce = token_cross_entropy(local, targets)
             loss_sum = (ce * mask).sum()
             preds = vocab_parallel_argmax(local.detach())
             n_correct = ((preds == targets) & (mask > 0)).sum()
         if want_logits:
-            logits = net.full_logits(h) if net.tp > 1 else local
+            logits = (gather_from_tensor_model_parallel_region(local, group=net.tp_group)
+                      if net.tp > 1 else local)
     return h_loop, fast, extras, (logits, loss_sum, n_correct, preds)
 
 
@@ -391,12 +395,14 @@ def run_window(
         kv=list(state.kv) if sliding else [],
         conv=list(state.conv) if sliding else [],
         kv_keep=kv_keep if sliding else None,
+        sp_shape=(tokens.shape[0], length) if net.sp else None,
     )
     ldt = torch.float64 if net.dtype == torch.float64 else torch.float32
     mask = None if loss_mask is None else loss_mask.to(ldt)
 
     def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk):
-        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep)
+        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep,
+                        ctx.sp_shape)
         return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head)
 
     h_loop, fast, extras, outs = _maybe_checkpoint(

@@ -1,0 +1,110 @@
+"""Sequence parallelism: the residual stream split over the TP group between mixers and MLPs.
+
+With ``parallel.sequence_parallel`` each TP rank keeps 1/tp of a window's tokens of the
+residual stream (norms, residual adds), flattened over (batch, time) and padded to a multiple
+of tp: ``[ceil(B*T / tp), d]``. Before a column-parallel linear the tokens are all-gathered
+(its input gradient is then reduce-scattered instead of all-reduced); a row-parallel linear's
+partial sums are reduce-scattered back to the local tokens instead of all-reduced. This is
+megatron-core's sequence parallelism, with the same communication volume as plain TP, written
+with ``torch.distributed`` collectives so that it runs with gloo on CPUs too (megatron-core's
+own sequence-parallel mappings allocate on the current CUDA device). Mixers always see whole
+windows: the recurrence, the conv and attention are per head, split by TP as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_AG = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_RS = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _group() -> tuple[Any, int, int]:
+    from sleeptrain.parallel.tensors import tp_group_and_size
+
+    return tp_group_and_size()
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    group, tp, _ = _group()
+    out = x.new_empty((x.shape[0] * tp, *x.shape[1:]))
+    _AG(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    group, tp, _ = _group()
+    out = x.new_empty((x.shape[0] // tp, *x.shape[1:]))
+    _RS(out, x.contiguous(), group=group)
+    return out
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    _, tp, rank = _group()
+    n = x.shape[0] // tp
+    return x[rank * n : (rank + 1) * n].contiguous()
+
+
+class _Split(torch.autograd.Function):
+    """Full (replicated) -> local chunk; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ARG004
+        return _local(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ARG004
+        return _all_gather(g)
+
+
+class _Gather(torch.autograd.Function):
+    """Local chunks -> full; backward reduce-scatters (the consumers' partial gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ARG004
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ARG004
+        return _reduce_scatter(g)
+
+
+class _Scatter(torch.autograd.Function):
+    """Partial sums (full) -> reduced local chunk; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ARG004
+        return _reduce_scatter(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ARG004
+        return _all_gather(g)
+
+
+def _flat_padded(x: torch.Tensor) -> torch.Tensor:
+    _, tp, _ = _group()
+    flat = x.reshape(-1, x.shape[-1])
+    pad = (-flat.shape[0]) % tp
+    return torch.nn.functional.pad(flat, (0, 0, 0, pad)) if pad else flat
+
+
+def split(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] replicated on every TP rank -> this rank's [ceil(B*T/tp), d] tokens."""
+    return _Split.apply(_flat_padded(x))
+
+
+def gather(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Local tokens -> the window's [B, T, d] (the inverse of :func:`split`)."""
+    b, t = shape
+    return _Gather.apply(x)[: b * t].reshape(b, t, x.shape[-1])
+
+
+def scatter(y: torch.Tensor) -> torch.Tensor:
+    """Row-parallel partial sums [B, T, d] -> this rank's reduced local tokens."""
+    return _Scatter.apply(_flat_padded(y))
+
+
+__all__ = ["gather", "scatter", "split"]

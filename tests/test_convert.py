@@ -28,7 +28,15 @@ def _hf_model(kind: str, tmp: Path, **kw) -> Path:
     (biases and norm gains too) is redrawn so that no mapping hides behind zeros or ones."""
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rope_theta=10000.0, rms_norm_eps=1e-6)
+                  rms_norm_eps=1e-6)
+    # a RoPE base other than the 10000 default, so that a lost theta shows in the logits
+    theta = 1e6 if kind == "qwen2" else 5e5
+    try:  # transformers >= 5 keeps it in rope_parameters
+        common["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        transformers.LlamaConfig(**common)
+    except TypeError:
+        common.pop("rope_parameters")
+        common["rope_theta"] = theta
     common.update(kw)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
@@ -54,6 +62,7 @@ def test_imported_model_gives_transformers_logits(tmp_path, kind, kw):
     hf = _hf_model(kind, tmp_path, **kw)
     cfg, _ = import_hf(hf, tmp_path / "run", overrides=["sleep.window_len=64"])
     assert cfg.model.pattern == "AAA" and cfg.model.qkv_bias == (kind == "qwen2")
+    assert cfg.model.rope_theta == (1e6 if kind == "qwen2" else 5e5)
     res = verify(hf, tmp_path / "run", length=40)
     assert res["max_abs_diff"] <= 1e-5 and res["top1_agreement"] == 1.0
 
@@ -140,9 +149,13 @@ def test_unmapped_and_unsupported_inputs_are_named(tmp_path):
                                               r".*unmapped: \['model.layers.0.self_attn.extra"):
         import_hf(hf, tmp_path / "run")
     cfg = json.loads((hf / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
-    (hf / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="rope_scaling"):
-        import_hf(hf, tmp_path / "run2")
+    for key, val in (("rope_parameters", {"rope_type": "llama3", "factor": 8.0,
+                                          "rope_theta": 5e5}),
+                     ("rope_scaling", {"type": "linear", "factor": 2.0})):
+        bad = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling")}
+        bad[key] = val
+        (hf / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConversionError, match="RoPE type"):
+            import_hf(hf, tmp_path / "run2")
     assert _tool("import-hf", str(tmp_path / "nothing"), str(tmp_path / "r3")).returncode == 2
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.distcp"))

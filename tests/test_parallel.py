@@ -128,15 +128,20 @@ def test_two_process_training_follows_the_one_process_run(tmp_path, tmp_path_fac
     assert got[0][0] == pytest.approx(ref[0][0], rel=1e-6)
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["tp2-then-tp1", "tp1-then-tp2"])
-def test_checkpoint_reshards_between_tp_sizes(tmp_path, tmp_path_factory, first, then):
+@pytest.mark.parametrize(("first", "then", "muon", "rtol"), [
+    (2, 1, True, 1e-3), (1, 2, True, 1e-3), (2, 1, False, 1e-6)],
+    ids=["tp2-then-tp1", "tp1-then-tp2", "tp2-then-tp1-adamw-only"])
+def test_checkpoint_reshards_between_tp_sizes(tmp_path, tmp_path_factory, first, then, muon,
+                                              rtol):
     """Two steps at one TP size, resume at the other: steps 3-4 follow the uninterrupted
-    one-process run (model and Muon/AdamW state resharded; rtol as for TP=2 training)."""
-    ref = _one_process(tmp_path_factory, True)
+    one-process run (model and optimizer state resharded). With Muon the tolerance is that of
+    TP=2 training (bf16 orthogonalization); AdamW alone pins the resharded moments to 1e-6
+    (restoring no optimizer state moves the step-3 loss by 1.5e-3)."""
+    ref = _one_process(tmp_path_factory, muon)
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     run = tmp_path / "run"
-    common = [*RUN, "data.batch_size=4", f"train.run_dir={run}"]
+    common = [*RUN, "data.batch_size=4", f"optim.use_muon={muon}", f"train.run_dir={run}"]
     for tp, extra in ((first, ["--max-steps", "2"]), (then, [])):
         if tp == 2:
             _torchrun("-m", "sleeptrain.cli", "train", str(empty), *common, "parallel.tp=2",
@@ -149,5 +154,5 @@ def test_checkpoint_reshards_between_tp_sizes(tmp_path, tmp_path_factory, first,
     got = _losses(run)
     assert len(got) == 4
     for (l2, g2), (l1, g1) in zip(got, ref, strict=True):
-        assert l2 == pytest.approx(l1, rel=1e-3)
-        assert g2 == pytest.approx(g1, rel=1e-3)
+        assert l2 == pytest.approx(l1, rel=rtol)
+        assert g2 == pytest.approx(g1, rel=rtol)

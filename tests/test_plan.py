@@ -57,6 +57,11 @@ def test_sleep_flops_add_loop_range_passes_for_sleeping_windows():
     for n in (2, 4):  # 4 windows, 3 sleep: 3 (N-1) F_loop * 3/4 more
         assert train_flops_per_token(cfg, passes=n) - f1 == pytest.approx(
             3 * (n - 1) * loop * 3 / 4)
+    # truncated to the last pass: N-1 forwards but one backward
+    trunc = load_config(None, [*TINY, "model.pattern=GAGAGA", "model.loop_start=2",
+                               "model.loop_end=4", "sleep.window_len=16", "data.seq_len=64",
+                               "sleep.grad_mode=truncated", "sleep.grad_passes=1"])
+    assert train_flops_per_token(trunc, passes=4) - f1 == pytest.approx((3 + 2) * loop * 3 / 4)
     assert train_flops_per_token(cfg, seq_len=16, passes=4) == pytest.approx(
         train_flops_per_token(cfg, seq_len=16, passes=1))  # one window never sleeps
 
@@ -86,5 +91,20 @@ def test_memory_estimate_state_bytes_are_exact_for_this_trainer():
     n = sum(p.numel() for p in model.parameters())
     muon = sum(p.numel() for name, p in model.named_parameters()
                if p.ndim == 2 and "embed" not in name and "head" not in name)
-    assert mem["weights"] == mem["grads"] == 4 * n
-    assert mem["optimizer"] == 4 * muon + 8 * (n - muon)
+    assert mem["weights"] == mem["grads"] == 8 * n  # the tiny test models are fp64
+    assert mem["optimizer"] == 8 * muon + 16 * (n - muon)
+    cfg2, model2 = tiny_model("model.params_dtype=float32", "optim.use_muon=false")
+    assert memory_estimate(cfg2, tp=2, seq_len=64)["optimizer"] == 8 * n / 2
+    # and the byte counts are the optimizer's real state after one step
+    from sleeptrain.train.optim import build_optimizer
+
+    opt = build_optimizer(model.named_parameters(), muon_lr=0.01, adamw_lr=0.01,
+                          weight_decay=0.0, adamw_betas=(0.9, 0.95), adamw_eps=1e-8,
+                          muon_momentum=0.95)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state_bytes = sum(v.numel() * v.element_size() for o in opt.optimizers
+                      for st in o.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+    assert state_bytes == mem["optimizer"]

@@ -10,6 +10,7 @@ and the top-k agreement. ``tools/convert.py`` is the command line.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def hf_config_for(cfg: Any) -> dict[str, Any]:
            "num_key_value_heads": m.n_kv_heads or m.n_heads,
            "head_dim": m.head_dim or m.d_model // m.n_heads,
            "intermediate_size": ffn_hidden(m), "rms_norm_eps": m.norm_eps,
-           "rope_theta": m.rope_theta, "tie_word_embeddings": bool(m.tie_embeddings),
+           "rope_theta": m.rope_theta,
+           "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+           "tie_word_embeddings": bool(m.tie_embeddings),
            "hidden_act": "silu", "max_position_embeddings": 1 << 20,
            "torch_dtype": "float32"}
     if not m.qkv_bias:
@@ -97,8 +100,12 @@ def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path) -> Path:
     """Writes an attention-only sleeptrain model as a Hugging Face directory (config.json,
     model.safetensors) that ``transformers`` loads without remote code."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf = hf_config_for(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    warnings.warn(
+        f"the exported model attends over its whole context; the sleeptrain model evicts "
+        f"every {cfg.sleep.window_len} tokens ({cfg.sleep.eviction} eviction), so the two "
+        f"agree on prompts of at most {cfg.sleep.window_len} tokens", stacklevel=2)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     write_safetensors(out / "model.safetensors", export_state(state, hf, cfg.model.pattern))
     (out / "config.json").write_text(json.dumps(hf, indent=1))

@@ -41,9 +41,12 @@ def model_overrides(hf: dict[str, Any], insert_gdn: list[int] | None = None,
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED:
         raise ConversionError(f"architecture {arch!r} is not one of {SUPPORTED}")
-    if hf.get("rope_scaling"):
-        raise ConversionError(f"rope_scaling {hf['rope_scaling']!r} is not supported (sleeptrain "
-                              "applies plain RoPE with rope_theta)")
+    theta = rope_theta(hf)
+    if hf.get("mlp_bias"):
+        raise ConversionError("mlp_bias=true is not supported (the SwiGLU has no biases)")
+    if hf.get("use_sliding_window"):
+        raise ConversionError("use_sliding_window=true is not supported (Qwen2's sliding-window "
+                              "layers have no sleeptrain equivalent)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"hidden_act {act!r} is not supported (SwiGLU uses silu)")
@@ -66,7 +69,7 @@ def model_overrides(hf: dict[str, Any], insert_gdn: list[int] | None = None,
             source.append(layer)
     ov = [f"model.vocab_size={hf['vocab_size']}", f"model.d_model={d}",
           f"model.pattern={''.join(pattern)}", f"model.n_heads={hq}", f"model.n_kv_heads={hkv}",
-          f"model.head_dim={hd}", f"model.rope_theta={float(hf.get('rope_theta', 10000.0))}",
+          f"model.head_dim={hd}", f"model.rope_theta={theta}",
           f"model.qkv_bias={str(bias).lower()}", f"model.ffn_hidden={hf['intermediate_size']}",
           f"model.norm_eps={float(hf.get('rms_norm_eps', 1e-6))}",
           f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', False))).lower()}"]
@@ -74,6 +77,23 @@ def model_overrides(hf: dict[str, Any], insert_gdn: list[int] | None = None,
         gh = gdn_heads or max(1, hkv)
         ov += [f"model.gdn_heads={gh}", f"model.gdn_head_dim={gdn_head_dim or hd}"]
     return ov, source
+
+
+def rope_theta(hf: dict[str, Any]) -> float:
+    """RoPE base of a Hugging Face config: ``rope_parameters`` (transformers >= 5), else the
+    top-level ``rope_theta`` (earlier versions), else 10000 (both classes' default). Scaled or
+    partial RoPE (``rope_type`` other than default, ``rope_scaling``, partial rotary) is refused:
+    sleeptrain applies plain rotate-half RoPE over the whole head."""
+    params = hf.get("rope_parameters") or {}
+    legacy = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    if kind != "default" or (legacy and kind == "default" and legacy.get("factor")):
+        raise ConversionError(f"RoPE type {kind!r} ({params or legacy}) is not supported: "
+                              "sleeptrain applies plain RoPE with rope_theta")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"partial_rotary_factor {partial} is not supported")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -95,53 +115,61 @@ def _split_qkv(w: torch.Tensor, hq: int, hkv: int, hd: int) -> tuple[torch.Tenso
     return q, k, v
 
 
-def import_state(read: Any, names: set[str], hf: dict[str, Any],
-                 source: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(sleeptrain name, tensor) pairs from Hugging Face tensors ``read(name)``; every name in
-    ``names`` must be used once (ConversionError lists the unmapped and the missing)."""
+def import_plan(names: set[str], hf: dict[str, Any],
+                source: list[int]) -> list[tuple[str, list[str], Any]]:
+    """(sleeptrain name, Hugging Face names, fuse function) for every converted tensor,
+    checked against ``names`` before anything is read: ConversionError lists the Hugging Face
+    tensors the mapping needs and does not find, and those it does not use."""
     hq = int(hf["num_attention_heads"])
     hkv = int(hf.get("num_key_value_heads") or hq)
-    used: set[str] = set()
-    missing: list[str] = []
 
-    def take(name: str) -> torch.Tensor | None:
-        if name not in names:
-            missing.append(name)
-            return None
-        used.add(name)
-        return read(name)
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t
 
-    out: list[tuple[str, torch.Tensor]] = []
-    emb = take("model.embed_tokens.weight")
-    out.append(("embed.weight", emb))
-    out.append(("final_norm.weight", take("model.norm.weight")))
+    def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _qkv(q, k, v, hkv)
+
+    plan: list[tuple[str, list[str], Any]] = [
+        ("embed.weight", ["model.embed_tokens.weight"], one),
+        ("final_norm.weight", ["model.norm.weight"], one),
+    ]
+    ignored = {n for n in names if n.endswith("rotary_emb.inv_freq")}
     if not hf.get("tie_word_embeddings", False):
-        out.append(("head.weight", take("lm_head.weight")))
+        plan.append(("head.weight", ["lm_head.weight"], one))
     elif "lm_head.weight" in names:
-        used.add("lm_head.weight")  # saved tied copy: the embedding is used
+        ignored.add("lm_head.weight")  # a saved tied copy: the embedding is used
     for i, layer in enumerate(source):
         if layer < 0:
             continue
         p, b = f"model.layers.{layer}.", f"blocks.{i}."
-        ws = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
-        if all(w is not None for w in ws):
-            out.append((b + "mixer.qkv.weight", _qkv(*ws, hkv)))
+        plan.append((b + "mixer.qkv.weight", [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+                     qkv))
         if any(p + f"self_attn.{x}_proj.bias" in names for x in "qkv"):
-            bs = [take(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
-            if all(t is not None for t in bs):
-                out.append((b + "mixer.qkv.bias", _qkv(*bs, hkv)))
-        out.append((b + "mixer.out.weight", take(p + "self_attn.o_proj.weight")))
-        out.append((b + "norm1.weight", take(p + "input_layernorm.weight")))
-        out.append((b + "norm2.weight", take(p + "post_attention_layernorm.weight")))
-        gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
-        if gate is not None and up is not None:
-            out.append((b + "mlp.fc1.weight", _interleave(gate, up)))
-        out.append((b + "mlp.fc2.weight", take(p + "mlp.down_proj.weight")))
-    unmapped = sorted(n for n in names - used if not n.endswith("rotary_emb.inv_freq"))
+            plan.append((b + "mixer.qkv.bias", [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
+                         qkv))
+        plan += [
+            (b + "mixer.out.weight", [p + "self_attn.o_proj.weight"], one),
+            (b + "norm1.weight", [p + "input_layernorm.weight"], one),
+            (b + "norm2.weight", [p + "post_attention_layernorm.weight"], one),
+            (b + "mlp.fc1.weight", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+             _interleave),
+            (b + "mlp.fc2.weight", [p + "mlp.down_proj.weight"], one),
+        ]
+    needed = [n for _, srcs, _ in plan for n in srcs]
+    missing = [n for n in needed if n not in names]
+    unmapped = sorted(names - set(needed) - ignored)
     if missing or unmapped:
         raise ConversionError(f"Hugging Face tensors missing: {missing[:10]}; unmapped: "
                               f"{unmapped[:10]}")
-    yield from out
+    return plan
+
+
+def import_state(read: Any, names: set[str], hf: dict[str, Any],
+                 source: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(sleeptrain name, tensor) pairs, reading the Hugging Face tensors ``read(name)`` one
+    converted tensor at a time (the plan is checked first, see :func:`import_plan`)."""
+    for name, srcs, fuse in import_plan(names, hf, source):
+        yield name, fuse(*(read(n) for n in srcs))
 
 
 def export_state(state: dict[str, torch.Tensor], hf: dict[str, Any],
@@ -175,4 +203,5 @@ def export_state(state: dict[str, torch.Tensor], hf: dict[str, Any],
         yield p + "mlp.down_proj.weight", state[b + "mlp.fc2.weight"]
 
 
-__all__ = ["SUPPORTED", "export_state", "import_state", "model_overrides"]
+__all__ = ["SUPPORTED", "export_state", "import_plan", "import_state", "model_overrides",
+           "rope_theta"]

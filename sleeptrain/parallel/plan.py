@@ -16,9 +16,12 @@ Forward FLOPs per token of a block (multiply-add = 2 FLOPs, d = d_model):
 * SwiGLU: ``6 d f``; the output head ``2 d V`` (wake pass only); norms and elementwise ops
   are not counted.
 
-A training token costs ``3 (F_all + (N - 1) F_loop s)``: the wake pass over all blocks plus
-N - 1 sleep passes over the loop range, forward and backward (backward = 2 x forward), where
-``s`` is the share of windows that sleep (the last window of a row never does). Activation
+A training token costs ``3 F_all + (N - 1 + 2 g) F_loop s``: the wake pass over all blocks
+forward and backward (backward = 2 x forward), N - 1 sleep passes over the loop range
+forward, and the backward of the g of them that are differentiated (all N - 1 for full BPTT,
+the last k for truncated and implicit/phantom, the m Neumann vector-Jacobian products for
+implicit/neumann), where ``s`` is the share of windows that sleep (the last window of a row
+never does). Activation
 checkpointing recomputes a forward pass; that is hardware work, not model FLOPs, and MFU
 does not count it (as in Megatron-LM and PaLM).
 """
@@ -33,7 +36,8 @@ from sleeptrain.config.validate import PATTERN_SYMBOLS, ConfigError, validate_mo
 
 #: Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, first match wins.
 PEAK_BF16 = (
-    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
 )
 
@@ -111,7 +115,19 @@ def train_flops_per_token(cfg: Any, seq_len: int | None = None, passes: int | No
     a, b = loop_range(m)
     f_all = sum(costs) + 2 * m.d_model * m.vocab_size
     w = _windows(int(seq_len or cfg.data.seq_len), L)
-    return 3 * (f_all + (n - 1) * sum(costs[a:b]) * (w - 1) / w)
+    sleep_units = (n - 1) + 2 * backward_passes(s, n)  # forwards + 2 x passes with backward
+    return 3 * f_all + sleep_units * sum(costs[a:b]) * (w - 1) / w
+
+
+def backward_passes(sleep: Any, passes: int) -> int:
+    """Sleep passes of a window that are differentiated: all N-1 (full), the last k
+    (truncated, implicit/phantom), or the m vector-Jacobian products of implicit/neumann."""
+    n_sleep = max(0, passes - 1)
+    if sleep.grad_mode == "full":
+        return n_sleep
+    if sleep.grad_mode == "implicit" and sleep.implicit_method == "neumann":
+        return min(int(sleep.neumann_terms), n_sleep)
+    return min(int(sleep.grad_passes), n_sleep)
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -137,18 +153,23 @@ def check_layout(cfg: Any, gpus: int) -> tuple[int, int]:
 
 
 def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None) -> dict[str, float]:
-    """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer (fp32
-    master weights and gradients, AdamW two fp32 moments, Muon one momentum; split by TP,
-    replicated over DP). Activations are a rough estimate for one micro-batch: the window in
-    backward holds ~(8 + 16 / tp) d values per token per block in the compute dtype, and with
-    ``sleep.checkpoint`` the row keeps one fp32 hidden state per token per pass boundary."""
+    """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
+    (weights and gradients in ``model.params_dtype``, AdamW two moments, Muon one momentum, in
+    the same dtype; split by TP, replicated over DP). Activations are a rough estimate for one
+    micro-batch: the window in backward holds ~(8 + 16 / tp) d values per token per block in
+    the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
+    token per pass boundary. Not counted: the fp32 logits of a window's head (B L V / tp x
+    4 bytes, and their gradient), framework buffers and fragmentation."""
     from sleeptrain.model.hybrid import loop_range
 
     m, s = cfg.model, cfg.sleep
     p = param_count(m)
     mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
-    weights = grads = 4 * p / tp
-    optimizer = (4 * mats + 8 * (p - mats)) / tp
+    if not cfg.optim.use_muon:
+        mats = 0
+    size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    weights = grads = size * p / tp
+    optimizer = size * (mats + 2 * (p - mats)) / tp  # state in the parameters' dtype
     B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
     T = int(seq_len or cfg.data.seq_len)
     a, b = loop_range(m)

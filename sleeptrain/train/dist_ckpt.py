@@ -30,12 +30,15 @@ from sleeptrain.train.checkpoint import CheckpointError
 
 SHARDS_DIR = "shards"
 _MESH: dict[Any, Any] = {}
+# implementation choices of this process, not training state: never restored from a save
+_IMPL_FLAGS = frozenset({"fused", "foreach", "capturable", "differentiable"})
 
 
 def _mesh(group: Any, device: torch.device) -> Any:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    key = (id(group), device.type)
+    key = (tuple(dist.get_process_group_ranks(group)), device.type)
     if key not in _MESH:
         _MESH[key] = DeviceMesh.from_group(group, device.type)
     return _MESH[key]
@@ -181,7 +184,7 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
             if list(g["param_names"]) != list(sg["param_names"]):
                 raise CheckpointError(f"{path}: {part} param group parameters differ from the "
                                       "saved ones")
-            g.update({k: v for k, v in sg.items()})
+            g.update({k: v for k, v in sg.items() if k not in _IMPL_FLAGS})
             index.update(zip(g["param_names"], g["params"], strict=True))
         sd["state"] = {index[name]: {key: locals_[f"optim.{part}.{name}.{key}"]
                                      for key in keys}

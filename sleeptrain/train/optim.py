@@ -69,7 +69,7 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     """Muon's quintic Newton-Schulz orthogonalization of a matrix, in bf16 (the same operations,
     in the same order, as ``torch.optim.Muon``)."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(torch.bfloat16, copy=True)  # never an alias of a bf16 momentum buffer
     tall = g.size(0) > g.size(1)
     if tall:
         x = x.T

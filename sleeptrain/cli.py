@@ -173,10 +173,15 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sleeptrain.config import load_config
-    from sleeptrain.parallel.plan import plan_report
+    from sleeptrain.parallel.plan import plan_report, preflight
 
     cfg = load_config(args.config, args.overrides)
     print(plan_report(cfg, args.gpus, args.seq_len or None, args.gpu_name))
+    if args.preflight:
+        for line in preflight(cfg, args.gpus):
+            print(f"preflight ok: {line}")
+    if args.run_dir_file:
+        Path(args.run_dir_file).write_text(str(cfg.train.run_dir) + "\n")
     return 0
 
 
@@ -197,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", type=int, required=True, help="world size (GPUs in the job)")
     pl.add_argument("--seq-len", type=int, default=0, help="tokens per row (default data.seq_len)")
     pl.add_argument("--gpu-name", default="H100", help="for the throughput line (H100, A100..)")
+    pl.add_argument("--preflight", action="store_true",
+                    help="also check shards vs readers and a writable run directory")
+    pl.add_argument("--run-dir-file", default="",
+                    help="write train.run_dir, as the config and overrides resolve it, here")
     pl.set_defaults(fn=cmd_plan)
     ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint: its task's accuracy "
                         "by depth, or a long-context suite (RULER, BABILong, GSM)")

@@ -71,7 +71,7 @@ def bench_train(shards: Path, args, overrides: list[str]) -> dict:
                                    f"train.eval_every={args.steps}", *overrides])
     train(cfg)
     rows = [json.loads(x) for x in (run / "perf.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["step"] > args.skip]
+    rows = [r for r in rows if r["step"] > args.skip and "step_s" in r]  # not checkpoint lines
     step_s = sum(r["step_s"] for r in rows)
     data_s = sum(r["data_s"] for r in rows)
     return {"mode": "train", "config": args.train, "overrides": overrides,

@@ -105,6 +105,7 @@ def main() -> None:
             results.append({"layout": layout, "error": proc.returncode})
             continue
         perf = [json.loads(x) for x in (run / "perf.jsonl").read_text().splitlines()]
+        perf = [r for r in perf if "step_s" in r]  # leave out checkpoint lines
         mets = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in mets if "loss" in m]
         steady = perf[args.skip:]

@@ -216,6 +216,42 @@ def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
     return "\n".join(lines)
 
 
+def preflight(cfg: Any, gpus: int) -> list[str]:
+    """Checks to run before a job starts its GPUs; ConfigError naming the problem. Returns
+    what was checked. Layout and divisibility (check_layout), shards vs readers (every
+    data-parallel rank x loader worker needs a shard), a writable run directory."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    tp, dp = check_layout(cfg, gpus)
+    done = [f"layout TP {tp} x DP {dp} = {gpus}"]
+    if cfg.data.source == "shards":
+        from sleeptrain.data.format import ShardError
+        from sleeptrain.data.shards import resolve_shards
+
+        try:
+            n = len(resolve_shards(list(cfg.data.shards)).urls)
+        except (ShardError, OSError, ValueError) as e:
+            raise ConfigError(f"data.shards: {e}") from e
+        readers = dp * max(1, int(cfg.data.workers))
+        if n < readers:
+            raise ConfigError(f"data.shards: {n} shards for {dp} data-parallel ranks x "
+                              f"{max(1, int(cfg.data.workers))} workers = {readers} readers; "
+                              "every reader needs a shard")
+        done.append(f"{n} shards for {readers} readers")
+    run = Path(cfg.train.run_dir)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run, prefix=".preflight-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir: {run} is not writable: {e}") from e
+    done.append(f"run directory {run} writable")
+    return done
+
+
 def _loop_text(cfg: Any) -> str:
     from sleeptrain.model.hybrid import loop_range
 
@@ -223,5 +259,5 @@ def _loop_text(cfg: Any) -> str:
     return f"[{a}, {b}) of {len(cfg.model.pattern)}"
 
 
-__all__ = ["block_cost", "check_layout", "memory_estimate", "param_count", "peak_flops",
-           "plan_report", "train_flops_per_token"]
+__all__ = ["backward_passes", "block_cost", "check_layout", "memory_estimate", "param_count",
+           "peak_flops", "plan_report", "preflight", "train_flops_per_token"]

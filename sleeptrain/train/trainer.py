@@ -14,6 +14,7 @@ data-parallel rank, divided by the number of loss tokens of the whole global bat
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import signal
@@ -412,11 +413,30 @@ def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_to
         tmp.mkdir(parents=True)
     if multi:
         dist.barrier()
+    t0 = time.perf_counter()
     save_shards(tmp / SHARDS_DIR, tensors)
+    _fault_point("after_shards", step)
     if rank0:
         state = {"step": step, "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
                  "config": to_yaml(cfg), "data": data_state, "optim_layout": layout}
-        save_checkpoint(run_dir, step, state, cfg.train.keep_last,
-                        extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
+        info = save_checkpoint(run_dir, step, state, cfg.train.keep_last,
+                               extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
+        secs = time.perf_counter() - t0
+        print(f"checkpoint step {step}: {info.bytes / 2**30:.3f} GiB in {secs:.1f} s "
+              f"({info.path})", flush=True)
+        with open(run_dir / "perf.jsonl", "a") as f:
+            f.write(f'{{"step": {step}, "ckpt_s": {secs:.3f}, "ckpt_bytes": {info.bytes}}}\n')
     if multi:
         dist.barrier()
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for the crash-safety tests: SLEEPTRAIN_FAULT=where:step:rank kills
+    that rank (SIGKILL) at that point of that step's checkpoint write."""
+    spec = os.environ.get("SLEEPTRAIN_FAULT", "")
+    if not spec:
+        return
+    at, s, r = spec.split(":")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if at == where and int(s) == step and int(r) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)

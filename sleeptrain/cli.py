@@ -34,8 +34,8 @@ def _load_run(run_dir: str, overrides: list[str]):
     """(config, model with the latest checkpoint's weights, checkpoint path) of a run."""
     import sleeptrain
     from sleeptrain.config import load_config
-    from sleeptrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
-    from sleeptrain.train.dist_ckpt import is_sharded, load_model
+    from sleeptrain.train.checkpoint import find_latest_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model_weights
 
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
@@ -46,10 +46,7 @@ def _load_run(run_dir: str, overrides: list[str]):
     if ckpt is None:
         raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
     model = sleeptrain.build_model(cfg)
-    if is_sharded(ckpt):
-        load_model(ckpt, model)
-    else:
-        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    load_model_weights(ckpt, model)
     model.eval()
     return cfg, model, ckpt
 

@@ -116,7 +116,7 @@ def load_run_model(run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
     """(config, model) of a sleeptrain run directory's latest checkpoint, on the CPU."""
     import sleeptrain
     from sleeptrain.train.checkpoint import find_latest_checkpoint
-    from sleeptrain.train.dist_ckpt import load_model
+    from sleeptrain.train.dist_ckpt import load_model_weights
 
     run = Path(run_dir)
     cfg = sleeptrain.load_config(run / "config.yaml", ["train.device=cpu"])
@@ -124,7 +124,7 @@ def load_run_model(run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
     if ckpt is None:
         raise ConversionError(f"{run}: no complete checkpoint")
     model = sleeptrain.build_model(cfg, device="cpu")
-    load_model(ckpt, model)
+    load_model_weights(ckpt, model)
     return cfg, model.eval()
 
 

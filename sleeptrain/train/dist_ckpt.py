@@ -144,6 +144,20 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     _load(shards, tensors)  # in place: DTensors wrap the local parameters
 
 
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Model weights of checkpoint directory ``path``: sharded (:func:`load_model`,
+    collective) or a single-file checkpoint of earlier versions (its ``model`` entry)."""
+    if is_sharded(path):
+        load_model(path, model)
+        return
+    from sleeptrain.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    if "model" not in state:
+        raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")
+    model.load_state_dict(state["model"])
+
+
 def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
     """Collective: restores the optimizer state and hyper-parameters saved with
     :func:`sharded_state` into ``opt`` (built for this model at this TP size)."""
@@ -197,5 +211,6 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / SHARDS_DIR).is_dir()
 
 
-__all__ = ["SHARDS_DIR", "is_sharded", "load_model", "load_optimizer", "save_shards",
+__all__ = ["SHARDS_DIR", "is_sharded", "load_model", "load_model_weights", "load_optimizer",
+           "save_shards",
            "sharded_state"]

@@ -49,6 +49,7 @@ from sleeptrain.train.dist_ckpt import (
     SHARDS_DIR,
     is_sharded,
     load_model,
+    load_model_weights,
     load_optimizer,
     save_shards,
     sharded_state,
@@ -374,10 +375,7 @@ def _init_from(source: str, model: Any, rank0: bool) -> None:
     ckpt = path if (path / "meta.json").is_file() else find_latest_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f"train.init_from: no complete checkpoint under {path}")
-    if is_sharded(ckpt):
-        load_model(ckpt, model)
-    else:
-        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    load_model_weights(ckpt, model)
     if rank0:
         print(f"initialized the model from {ckpt}", flush=True)
 
@@ -392,7 +390,7 @@ def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) ->
         return
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"])  # already loaded: not load_model_weights
     opt.load_state_dict(state["optimizer"])
 
 

@@ -94,20 +94,12 @@ def _child(args) -> None:
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["gpu"] = torch.cuda.get_device_name()
     else:
-        from torch.profiler import ProfilerActivity, profile
+        from bench_memory_cpu import alloc_peak_bytes
 
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         row.update(run())  # timed and RSS-measured without the profiler, which costs memory
         row["rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = peak = 0
-        for _, nb in deltas:
-            live += nb
-            peak = max(peak, live)
-        row["peak_mib"] = peak / 2**20
+        row["peak_mib"] = alloc_peak_bytes(run) / 2**20
     row["torch"] = torch.__version__
     print(json.dumps(row), flush=True)
 

@@ -27,7 +27,7 @@ CFG = ["model.d_model=256", "model.pattern=AGAG", "model.n_heads=4", "model.gdn_
        "sleep.window_len=256", "train.device=cpu"]
 
 
-def _alloc_peak_bytes(fn) -> int:
+def alloc_peak_bytes(fn) -> int:
     """Runs fn under the profiler and returns the peak of live CPU-allocator bytes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -70,7 +70,7 @@ def _child(passes: int, ckpt: bool, seq: int, batch: int, exact: bool) -> None:
     row = {"passes": passes, "checkpoint": ckpt,
            "boundary_mib": _boundary_bytes(model, cfg, batch, seq) / 2**20}
     if exact:
-        row["alloc_peak_mib"] = _alloc_peak_bytes(step) / 2**20
+        row["alloc_peak_mib"] = alloc_peak_bytes(step) / 2**20
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step()

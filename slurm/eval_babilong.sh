@@ -28,8 +28,11 @@ PORT="${MASTER_PORT:-29501}"
 LENGTHS="${LENGTHS:-4k,8k,16k,32k,64k,128k}"
 TASKS="${TASKS:-qa1,qa2,qa3,qa4,qa5}"
 N="${N:-20}"
+SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# sbatch runs a copy of this script from its spool directory: then take the submit directory's
+[[ -f "$SLURM_DIR/env.sh" ]] || SLURM_DIR="${SLURM_SUBMIT_DIR:-$(pwd)}/slurm"
 # shellcheck source=slurm/env.sh
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$SLURM_DIR/env.sh"
 mkdir -p logs
 HEAD_NODE="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail
 

@@ -34,8 +34,11 @@ NODES="${NODES:-${SLURM_JOB_NUM_NODES:-1}}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 PORT="${MASTER_PORT:-29500}"
 REQUEUE="${REQUEUE:-1}"
+SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# sbatch runs a copy of this script from its spool directory: then take the submit directory's
+[[ -f "$SLURM_DIR/env.sh" ]] || SLURM_DIR="${SLURM_SUBMIT_DIR:-$(pwd)}/slurm"
 # shellcheck source=slurm/env.sh
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$SLURM_DIR/env.sh"
 mkdir -p logs
 
 HEAD_NODE="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail

@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--suite", default="tasks", help="tasks | ruler | babilong | gsm")
     ev.add_argument("--tasks", default="", help="comma list (default: the suite's all)")
     ev.add_argument("--lengths", default="4k,8k,16k,32k", help="context lengths, e.g. 4k,1M")
-    ev.add_argument("--n", type=int, default=0,
+    # --examples: the same under torchrun, whose argument parser takes "--n" for an
+    # ambiguous abbreviation of its own options (--nnodes, --nproc-per-node, ...)
+    ev.add_argument("--n", "--examples", dest="n", type=int, default=0,
                     help="examples (tasks: default train.eval_examples; suites: per cell, 20)")
     ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE)")
     ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")

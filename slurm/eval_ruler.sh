@@ -20,27 +20,12 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-: "${RUN_DIR:?set RUN_DIR to the run directory to evaluate}"
-PYTHON="${PYTHON:-python3}"
-NODES="${NODES:-${SLURM_JOB_NUM_NODES:-1}}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
-PORT="${MASTER_PORT:-29501}"
-LENGTHS="${LENGTHS:-4k,8k,16k,32k,64k,128k}"
-TASKS="${TASKS:-}"
-N="${N:-20}"
+SUITE=ruler
+DEFAULT_TASKS=""
 SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # sbatch runs a copy of this script from its spool directory: then take the submit directory's
 [[ -f "$SLURM_DIR/env.sh" ]] || SLURM_DIR="${SLURM_SUBMIT_DIR:-$(pwd)}/slurm"
 # shellcheck source=slurm/env.sh
 source "$SLURM_DIR/env.sh"
-mkdir -p logs
-HEAD_NODE="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail
-
-args=(--suite ruler --lengths "$LENGTHS" --n "$N")
-if [[ -n "$TASKS" ]]; then args+=(--tasks "$TASKS"); fi
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
-  "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NODES" --nproc-per-node="$GPUS_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$PORT" \
-    --rdzv-id="sleeptrain-eval-${SLURM_JOB_ID:-local}" \
-    -m sleeptrain.cli eval "$RUN_DIR" "${args[@]}" "$@"
+# shellcheck source=slurm/eval_suite.sh
+source "$SLURM_DIR/eval_suite.sh"

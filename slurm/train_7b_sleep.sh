@@ -29,9 +29,6 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 CONFIG="${CONFIG:-configs/7b_sleep.yaml}"
-PYTHON="${PYTHON:-python3}"
-NODES="${NODES:-${SLURM_JOB_NUM_NODES:-1}}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 PORT="${MASTER_PORT:-29500}"
 REQUEUE="${REQUEUE:-1}"
 SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,9 +36,7 @@ SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [[ -f "$SLURM_DIR/env.sh" ]] || SLURM_DIR="${SLURM_SUBMIT_DIR:-$(pwd)}/slurm"
 # shellcheck source=slurm/env.sh
 source "$SLURM_DIR/env.sh"
-mkdir -p logs
 
-HEAD_NODE="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed -n 1p)"  # sed reads all: no SIGPIPE under pipefail
 WORLD=$((NODES * GPUS_PER_NODE))
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:" \
      "$NODES nodes x $GPUS_PER_NODE GPUs, config $CONFIG"
@@ -63,12 +58,8 @@ on_signal() {
 }
 trap on_signal USR1 TERM
 
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
-  "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NODES" --nproc-per-node="$GPUS_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$PORT" \
-    --rdzv-id="sleeptrain-${SLURM_JOB_ID:-local}" \
-    -m sleeptrain.cli train "$CONFIG" "$@" &
+torchrun_on_nodes "$PORT" "sleeptrain-${SLURM_JOB_ID:-local}" \
+  -m sleeptrain.cli train "$CONFIG" "$@" &
 train_pid=$!
 
 # `wait` returns early when a trapped signal arrives; keep waiting for the training to end.

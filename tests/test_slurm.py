@@ -19,8 +19,9 @@ from sleeptrain.train.logging import deterministic_view, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "train_7b_sleep.sh"
 
+# vocab 258: the byte tokenizer's, so that the eval launcher can run RULER on the trained run
 CONFIG = """\
-model: {vocab_size: 16, d_model: 32, pattern: AGAG, n_heads: 2, gdn_heads: 2, gdn_head_dim: 16,
+model: {vocab_size: 258, d_model: 32, pattern: AGAG, n_heads: 2, gdn_heads: 2, gdn_head_dim: 16,
         ffn_hidden: 64}
 sleep: {window_len: 8, passes: 2}
 data: {source: task, task: rule110, task_args: {width: 8, t_min: 1, t_max: 2}, batch_size: 4,
@@ -71,15 +72,16 @@ def cluster(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(CONFIG)
 
-    def launch(run: Path, restart: int = 0, extra_env: dict | None = None
-               ) -> subprocess.Popen:
+    def launch(run: Path, restart: int = 0, extra_env: dict | None = None,
+               script: Path = SCRIPT, args: list[str] | None = None) -> subprocess.Popen:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CONFIG": str(cfg),
                "PYTHON": sys.executable, "NODES": "2", "GPUS_PER_NODE": "1",
                "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": str(restart),
                "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(tmp_path),
                "MASTER_PORT": str(_free_port()), "FAKE_SLURM_LOG": str(tmp_path / "requeue"),
                "PYTHONPATH": str(ROOT), **(extra_env or {})}
-        return subprocess.Popen(["bash", str(SCRIPT), f"train.run_dir={run}"], env=env,
+        args = [f"train.run_dir={run}"] if args is None else args
+        return subprocess.Popen(["bash", str(script), *args], env=env,
                                 cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
@@ -95,16 +97,16 @@ def _view(run: Path) -> list[dict]:
     return [deterministic_view(r) for r in read_metrics(run)]
 
 
-_REF: list[list[dict]] = []
+_REF: list[tuple[Path, list[dict]]] = []
 
 
 def _reference(cluster, tmp_path: Path) -> list[dict]:
-    """The uninterrupted job (run once per session)."""
+    """The uninterrupted job (run once per session); its run directory stays for the eval."""
     if not _REF:
         rc, out = _finish(cluster(tmp_path / "ref"))
         assert rc == 0, out[-3000:]
-        _REF.append(_view(tmp_path / "ref"))
-    return _REF[0]
+        _REF.append((tmp_path / "ref", _view(tmp_path / "ref")))
+    return _REF[0][1]
 
 
 def test_preempted_job_saves_requeues_and_resumes_exactly(tmp_path, cluster):
@@ -149,6 +151,20 @@ def test_rank_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path, clus
     assert rc == 0, out[-3000:]
     assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())  # cleaned up
     assert _view(run) == _reference(cluster, tmp_path)
+
+
+def test_eval_script_runs_a_suite_on_both_emulated_nodes(tmp_path, cluster):
+    _reference(cluster, tmp_path)
+    run = _REF[0][0]
+    out_dir = tmp_path / "ruler"
+    rc, out = _finish(cluster(run, script=ROOT / "slurm" / "eval_ruler.sh",
+                              extra_env={"RUN_DIR": str(run), "LENGTHS": "512", "N": "3",
+                                         "TASKS": "niah_single_1,vt"},
+                              args=["--out", str(out_dir), "--tokenizer", "byte"]))
+    assert rc == 0, out[-3000:]
+    cells = sorted(p.name for p in (out_dir / "cells").iterdir())
+    assert cells == ["niah_single_1@512.json", "vt@512.json"]
+    assert (out_dir / "results.md").is_file()
 
 
 def test_scripts_pass_bash_n_and_shellcheck():

@@ -12,7 +12,7 @@ from sleeptrain.parallel.state import init_parallel
 from sleeptrain.sleep.model import SleepModel
 from sleeptrain.sleep.runner import windowed_loss
 
-__all__ = ["build_model", "load_config", "windowed_loss"]
+__all__ = ["build_model", "load_config", "load_run", "windowed_loss"]
 
 
 def build_model(cfg: Any, device: torch.device | str | None = None,
@@ -36,3 +36,25 @@ def build_model(cfg: Any, device: torch.device | str | None = None,
     finally:
         torch.set_rng_state(gen_state)
     return model.to(info.device if device is None else device)
+
+
+def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
+             device: torch.device | str | None = None) -> tuple[Any, SleepModel, Any]:
+    """(config, model in eval mode with the latest checkpoint's weights, checkpoint path) of
+    the run directory ``run_dir``. Raises CheckpointError naming what is missing."""
+    from pathlib import Path
+
+    from sleeptrain.train.checkpoint import CheckpointError, find_latest_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model_weights
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path, list(overrides))
+    ckpt = find_latest_checkpoint(run)
+    if ckpt is None:
+        raise CheckpointError(f"no complete checkpoint under {run / 'checkpoints'}")
+    model = build_model(cfg, device=device)
+    load_model_weights(ckpt, model)
+    return cfg, model.eval(), ckpt

@@ -32,23 +32,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_run(run_dir: str, overrides: list[str]):
     """(config, model with the latest checkpoint's weights, checkpoint path) of a run."""
-    import sleeptrain
-    from sleeptrain.config import load_config
-    from sleeptrain.train.checkpoint import find_latest_checkpoint
-    from sleeptrain.train.dist_ckpt import load_model_weights
+    from sleeptrain.api import load_run
+    from sleeptrain.train.checkpoint import CheckpointError
 
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path, overrides)
-    ckpt = find_latest_checkpoint(run)
-    if ckpt is None:
-        raise SystemExit(f"error: no complete checkpoint under {run / 'checkpoints'}")
-    model = sleeptrain.build_model(cfg)
-    load_model_weights(ckpt, model)
-    model.eval()
-    return cfg, model, ckpt
+    try:
+        return load_run(run_dir, overrides)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

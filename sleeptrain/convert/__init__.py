@@ -114,18 +114,10 @@ def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path) -> Path:
 
 def load_run_model(run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
     """(config, model) of a sleeptrain run directory's latest checkpoint, on the CPU."""
-    import sleeptrain
-    from sleeptrain.train.checkpoint import find_latest_checkpoint
-    from sleeptrain.train.dist_ckpt import load_model_weights
+    from sleeptrain.api import load_run
 
-    run = Path(run_dir)
-    cfg = sleeptrain.load_config(run / "config.yaml", ["train.device=cpu"])
-    ckpt = find_latest_checkpoint(run)
-    if ckpt is None:
-        raise ConversionError(f"{run}: no complete checkpoint")
-    model = sleeptrain.build_model(cfg, device="cpu")
-    load_model_weights(ckpt, model)
-    return cfg, model.eval()
+    cfg, model, _ = load_run(run_dir, ["train.device=cpu"], device="cpu")
+    return cfg, model
 
 
 @torch.no_grad()

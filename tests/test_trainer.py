@@ -65,13 +65,22 @@ def reference_run(tmp_path_factory) -> list[dict]:
     return view
 
 
-def test_resume_after_max_steps_interrupt_is_exact(tmp_path, reference_run):
+def test_resume_after_max_steps_interrupt_is_exact(tmp_path, reference_run, capsys):
     run = tmp_path / "run"
     first = train(_cfg(run), max_steps=5)
     assert first["exit"] == "max_steps" and first["step"] == 5
+    capsys.readouterr()
     second = train(_cfg(run))
     assert second["step"] == 12
     assert _view(run) == reference_run
+    # The restore is timed like the save: a stdout line and a perf.jsonl record.
+    out = capsys.readouterr().out
+    assert "resumed from step 5: " in out and str(run / "checkpoints" / "step_00000005") in out
+    perf = [json.loads(x) for x in (run / "perf.jsonl").read_text().splitlines()]
+    saved = [r for r in perf if "ckpt_s" in r and r["step"] == 5]
+    restored = [r for r in perf if "restore_s" in r]
+    assert len(restored) == 1 and restored[0]["step"] == 5 and restored[0]["restore_s"] >= 0
+    assert restored[0]["restore_bytes"] == saved[-1]["ckpt_bytes"] > 0
 
 
 @pytest.mark.slow

@@ -207,8 +207,15 @@ def save_checkpoint(
         raise CheckpointError(f"{final}: saving failed: {type(e).__name__}: {e}") from e
 
     _prune(ckpt_dir, step, keep_last)
-    nbytes = sum(meta["sizes"].values()) + (final / META_FILE).stat().st_size
-    return SaveInfo(path=final, bytes=nbytes, seconds=time.perf_counter() - t0)
+    return SaveInfo(path=final, bytes=checkpoint_bytes(final), seconds=time.perf_counter() - t0)
+
+
+def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
+    """Size of a complete checkpoint directory: the files its meta.json lists (state.pt,
+    extra files, every rank's shards) plus meta.json itself."""
+    meta_file = Path(path) / META_FILE
+    meta = json.loads(meta_file.read_text())
+    return sum(meta["sizes"].values()) + meta_file.stat().st_size
 
 
 def tmp_dir_for(run_dir: str | os.PathLike[str], step: int) -> Path:

@@ -37,6 +37,7 @@ from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    checkpoint_bytes,
     cleanup_stale_tmp,
     find_latest_checkpoint,
     load_checkpoint,
@@ -174,12 +175,14 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     nonfinite_total = 0
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
+        t0 = time.perf_counter()
         state = load_checkpoint(latest, map_location="cpu")
         load_train_state(latest, state, model, opt)
         restore_rng_state(state["rng"])
         step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
         data.load_state_dict(state.get("data"))
+        _log_restore(run_dir, step, latest, t0, rank0, device)
     elif cfg.train.init_from:
         _init_from(cfg.train.init_from, model, rank0)
     metrics = MetricsLogger(run_dir, info.rank, {
@@ -426,6 +429,23 @@ def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_to
             f.write(f'{{"step": {step}, "ckpt_s": {secs:.3f}, "ckpt_bytes": {info.bytes}}}\n')
     if multi:
         dist.barrier()
+
+
+def _log_restore(run_dir: Path, step: int, path: Path, t0: float, rank0: bool,
+                 device: torch.device) -> None:
+    """Once every rank has loaded checkpoint ``path`` (model, optimizer, RNG and data state):
+    its size and the seconds since ``t0`` to stdout and perf.jsonl, as ``_save`` does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    secs = time.perf_counter() - t0
+    if rank0:
+        nbytes = checkpoint_bytes(path)
+        print(f"resumed from step {step}: {nbytes / 2**30:.3f} GiB in {secs:.1f} s ({path})",
+              flush=True)
+        with open(run_dir / "perf.jsonl", "a") as f:
+            f.write(f'{{"step": {step}, "restore_s": {secs:.3f}, "restore_bytes": {nbytes}}}\n')
 
 
 def _fault_point(where: str, step: int) -> None:

@@ -14,11 +14,7 @@ import torch
 import torch.nn as nn
 from megatron.core import parallel_state as mpu
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    gather_from_tensor_model_parallel_region,
-)
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from sleeptrain.config.validate import PATTERN_SYMBOLS, loop_range, validate_model
 from sleeptrain.model.layers import (
@@ -30,6 +26,7 @@ from sleeptrain.model.layers import (
     normal_init,
 )
 from sleeptrain.parallel import seqpar
+from sleeptrain.parallel.tensors import gather_last_dim
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -278,8 +275,7 @@ class HybridModel(nn.Module):
     def full_logits(self, h: torch.Tensor,
                     sp_shape: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits over the whole vocabulary [B, T, V] (gathered across TP ranks)."""
-        return gather_from_tensor_model_parallel_region(self.logits(h, sp_shape),
-                                                        group=self.tp_group)
+        return gather_last_dim(self.logits(h, sp_shape), self.tp_group)
 
     def forward_parallel(self, tokens: torch.Tensor, window_len: int,
                          eviction: str = "hard") -> torch.Tensor:

@@ -52,6 +52,33 @@ def gather_tp(t: torch.Tensor, dim: int | None, group: Any = None,
     return torch.cat(parts, dim=dim)
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over a TP group; backward keeps this rank's slice.
+    (megatron-core's equivalent allocates on the current CUDA device: no CPU/gloo.)"""
+
+    @staticmethod
+    def forward(ctx, t, group, size, rank):  # type: ignore[override]
+        ctx.slice = (rank * t.shape[-1], (rank + 1) * t.shape[-1])
+        return gather_tp(t, t.dim() - 1, group, size)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        a, b = ctx.slice
+        return g[..., a:b].contiguous(), None, None, None
+
+
+def gather_last_dim(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The full tensor of TP shards split along the last dim (vocabulary-parallel logits),
+    differentiable, on any device and backend."""
+    if group is None:
+        group, size, rank = tp_group_and_size()
+    else:
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if size == 1:
+        return t
+    return _GatherLastDim.apply(t, group, size, rank)
+
+
 def shard_tp(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
     """TP rank ``rank``'s slice of ``full`` along ``dim`` (``full`` when dim is None)."""
     if dim is None or size == 1:
@@ -112,5 +139,5 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     return total
 
 
-__all__ = ["clip_grad_norm_", "full_shape", "gather_tp", "partition_dim", "shard_tp",
-           "sync_tp_grads", "tp_group_and_size"]
+__all__ = ["clip_grad_norm_", "full_shape", "gather_last_dim", "gather_tp", "partition_dim",
+           "shard_tp", "sync_tp_grads", "tp_group_and_size"]

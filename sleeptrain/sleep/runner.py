@@ -39,13 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from megatron.core.tensor_parallel import (
-    gather_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
+from sleeptrain.parallel.tensors import gather_last_dim
 
 
 @dataclass
@@ -312,8 +310,7 @@ def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None
             preds = vocab_parallel_argmax(local.detach())
             n_correct = ((preds == targets) & (mask > 0)).sum()
         if want_logits:
-            logits = (gather_from_tensor_model_parallel_region(local, group=net.tp_group)
-                      if net.tp > 1 else local)
+            logits = gather_last_dim(local, net.tp_group) if net.tp > 1 else local
     return h_loop, fast, extras, (logits, loss_sum, n_correct, preds)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "HybridOptimizer",
     "TensorParallelMuon",
     "build_optimizer",
+    "optimizer_for",
     "is_muon_param",
     "uses_weight_decay",
 ]
@@ -343,3 +344,14 @@ def build_optimizer(
             foreach=None if use_fused else True,
         )
     return HybridOptimizer(muon, adamw)
+
+
+def optimizer_for(cfg: Any, model: nn.Module) -> HybridOptimizer:
+    """The optimizer a run's config (``cfg.optim``) builds for ``model``: the trainer's, and
+    the one a checkpoint's optimizer state is loaded into elsewhere (``tools/convert.py
+    reshard``)."""
+    o = cfg.optim
+    return build_optimizer(
+        model.named_parameters(), muon_lr=o.muon_lr, adamw_lr=o.adamw_lr,
+        weight_decay=o.weight_decay, adamw_betas=tuple(o.adamw_betas), adamw_eps=o.adamw_eps,
+        muon_momentum=o.muon_momentum, use_muon=o.use_muon, muon_adjust_lr=o.muon_adjust_lr)

@@ -56,7 +56,7 @@ from sleeptrain.train.dist_ckpt import (
     sharded_state,
 )
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
-from sleeptrain.train.optim import build_optimizer
+from sleeptrain.train.optim import optimizer_for
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
 
 
@@ -165,12 +165,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     data = build_train_data(cfg, info, task)
     torch.manual_seed(cfg.train.seed)
     model = sleeptrain.build_model(cfg, device=device)
-    opt = build_optimizer(
-        model.named_parameters(), muon_lr=cfg.optim.muon_lr, adamw_lr=cfg.optim.adamw_lr,
-        weight_decay=cfg.optim.weight_decay, adamw_betas=tuple(cfg.optim.adamw_betas),
-        adamw_eps=cfg.optim.adamw_eps, muon_momentum=cfg.optim.muon_momentum,
-        use_muon=cfg.optim.use_muon, muon_adjust_lr=cfg.optim.muon_adjust_lr,
-    )
+    opt = optimizer_for(cfg, model)
     step = 0
     nonfinite_total = 0
     latest = find_latest_checkpoint(run_dir)

@@ -59,6 +59,12 @@ class SafetensorsReader:
     def __call__(self, name: str) -> torch.Tensor:
         return self._handles[self.where[name]].get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (nothing is read)."""
+        if name not in self.where:
+            raise ConversionError(f"{self.dir}: tensor {name!r} not found")
+        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> None:
@@ -71,30 +77,53 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     tmp.replace(path)
 
 
-def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, Any]) -> Path:
-    """``out_dir`` as a sleeptrain run directory: ``config.yaml`` and a step-0 sharded
-    checkpoint holding the model weights only (load it with ``train.init_from``, or use the
-    directory with ``sleeptrain generate`` / ``eval``)."""
+def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, Any],
+             opt: Any | None = None, state: dict[str, Any] | None = None) -> Path:
+    """``out_dir`` as a sleeptrain run directory: ``config.yaml`` and a sharded checkpoint of
+    ``model`` (and ``opt``'s state). ``state``: the training state to carry (step, RNG, data
+    position, ...; default: step 0, weights only). Load it with ``train.init_from``, resume
+    it with ``train.run_dir``, or use it with ``sleeptrain generate`` / ``eval``.
+
+    Collective when several processes run: every rank writes its shards into rank 0's
+    temporary directory, then rank 0 writes state.pt and finalizes the checkpoint atomically
+    (an interrupted write leaves no checkpoint behind, only a temporary directory)."""
     import shutil
+
+    import torch.distributed as dist
 
     from sleeptrain.config import to_yaml
     from sleeptrain.train.checkpoint import capture_rng_state, save_checkpoint, tmp_dir_for
     from sleeptrain.train.dist_ckpt import SHARDS_DIR, save_shards, sharded_state
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, layout = sharded_state(model, None)
-    tmp = tmp_dir_for(out_dir, 0)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not multi or dist.get_rank() == 0
+    state = dict(state or {"step": 0, "rng": capture_rng_state(), "nonfinite_total": 0,
+                           "data": None})
+    step = int(state["step"])
+    tensors, layout = sharded_state(model, opt)
+    box = [str(tmp_dir_for(out_dir, step)) if rank0 else None]
+    if multi:
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if multi:
+        dist.barrier()
     save_shards(tmp / SHARDS_DIR, tensors)
-    state = {"step": 0, "rng": capture_rng_state(), "nonfinite_total": 0,
-             "config": to_yaml(cfg), "data": None, "optim_layout": layout,
-             "converted_from": json.dumps(note)}
-    info = save_checkpoint(out_dir, 0, state, keep_last=1,
-                           extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    return info.path
+    path = Path(out_dir) / "checkpoints"
+    if rank0:
+        state.update({"config": to_yaml(cfg), "optim_layout": layout,
+                      "converted_from": json.dumps(note)})
+        info = save_checkpoint(out_dir, step, state, keep_last=1,
+                               extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        path = info.path
+    if multi:
+        dist.barrier()
+    return path
 
 
 __all__ = ["ConversionError", "SafetensorsReader", "read_hf_config", "save_run",

@@ -2,21 +2,30 @@
 
     python tools/convert.py import-hf HF_DIR OUT_RUN [--insert-gdn 4,8 [--gdn-mlp]]
         [--dtype float32] [key=value ...]
-    python tools/convert.py export-hf RUN_DIR OUT_HF_DIR
+    python tools/convert.py export-hf RUN_DIR OUT_HF_DIR [--form llama|fla|custom]
     python tools/convert.py verify HF_DIR RUN_DIR [--tokens 1,2,3 | --length 32] [--tol 1e-4]
+    torchrun --nproc-per-node=W tools/convert.py reshard RUN_DIR OUT_RUN parallel.tp=T
 
-import-hf reads a Llama / Qwen2 directory (config.json + *.safetensors, tensor by tensor) and
-writes a sleeptrain run directory (config.yaml + a step-0 sharded checkpoint); key=value
+import-hf reads a Hugging Face directory (config.json + *.safetensors, tensor by tensor): a
+Llama / Qwen2 model, or a flash-linear-attention GatedDeltaNetForCausalLM (pure GDN or a
+hybrid with attention layers), and writes a sleeptrain run directory (config.yaml + a step-0
+sharded checkpoint); key=value
 overrides set the sleep/loop settings (sleep.window_len=2048 sleep.passes=4
 model.loop_start=4 model.loop_end=18). --insert-gdn places new GDN blocks (mixer only, or
 with their own MLP with --gdn-mlp) before the given Hugging Face layers, with zero output
 projections, so the converted model is the pretrained function. Fine-tune from it with
 `sleeptrain train OUT_RUN/config.yaml train.init_from=OUT_RUN train.run_dir=runs/ft`.
 
-export-hf writes an attention-only run back as a Llama (or, with qkv biases, Qwen2)
-directory that transformers loads without remote code. verify runs one prompt through both
-sides with one window covering it and exits 1 when the largest logit difference exceeds
---tol. Exit status 2: bad arguments or an unconvertible checkpoint.
+export-hf writes a run as a Hugging Face directory: an attention-only run as Llama (Qwen2
+with qkv biases), a run of G and A blocks as FLA's GatedDeltaNetForCausalLM (both load
+without remote code and run one pass, no sleep), anything else, or --form custom, as a
+self-contained modeling_sleeptrain.py (AutoModelForCausalLM with trust_remote_code) that runs
+sleeptrain's window/sleep streaming inference. verify runs one prompt through both sides (one
+window covering it; a custom-code model is compared with sleeptrain's streaming inference)
+and exits 1 when the largest logit difference exceeds --tol. reshard rewrites the run's
+latest checkpoint (weights, optimizer and training state) for the layout given by the
+overrides, run with that layout's world size; it reads the result back and fails unless the
+logits are identical. Exit status 2: bad arguments or an unconvertible checkpoint.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export-hf", help="attention-only sleeptrain run -> Hugging Face")
     ex.add_argument("run_dir")
     ex.add_argument("out")
+    ex.add_argument("--form", choices=["llama", "fla", "custom"], default=None,
+                    help="Hugging Face form (default: the one the block pattern allows)")
     ve = sub.add_parser("verify", help="compare logits of a Hugging Face model and a run")
     ve.add_argument("hf_dir")
     ve.add_argument("run_dir")
@@ -57,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--tol", type=float, default=1e-4, help="largest allowed |logit diff|")
     ve.add_argument("--trust-remote-code", action="store_true",
                     help="let transformers run the Hugging Face directory's own code")
+    rs = sub.add_parser("reshard", help="rewrite a run's checkpoint for another TP layout")
+    rs.add_argument("run_dir")
+    rs.add_argument("out")
+    rs.add_argument("overrides", nargs="*", help="layout keys, e.g. parallel.tp=2")
+    rs.add_argument("--logits-out", default=None, help="save the read-back check's logits")
+    rs.add_argument("--no-check", action="store_true",
+                    help="skip reading the result back (it builds a second model)")
     return ap
 
 
@@ -76,7 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "export-hf":
             cfg, model = load_run_model(args.run_dir)
-            print(f"wrote {export_hf(model, cfg, args.out)}")
+            print(f"wrote {export_hf(model, cfg, args.out, args.form)}")
+            return 0
+        if args.cmd == "reshard":
+            if args.no_check and args.logits_out:
+                raise ConversionError("--logits-out needs the read-back check (drop --no-check)")
+            from sleeptrain.convert.reshard import reshard
+
+            res = reshard(args.run_dir, args.out, args.overrides, args.logits_out,
+                          check=not args.no_check)
+            if res["rank"] == 0:
+                print(json.dumps(res))
             return 0
         if args.length < 1:
             raise ConversionError(f"--length must be >= 1, got {args.length}")

@@ -1,21 +1,27 @@
 """Checkpoint conversion: Hugging Face models in and out, GDN retrofits, verification.
 
-``import_hf`` turns a Hugging Face Llama / Qwen2 directory into a sleeptrain run directory
-(``config.yaml`` + a step-0 sharded checkpoint), optionally inserting new GDN blocks;
-``export_hf`` writes an attention-only sleeptrain model back as a Hugging Face Llama / Qwen2
-directory; ``verify`` runs one prompt through both and reports the largest logit difference
-and the top-k agreement. ``tools/convert.py`` is the command line.
+``import_hf`` turns a Hugging Face directory into a sleeptrain run directory (``config.yaml``
++ a step-0 sharded checkpoint): Llama / Qwen2 attention-only models (optionally inserting new
+GDN blocks) and flash-linear-attention ``GatedDeltaNetForCausalLM`` models (pure GDN and
+hybrids with attention layers). ``export_hf`` writes a sleeptrain model back: as a Llama /
+Qwen2 directory (attention-only patterns), an FLA Gated DeltaNet directory (``G``/``A``
+patterns), or otherwise (or when asked) a self-contained custom-code model that runs the same
+window/sleep inference. ``verify`` runs one prompt through both and reports the largest logit
+difference and the top-k agreement. ``tools/convert.py`` is the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sleeptrain.convert import fla_gdn, hf_llama
 from sleeptrain.convert.common import (
     ConversionError,
     SafetensorsReader,
@@ -23,9 +29,13 @@ from sleeptrain.convert.common import (
     save_run,
     write_safetensors,
 )
-from sleeptrain.convert.hf_llama import export_state, import_state, model_overrides
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _is_fla(hf: dict[str, Any]) -> bool:
+    return (hf.get("architectures") or ["?"])[0] == fla_gdn.ARCH or \
+        hf.get("model_type") == "gated_deltanet"
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, insert_gdn: list[int] | None = None,
@@ -33,21 +43,32 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, insert_gdn: list[int] | N
               seed: int = 0) -> tuple[Any, torch.nn.Module]:
     """Converts ``hf_dir`` into the sleeptrain run directory ``out_dir``; returns
     (config, model). ``overrides`` are extra config keys (``sleep.window_len=2048``,
-    ``model.loop_start=4``, ...). Inserted GDN blocks (before the given Hugging Face layers)
-    start with zero output projections, so the model's function is the pretrained one."""
+    ``model.loop_start=4``, ...). Inserted GDN blocks (before the given Hugging Face layers,
+    Llama / Qwen2 only) start with zero output projections, so the model's function is the
+    pretrained one."""
     import sleeptrain
 
     if dtype not in _DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     hf = read_hf_config(hf_dir)
-    ov, source = model_overrides(hf, insert_gdn, gdn_mlp)
+    reader = SafetensorsReader(hf_dir)
+    if _is_fla(hf):
+        if insert_gdn:
+            raise ConversionError("insert_gdn applies to attention-only (Llama / Qwen2) "
+                                  "models; this one already has GDN layers")
+        fla_gdn.check_supported(hf)
+        ffn = reader.shape("model.layers.0.mlp.gate_proj.weight")[0]
+        ov, source = fla_gdn.model_overrides(hf, ffn)
+        adapter: Any = fla_gdn
+    else:
+        ov, source = hf_llama.model_overrides(hf, insert_gdn, gdn_mlp)
+        adapter = hf_llama
     cfg = sleeptrain.load_config(None, [*ov, f"model.params_dtype={dtype}",
                                         f"train.run_dir={out_dir}", *(overrides or [])])
     model = sleeptrain.build_model(cfg, device="cpu", seed=seed)
-    reader = SafetensorsReader(hf_dir)
     ours = model.state_dict()
     filled: set[str] = set()
-    for name, t in import_state(reader, reader.names(), hf, source):
+    for name, t in adapter.import_state(reader, reader.names(), hf, source):
         if name not in ours:
             raise ConversionError(f"converted tensor {name!r} has no place in the model")
         if tuple(ours[name].shape) != tuple(t.shape):
@@ -96,18 +117,48 @@ def hf_config_for(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path) -> Path:
-    """Writes an attention-only sleeptrain model as a Hugging Face directory (config.json,
-    model.safetensors) that ``transformers`` loads without remote code."""
+def export_format(cfg: Any) -> str:
+    """The Hugging Face form a model exports to by default: ``llama`` (attention-only),
+    ``fla`` (G and A blocks: FLA's GatedDeltaNetForCausalLM) or ``custom`` (anything else:
+    the custom-code model)."""
+    pat = set(cfg.model.pattern)
+    if pat == {"A"}:
+        return "llama"
+    if pat <= {"G", "A"} and "G" in pat:
+        m = cfg.model
+        if "A" not in pat or (m.head_dim or m.d_model // m.n_heads) * m.n_heads == m.d_model:
+            return "fla"
+    return "custom"
+
+
+def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path,
+              form: str | None = None) -> Path:
+    """Writes a sleeptrain model as a Hugging Face directory. ``form``: ``llama`` (Llama /
+    Qwen2 class, attention-only), ``fla`` (FLA GatedDeltaNetForCausalLM), ``custom``
+    (self-contained ``modeling_sleeptrain.py``, loaded with trust_remote_code, running
+    sleeptrain's window/sleep inference); default :func:`export_format`. The first two run
+    one pass over the whole context (no eviction, no sleep): they agree with sleeptrain on
+    prompts of at most one window, and a warning says so."""
+    form = form or export_format(cfg)
+    if form not in ("llama", "fla", "custom"):
+        raise ConversionError(f"export form must be llama, fla or custom, got {form!r}")
     out = Path(out_dir)
-    hf = hf_config_for(cfg)
+    if form == "custom":
+        from sleeptrain.convert.hf_custom import export_custom
+
+        return export_custom(model, cfg, out)
+    hf = hf_config_for(cfg) if form == "llama" else fla_gdn.config_for(cfg)
+    adapter: Any = hf_llama if form == "llama" else fla_gdn
     out.mkdir(parents=True, exist_ok=True)
     warnings.warn(
-        f"the exported model attends over its whole context; the sleeptrain model evicts "
-        f"every {cfg.sleep.window_len} tokens ({cfg.sleep.eviction} eviction), so the two "
-        f"agree on prompts of at most {cfg.sleep.window_len} tokens", stacklevel=2)
+        f"the exported model attends over its whole context and never sleeps; the sleeptrain "
+        f"model evicts every {cfg.sleep.window_len} tokens ({cfg.sleep.eviction} eviction) and "
+        f"sleeps {cfg.sleep.passes - 1} pass(es), so the two agree on prompts of at most "
+        f"{cfg.sleep.window_len} tokens (export with form='custom' for sleep inference)",
+        stacklevel=2)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    write_safetensors(out / "model.safetensors", export_state(state, hf, cfg.model.pattern))
+    write_safetensors(out / "model.safetensors",
+                      adapter.export_state(state, hf, cfg.model.pattern))
     (out / "config.json").write_text(json.dumps(hf, indent=1))
     return out
 
@@ -137,19 +188,46 @@ def verify(hf_dir: str | Path, run_dir: str | Path, tokens: list[int] | None = N
            k: int = 5) -> dict[str, float]:
     """Logits of one prompt (``tokens``, or ``length`` seeded random ids) through the Hugging
     Face model and through the sleeptrain run, with one window covering the prompt."""
-    from transformers import AutoModelForCausalLM
-
     cfg, model = load_run_model(run_dir)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.model.vocab_size, (length,), generator=gen).tolist()
     ids = torch.tensor([tokens])
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=model.dtype, trust_remote_code=trust_remote_code).eval()
-    ref = hf_model(ids).logits[0]
+    with _hf_runtime(read_hf_config(hf_dir)) as load_kw:
+        hf_model = _load_hf(hf_dir, model.dtype, trust_remote_code, load_kw)
+        ref = hf_model(ids).logits[0]
     ours = model.forward_parallel(ids, ids.shape[1], "hard")[0]
     return compare_logits(ours, ref, k)
 
 
-__all__ = ["ConversionError", "compare_logits", "export_hf", "hf_config_for", "import_hf",
-           "load_run_model", "verify"]
+def _load_hf(hf_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool,
+             load_kw: dict[str, Any]) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=dtype, trust_remote_code=trust_remote_code, **load_kw).eval()
+
+
+@contextlib.contextmanager
+def _hf_runtime(hf: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """What loading and running a Hugging Face model needs: FLA models register their classes
+    on ``import fla`` and, without a GPU, run on FLA's reference operators with the unfused
+    norms and MLP (``sleeptrain.convert.fla_reference``)."""
+    if not _is_fla(hf):
+        yield {}
+        return
+    try:
+        import fla  # noqa: F401  (registers the gated_deltanet auto classes)
+    except ImportError as e:
+        raise ConversionError(f"flash-linear-attention is needed to load this model: {e}") from e
+    if torch.cuda.is_available():
+        yield {}
+        return
+    from sleeptrain.convert.fla_reference import reference_ops
+
+    with reference_ops():
+        yield {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False}
+
+
+__all__ = ["ConversionError", "compare_logits", "export_format", "export_hf", "hf_config_for",
+           "import_hf", "load_run_model", "verify"]

@@ -159,3 +159,32 @@ def test_unmapped_and_unsupported_inputs_are_named(tmp_path):
             import_hf(hf, tmp_path / "run2")
     assert _tool("import-hf", str(tmp_path / "nothing"), str(tmp_path / "r3")).returncode == 2
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.distcp"))
+
+
+def test_custom_export_verifies_against_streaming_sleep_inference(tmp_path):
+    """A retrofitted run (pattern AgAA: a GDN block has no Llama class) exports as custom code
+    by default; verify with trust_remote_code compares it with sleeptrain's streaming inference
+    over 3.75 windows with two sleep passes per eviction (fp32: 1e-4; measured ~1e-6)."""
+    from sleeptrain.convert.common import save_run
+
+    hf = _hf_model("llama", tmp_path)
+    cfg, model = import_hf(hf, tmp_path / "run", insert_gdn=[1], overrides=[
+        "sleep.window_len=8", "sleep.passes=3", "model.loop_start=0", "model.loop_end=3"])
+    with torch.no_grad():  # the retrofit starts at zero: give the GDN block a real output
+        model.blocks[1].mixer.out_proj.weight.normal_(0.0, 0.3)
+    run = save_run(tmp_path / "run2", cfg, model, {}).parents[1]
+    assert _tool("export-hf", str(run), str(tmp_path / "hf_out")).returncode == 0
+    assert json.loads((tmp_path / "hf_out" / "config.json").read_text())[
+        "model_type"] == "sleeptrain"
+    res = verify(tmp_path / "hf_out", run, length=30, trust_remote_code=True)
+    assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, res
+    with pytest.raises(ConversionError, match="trust_remote_code"):
+        verify(tmp_path / "hf_out", run, length=30)
+    # the one-window comparison would not hold: sleep changes every later window's logits
+    with torch.no_grad():
+        ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(0))
+        one = model.forward_parallel(ids, 30, "hard")[0]
+        from sleeptrain.infer.engine import Stream
+
+        streamed = Stream(model.eval(), 1).feed(ids, want="all")[0]
+    assert (one[8:] - streamed[8:]).abs().max() > 1e-2

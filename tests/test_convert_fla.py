@@ -141,3 +141,36 @@ def test_missing_and_unmapped_fla_tensors_are_listed(tmp_path):
     with pytest.raises(ConversionError, match=r"missing: \['model.layers.1.attn.b_proj.weight'\]"
                                               r".*unmapped: \['model.layers.0.attn.extra'\]"):
         import_hf(hf, tmp_path / "run")
+
+
+@pytest.mark.gpu
+def test_imported_fla_model_on_gpu_matches_fla_kernels(tmp_path):
+    """On a GPU both sides run FLA's Triton kernels (FLA's model with its fused norms, gated
+    norm and SwiGLU; sleeptrain with model.gdn_backend=fla), fp32 weights: the kernels multiply
+    fp32 in TF32, so the tolerance is 2e-2 on logits of magnitude ~10 (prints the measured
+    difference); top-1 agreement >= 0.95."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fla.models import GatedDeltaNetForCausalLM
+
+    import sleeptrain
+    from sleeptrain.convert import compare_logits
+    from sleeptrain.train.checkpoint import find_latest_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model_weights
+
+    hf = _fla_model(tmp_path, "gdn")
+    run = tmp_path / "run"
+    import_hf(hf, run, overrides=["sleep.window_len=256"])
+    cfg = sleeptrain.load_config(run / "config.yaml", ["model.gdn_backend=fla",
+                                                       "train.device=cuda"])
+    ours = sleeptrain.build_model(cfg, device="cuda")
+    load_model_weights(find_latest_checkpoint(run), ours)
+    ref = GatedDeltaNetForCausalLM.from_pretrained(  # the fused norms and SwiGLU
+        str(hf), fuse_norm=True, fuse_swiglu=True).cuda().eval()
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a = ours.eval().forward_parallel(ids, 200)[0].float().cpu()
+        b = ref(ids).logits[0].float().cpu()
+    res = compare_logits(a, b)
+    print(f"FLA kernels vs imported sleeptrain on GPU: {res}")
+    assert res["max_abs_diff"] <= 2e-2 and res["top1_agreement"] >= 0.95, res

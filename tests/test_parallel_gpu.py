@@ -14,19 +14,23 @@ pytestmark = pytest.mark.multigpu
 GPU = ["train.device=cuda", "parallel.backend=nccl"]
 
 
-def test_tp2_loss_and_gradients_equal_tp1_on_gpus(tmp_path):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp-sp"])
+def test_tp2_loss_and_gradients_equal_tp1_on_gpus(tmp_path, sp):
     """fp32 weights through FLA's chunk kernel and SDPA: TP=2 splits heads, so every head's
     arithmetic is the single-GPU one and only reductions (row-parallel sums, the vocabulary
-    softmax) change order: |diff| <= 1e-4 * (1 + max|g|)."""
+    softmax; with sequence parallelism the reduce-scatters) change order:
+    |diff| <= 1e-4 * (1 + max|g|)."""
     from tests._tp_worker import run
 
-    over = ["model.params_dtype=float32", "model.vocab_size=64", "model.d_model=128",
+    over = [f"parallel.sequence_parallel={str(sp).lower()}",
+            "model.params_dtype=float32", "model.vocab_size=64", "model.d_model=128",
             "model.n_heads=4", "model.n_kv_heads=2", "model.gdn_heads=2", "model.gdn_v_heads=4",
             "model.gdn_head_dim=64", "model.ffn_hidden=256", "model.gdn_backend=fla",
             "sleep.window_len=64", "sleep.passes=2", "sleep.eviction=sliding", *GPU]
     _torchrun("tests/_tp_worker.py", str(tmp_path / "tp2.pt"), "2", json.dumps(over))
     tp2 = torch.load(tmp_path / "tp2.pt")
-    tp1 = run(1, [*over[:-1], "parallel.backend=gloo"])
+    assert bool(tp2["sp"]) == sp
+    tp1 = run(1, [*over[1:-1], "parallel.backend=gloo"])
     assert abs(tp1["loss"].item() - tp2["loss"].item()) <= 1e-5
     worst = 0.0
     for name, g1 in tp1["grads"].items():
@@ -38,8 +42,10 @@ def test_tp2_loss_and_gradients_equal_tp1_on_gpus(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "data.batch_size=4"],
+                                    ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                     "data.batch_size=4"],
                                     ["parallel.tp=1", "data.batch_size=2"]],
-                         ids=["tp2", "dp2"])
+                         ids=["tp2", "tp2-sp", "dp2"])
 def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     """Four optimizer steps, AdamW only (Muon's bf16 orthogonalization is compared on CPU):
     losses and gradient norms agree to rtol 1e-3. fp32 weights, but FLA's Triton/TileLang

@@ -187,16 +187,28 @@ def verify(hf_dir: str | Path, run_dir: str | Path, tokens: list[int] | None = N
            length: int = 32, seed: int = 0, trust_remote_code: bool = False,
            k: int = 5) -> dict[str, float]:
     """Logits of one prompt (``tokens``, or ``length`` seeded random ids) through the Hugging
-    Face model and through the sleeptrain run, with one window covering the prompt."""
+    Face model and through the sleeptrain run, with one window covering the prompt; a
+    custom-code export (which streams with sleep) is compared with sleeptrain's streaming
+    inference over the run's windows instead."""
     cfg, model = load_run_model(run_dir)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.model.vocab_size, (length,), generator=gen).tolist()
     ids = torch.tensor([tokens])
-    with _hf_runtime(read_hf_config(hf_dir)) as load_kw:
+    hf = read_hf_config(hf_dir)
+    custom = hf.get("model_type") == "sleeptrain"
+    if custom and not trust_remote_code:
+        raise ConversionError(f"{hf_dir} is a custom-code (modeling_sleeptrain.py) model: "
+                              "running it needs trust_remote_code (--trust-remote-code)")
+    with _hf_runtime(hf) as load_kw:
         hf_model = _load_hf(hf_dir, model.dtype, trust_remote_code, load_kw)
         ref = hf_model(ids).logits[0]
-    ours = model.forward_parallel(ids, ids.shape[1], "hard")[0]
+    if custom:  # it streams with sleep: compare with sleeptrain's streaming inference
+        from sleeptrain.infer.engine import Stream
+
+        ours = Stream(model, 1).feed(ids, want="all")[0]
+    else:
+        ours = model.forward_parallel(ids, ids.shape[1], "hard")[0]
     return compare_logits(ours, ref, k)
 
 

@@ -100,26 +100,41 @@ def _one_process(tmp_path_factory, muon: bool) -> list[tuple[float, float]]:
     return _ONE[muon]
 
 
-@pytest.mark.parametrize(("layout", "muon", "rtol"), [
-    (["parallel.tp=2", "data.batch_size=4"], True, 1e-3),
-    (["parallel.tp=1", "data.batch_size=2"], True, 1e-3),
-    (["parallel.tp=2", "data.batch_size=4"], False, 1e-6),
-    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.batch_size=4"], False, 1e-6),
-], ids=["tp2", "dp2-half-batch", "tp2-adamw-only", "tp2-sp-adamw-only"])
+SHARDED = "parallel.shard_optimizer=true"
+
+
+@pytest.mark.parametrize(("layout", "muon", "rtol", "nproc"), [
+    (["parallel.tp=2", "data.batch_size=4"], True, 1e-3, 2),
+    (["parallel.tp=1", "data.batch_size=2"], True, 1e-3, 2),
+    (["parallel.tp=2", "data.batch_size=4"], False, 1e-6, 2),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.batch_size=4"], False, 1e-6, 2),
+    (["parallel.tp=1", "data.batch_size=2", SHARDED], False, 1e-6, 2),
+    (["parallel.tp=2", "data.batch_size=2", SHARDED], True, 1e-3, 4),
+], ids=["tp2", "dp2-half-batch", "tp2-adamw-only", "tp2-sp-adamw-only", "dp2-zero1-adamw-only",
+        "tp2-dp2-zero1"])
 def test_two_process_training_follows_the_one_process_run(tmp_path, tmp_path_factory, layout,
-                                                          muon, rtol):
+                                                          muon, rtol, nproc):
     """Four optimizer steps with clipping: losses and gradient norms match the one-process run.
 
     AdamW alone agrees to fp32 rounding (megatron-core's cross-entropy). Muon orthogonalizes
     in bf16 (as torch.optim.Muon), where the TP gather's row order changes the rounding, so
     later steps agree to rtol 1e-3 (measured: 2e-4 on the gradient norm at step 4; a Muon
-    that orthogonalized each rank's slice alone misses by 1.3% already at step 2)."""
+    that orthogonalized each rank's slice alone misses by 1.3% already at step 2). With the
+    optimizer state sharded over DP (ZeRO-1; TP=2 x DP=2 in four processes with Muon) each
+    rank updates its share and broadcasts it: the same steps."""
     ref = _one_process(tmp_path_factory, muon)
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     run = tmp_path / "run"
-    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *RUN, *layout,
-              f"optim.use_muon={muon}", f"train.run_dir={run}")
+    proc = _torchrun("-m", "sleeptrain.cli", "train", str(empty), *RUN, *layout,
+                     f"optim.use_muon={muon}", f"train.run_dir={run}", nproc=nproc,
+                     timeout=600)
+    if SHARDED in layout:  # rank 0 keeps the state of about half of the elements
+        import re
+
+        mine, total = (int(x.replace(",", "")) for x in re.search(
+            r"keeps it for ([\d,]+) of ([\d,]+) parameter elements", proc.stdout).groups())
+        assert 0.4 < mine / total < 0.6
     got = _losses(run)
     assert len(got) == len(ref) == 4
     for (l2, g2), (l1, g1) in zip(got, ref, strict=True):
@@ -156,3 +171,29 @@ def test_checkpoint_reshards_between_tp_sizes(tmp_path, tmp_path_factory, first,
     for (l2, g2), (l1, g1) in zip(got, ref, strict=True):
         assert l2 == pytest.approx(l1, rel=rtol)
         assert g2 == pytest.approx(g1, rel=rtol)
+
+
+@pytest.mark.parametrize("first_sharded", [True, False], ids=["zero1-then-one", "one-then-zero1"])
+def test_sharded_optimizer_state_resumes_at_another_layout(tmp_path, tmp_path_factory,
+                                                           first_sharded):
+    """Two steps with the optimizer state sharded over DP=2 (each rank saves its share), two
+    more in one process (or the reverse: each rank loads only its share): steps 3-4 follow
+    the uninterrupted run to 1e-6 (AdamW alone: the moments must come back exactly; without
+    them step 3 moves by 1.5e-3)."""
+    ref = _one_process(tmp_path_factory, False)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    run = tmp_path / "run"
+    common = [*RUN, "optim.use_muon=false", f"train.run_dir={run}"]
+    for sharded, extra in ((first_sharded, ["--max-steps", "2"]), (not first_sharded, [])):
+        if sharded:
+            _torchrun("-m", "sleeptrain.cli", "train", str(empty), *common, "data.batch_size=2",
+                      SHARDED, *extra)
+        else:
+            train(load_config(None, [*common, "data.batch_size=4"]),
+                  max_steps=2 if extra else None)
+    got = _losses(run)
+    assert len(got) == 4
+    for (l2, g2), (l1, g1) in zip(got, ref, strict=True):
+        assert l2 == pytest.approx(l1, rel=1e-6)
+        assert g2 == pytest.approx(g1, rel=1e-6)

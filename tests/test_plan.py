@@ -95,6 +95,9 @@ def test_memory_estimate_state_bytes_are_exact_for_this_trainer():
     assert mem["optimizer"] == 8 * muon + 16 * (n - muon)
     cfg2, model2 = tiny_model("model.params_dtype=float32", "optim.use_muon=false")
     assert memory_estimate(cfg2, tp=2, seq_len=64)["optimizer"] == 8 * n / 2
+    cfg3, _ = tiny_model("model.params_dtype=float32", "optim.use_muon=false",
+                         "parallel.shard_optimizer=true")
+    assert memory_estimate(cfg3, tp=2, seq_len=64, dp=4)["optimizer"] == 8 * n / 2 / 4
     # and the byte counts are the optimizer's real state after one step
     from sleeptrain.train.optim import build_optimizer
 

@@ -173,6 +173,8 @@ class ParallelConfig:
     tp: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     sequence_parallel: bool = False  # split training windows' residual stream over TP ranks
+    # ZeRO-1: each data-parallel rank keeps the optimizer state of its share of the parameters
+    shard_optimizer: bool = False
 
 
 @dataclass

@@ -152,10 +152,12 @@ def check_layout(cfg: Any, gpus: int) -> tuple[int, int]:
     return tp, gpus // tp
 
 
-def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None) -> dict[str, float]:
+def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None,
+                    dp: int = 1) -> dict[str, float]:
     """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
     (weights and gradients in ``model.params_dtype``, AdamW two moments, Muon one momentum, in
-    the same dtype; split by TP, replicated over DP). Activations are a rough estimate for one
+    the same dtype; split by TP, replicated over DP, or for the optimizer state split over DP
+    with ``parallel.shard_optimizer``: the average share). Activations are a rough estimate for one
     micro-batch: the window in backward holds ~(8 + 16 / tp) d values per token per block in
     the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
     token per pass boundary. Not counted: the fp32 logits of a window's head (B L V / tp x
@@ -170,6 +172,8 @@ def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None) -> dict[str, 
     size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
     weights = grads = size * p / tp
     optimizer = size * (mats + 2 * (p - mats)) / tp  # state in the parameters' dtype
+    if cfg.parallel.shard_optimizer:
+        optimizer /= dp
     B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
     T = int(seq_len or cfg.data.seq_len)
     a, b = loop_range(m)
@@ -192,7 +196,7 @@ def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
     p = param_count(cfg.model)
     f = train_flops_per_token(cfg, T)
     f1 = train_flops_per_token(cfg, T, passes=1)
-    mem = memory_estimate(cfg, tp, T)
+    mem = memory_estimate(cfg, tp, T, dp)
     gb = cfg.data.batch_size * cfg.train.grad_accum * dp
     peak = peak_flops(device_name)
     gib = 1024 ** 3
@@ -205,7 +209,8 @@ def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
         f"train FLOPs per token: {f / 1e9:.2f} GFLOP (N=1: {f1 / 1e9:.2f}; sleep adds "
         f"{100 * (f / f1 - 1):.0f}%)",
         f"per-GPU memory estimate: weights {mem['weights'] / gib:.1f} GiB, grads "
-        f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}, activations "
+        f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}"
+        f"{' (sharded over DP)' if cfg.parallel.shard_optimizer and dp > 1 else ''}, activations "
         f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
         f"~{mem['total'] / gib:.1f} GiB",
     ]

@@ -100,6 +100,14 @@ def sharded_state(model: torch.nn.Module, opt: Any | None) -> tuple[dict[str, An
         layout["optim"][part] = entries
         layout["groups"][part] = [{k: v for k, v in g.items() if k != "params"}
                                   for g in o.param_groups]
+    if getattr(opt, "sharded", False):  # each rank holds its parameters' state: the union
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, layout["optim"])
+        for other in every:
+            for part, entries in other.items():
+                layout["optim"][part].update(entries)
     return tensors, layout
 
 
@@ -174,8 +182,11 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
         if unknown:
             raise CheckpointError(f"{path}: {part} state for parameters this optimizer lacks: "
                                   f"{unknown[:8]}")
+        mine = getattr(opt, "owns", lambda _: True)  # a sharded optimizer: its own share
         for name, keys in saved.items():
             p = named[name]
+            if not mine(p):
+                continue
             for key, (kind, dtype, shape) in keys.items():
                 dt = getattr(torch, dtype)
                 if kind == "param":
@@ -202,7 +213,8 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
             index.update(zip(g["param_names"], g["params"], strict=True))
         sd["state"] = {index[name]: {key: locals_[f"optim.{part}.{name}.{key}"]
                                      for key in keys}
-                       for name, keys in layout["optim"][part].items()}
+                       for name, keys in layout["optim"][part].items()
+                       if f"optim.{part}.{name}.{next(iter(keys), '')}" in locals_}
         o.load_state_dict(sd)
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "HybridOptimizer",
     "TensorParallelMuon",
     "build_optimizer",
+    "ShardedHybridOptimizer",
+    "assign_owners",
     "optimizer_for",
     "is_muon_param",
     "uses_weight_decay",
@@ -346,12 +348,101 @@ def build_optimizer(
     return HybridOptimizer(muon, adamw)
 
 
+
+class ShardedHybridOptimizer(HybridOptimizer):
+    """:class:`HybridOptimizer` with its state sharded over the data-parallel group (ZeRO
+    stage 1, what megatron-core's distributed optimizer does for the optimizer state).
+
+    Every parameter has one owning DP rank (greedy balance of element counts, the same on
+    every rank and every TP rank, so a TP group's ranks own the same parameters and
+    TensorParallelMuon's gather still meets). A rank keeps optimizer state for, and updates,
+    only the parameters it owns: ``step`` hides the other gradients from the two optimizers
+    (torch optimizers skip parameters without a gradient), then every updated parameter is
+    broadcast from its owner, coalesced per owner and dtype. Gradients are still all-reduced
+    before the step (the trainer does that), so clipping sees the full gradient. Param groups
+    are those of the unsharded optimizer (all parameters), so checkpoints carry the same
+    layout and load into either kind at any DP size (``sleeptrain.train.dist_ckpt``).
+    """
+
+    sharded = True
+
+    def __init__(self, inner: HybridOptimizer, owner: dict[int, int], group: Any,
+                 dp_rank: int) -> None:
+        super().__init__(inner.muon, inner.adamw)
+        self.owner = owner  # id(param) -> owning DP rank
+        self.group = group
+        self.dp_rank = dp_rank
+
+    def owns(self, p: torch.Tensor) -> bool:
+        return self.owner[id(p)] == self.dp_rank
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        import torch.distributed as dist
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        hidden = {}
+        for p in params:
+            if p.grad is not None and not self.owns(p):
+                hidden[id(p)] = p.grad
+                p.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            for p in params:
+                if id(p) in hidden:
+                    p.grad = hidden[id(p)]
+        buckets: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for p in params:
+            buckets.setdefault((self.owner[id(p)], p.dtype, p.device), []).append(p)
+        for (rank, _, _), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, rank), group=self.group)
+            if rank != self.dp_rank:
+                off = 0
+                for p in ps:
+                    p.copy_(flat[off:off + p.numel()].view_as(p))
+                    off += p.numel()
+        return loss
+
+
+def assign_owners(named: list[tuple[str, torch.Tensor]], dp_size: int) -> dict[int, int]:
+    """id(param) -> owning DP rank: largest first to the least-loaded rank (ties: lower rank),
+    order by (-numel, name) so that every rank computes the same assignment."""
+    load = [0] * dp_size
+    owner: dict[int, int] = {}
+    seen: set[int] = set()
+    uniq = []
+    for n, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            uniq.append((n, p))
+    for _, p in sorted(uniq, key=lambda np_: (-np_[1].numel(), np_[0])):
+        r = min(range(dp_size), key=lambda i: (load[i], i))
+        owner[id(p)] = r
+        load[r] += p.numel()
+    return owner
+
+
 def optimizer_for(cfg: Any, model: nn.Module) -> HybridOptimizer:
-    """The optimizer a run's config (``cfg.optim``) builds for ``model``: the trainer's, and
-    the one a checkpoint's optimizer state is loaded into elsewhere (``tools/convert.py
-    reshard``)."""
+    """The optimizer a run's config (``cfg.optim``, ``cfg.parallel.shard_optimizer``) builds
+    for ``model``: the trainer's, and the one a checkpoint's optimizer state is loaded into
+    elsewhere (``tools/convert.py reshard``). With ``shard_optimizer`` and more than one
+    data-parallel rank: a :class:`ShardedHybridOptimizer` over megatron-core's DP group."""
     o = cfg.optim
-    return build_optimizer(
+    opt = build_optimizer(
         model.named_parameters(), muon_lr=o.muon_lr, adamw_lr=o.adamw_lr,
         weight_decay=o.weight_decay, adamw_betas=tuple(o.adamw_betas), adamw_eps=o.adamw_eps,
         muon_momentum=o.muon_momentum, use_muon=o.use_muon, muon_adjust_lr=o.muon_adjust_lr)
+    if not cfg.parallel.shard_optimizer:
+        return opt
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        return opt
+    dp = mpu.get_data_parallel_world_size()
+    if dp == 1:
+        return opt
+    owner = assign_owners(list(model.named_parameters()), dp)
+    return ShardedHybridOptimizer(opt, owner, mpu.get_data_parallel_group(),
+                                  mpu.get_data_parallel_rank())

@@ -166,6 +166,12 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = sleeptrain.build_model(cfg, device=device)
     opt = optimizer_for(cfg, model)
+    if rank0 and getattr(opt, "sharded", False):
+        params = {id(p): p for g in opt.param_groups for p in g["params"]}.values()
+        mine = sum(p.numel() for p in params if opt.owns(p))
+        total = sum(p.numel() for p in params)
+        print(f"optimizer state sharded over {info.dp_size} data-parallel ranks: rank 0 keeps "
+              f"it for {mine:,} of {total:,} parameter elements", flush=True)
     step = 0
     nonfinite_total = 0
     latest = find_latest_checkpoint(run_dir)

@@ -44,8 +44,10 @@ def test_tp2_loss_and_gradients_equal_tp1_on_gpus(tmp_path, sp):
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "data.batch_size=4"],
                                     ["parallel.tp=2", "parallel.sequence_parallel=true",
                                      "data.batch_size=4"],
-                                    ["parallel.tp=1", "data.batch_size=2"]],
-                         ids=["tp2", "tp2-sp", "dp2"])
+                                    ["parallel.tp=1", "data.batch_size=2"],
+                                    ["parallel.tp=1", "data.batch_size=2",
+                                     "parallel.shard_optimizer=true"]],
+                         ids=["tp2", "tp2-sp", "dp2", "dp2-zero1"])
 def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     """Four optimizer steps, AdamW only (Muon's bf16 orthogonalization is compared on CPU):
     losses and gradient norms agree to rtol 1e-3. fp32 weights, but FLA's Triton/TileLang

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,29 @@ class SafetensorsReader:
         return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
 
 
+def checked_plan(plan: list[tuple[str, list[str], Any]], names: set[str], ignored: set[str],
+                 family: str) -> list[tuple[str, list[str], Any]]:
+    """``plan`` ((sleeptrain name, source names, fuse function) per converted tensor) after
+    checking it against the source's tensor ``names`` before anything is read:
+    ConversionError lists the tensors the mapping needs and does not find, and those it does
+    not use (other than ``ignored``)."""
+    needed = [n for _, srcs, _ in plan for n in srcs]
+    missing = [n for n in needed if n not in names]
+    unmapped = sorted(names - set(needed) - ignored)
+    if missing or unmapped:
+        raise ConversionError(f"{family} tensors missing: {missing[:10]}; unmapped: "
+                              f"{unmapped[:10]}")
+    return plan
+
+
+def read_plan(read: Any, plan: list[tuple[str, list[str], Any]]
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(sleeptrain name, tensor) pairs of a checked plan, reading the source tensors
+    ``read(name)`` one converted tensor at a time."""
+    for name, srcs, fuse in plan:
+        yield name, fuse(*(read(n) for n in srcs))
+
+
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> None:
     """One safetensors file, written to ``path.tmp`` then renamed (never a partial file)."""
@@ -87,44 +110,21 @@ def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, An
     Collective when several processes run: every rank writes its shards into rank 0's
     temporary directory, then rank 0 writes state.pt and finalizes the checkpoint atomically
     (an interrupted write leaves no checkpoint behind, only a temporary directory)."""
-    import shutil
-
-    import torch.distributed as dist
-
     from sleeptrain.config import to_yaml
-    from sleeptrain.train.checkpoint import capture_rng_state, save_checkpoint, tmp_dir_for
-    from sleeptrain.train.dist_ckpt import SHARDS_DIR, save_shards, sharded_state
+    from sleeptrain.train.checkpoint import capture_rng_state
+    from sleeptrain.train.dist_ckpt import save_sharded_checkpoint
 
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    rank0 = not multi or dist.get_rank() == 0
     state = dict(state or {"step": 0, "rng": capture_rng_state(), "nonfinite_total": 0,
                            "data": None})
-    step = int(state["step"])
-    tensors, layout = sharded_state(model, opt)
-    box = [str(tmp_dir_for(out_dir, step)) if rank0 else None]
-    if multi:
-        dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if multi:
-        dist.barrier()
-    save_shards(tmp / SHARDS_DIR, tensors)
-    path = Path(out_dir) / "checkpoints"
-    if rank0:
-        state.update({"config": to_yaml(cfg), "optim_layout": layout,
-                      "converted_from": json.dumps(note)})
-        info = save_checkpoint(out_dir, step, state, keep_last=1,
-                               extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        path = info.path
-    if multi:
-        dist.barrier()
-    return path
+    state.update({"config": to_yaml(cfg), "converted_from": json.dumps(note)})
+    info = save_sharded_checkpoint(out_dir, int(state["step"]), model, opt, state, keep_last=1,
+                                   extra_files={"config.yaml": to_yaml(cfg)})
+    if info is None:
+        return Path(out_dir) / "checkpoints"
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    return info.path
 
 
-__all__ = ["ConversionError", "SafetensorsReader", "read_hf_config", "save_run",
+__all__ = ["ConversionError", "SafetensorsReader", "checked_plan", "read_hf_config", "read_plan",
+           "save_run",
            "write_safetensors"]

@@ -20,6 +20,7 @@ does not depend on parameter order or on how parameters are split over ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,51 @@ def save_shards(path: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     dcp.save(tensors, checkpoint_id=str(path))
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: Any | None,
+                            state: dict[str, Any] | None, keep_last: int,
+                            extra_files: dict[str, str] | None = None,
+                            after_shards: Callable[[], None] | None = None) -> Any:
+    """Collective: every rank writes its shards of ``model`` (and ``opt``'s state) into rank
+    0's temporary directory, then rank 0 writes ``state`` (its training state; the optimizer
+    layout is added) as state.pt and finalizes the checkpoint atomically (an interrupted write
+    leaves only the temporary directory). ``after_shards`` runs on every rank once its shards
+    are written. Returns rank 0's SaveInfo, its ``seconds`` counted from the start of the
+    shard write; None on the other ranks."""
+    import dataclasses
+    import shutil
+    import time
+
+    import torch.distributed as dist
+
+    from sleeptrain.train.checkpoint import save_checkpoint, tmp_dir_for
+
+    tensors, layout = sharded_state(model, opt)
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not multi or dist.get_rank() == 0
+    box = [str(tmp_dir_for(run_dir, step)) if rank0 else None]
+    if multi:
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    if rank0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if multi:
+        dist.barrier()
+    t0 = time.perf_counter()
+    save_shards(tmp / SHARDS_DIR, tensors)
+    if after_shards is not None:
+        after_shards()
+    info = None
+    if rank0:
+        info = save_checkpoint(run_dir, step, {**(state or {}), "optim_layout": layout},
+                               keep_last, extra_files=extra_files, prepared=tmp)
+        info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
+    if multi:
+        dist.barrier()
+    return info
 
 
 def _load(path: Path, tensors: dict[str, Any]) -> None:
@@ -224,5 +270,4 @@ def is_sharded(path: Path) -> bool:
 
 
 __all__ = ["SHARDS_DIR", "is_sharded", "load_model", "load_model_weights", "load_optimizer",
-           "save_shards",
-           "sharded_state"]
+           "save_sharded_checkpoint", "save_shards", "sharded_state"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -42,18 +41,14 @@ from sleeptrain.train.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
-    tmp_dir_for,
 )
 from sleeptrain.train.data import build_train_data
 from sleeptrain.train.dist_ckpt import (
-    SHARDS_DIR,
     is_sharded,
     load_model,
     load_model_weights,
     load_optimizer,
-    save_shards,
-    sharded_state,
+    save_sharded_checkpoint,
 )
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import optimizer_for
@@ -401,35 +396,19 @@ def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) ->
 def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_total: int,
           rank0: bool, data: Any) -> None:
     """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
-    state.pt and finalizes the checkpoint atomically."""
+    state.pt and finalizes the checkpoint atomically (``save_sharded_checkpoint``)."""
     data_state = data.state_dict()  # a collective with shards: every rank calls it
-    tensors, layout = sharded_state(model, opt)
-    box = [str(tmp_dir_for(run_dir, step)) if rank0 else None]
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    if multi:
-        dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
+    state = {"step": step, "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
+             "config": to_yaml(cfg), "data": data_state} if rank0 else None
+    info = save_sharded_checkpoint(run_dir, step, model, opt, state, cfg.train.keep_last,
+                                   extra_files={"config.yaml": to_yaml(cfg)},
+                                   after_shards=lambda: _fault_point("after_shards", step))
     if rank0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if multi:
-        dist.barrier()
-    t0 = time.perf_counter()
-    save_shards(tmp / SHARDS_DIR, tensors)
-    _fault_point("after_shards", step)
-    if rank0:
-        state = {"step": step, "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
-                 "config": to_yaml(cfg), "data": data_state, "optim_layout": layout}
-        info = save_checkpoint(run_dir, step, state, cfg.train.keep_last,
-                               extra_files={"config.yaml": to_yaml(cfg)}, prepared=tmp)
-        secs = time.perf_counter() - t0
-        print(f"checkpoint step {step}: {info.bytes / 2**30:.3f} GiB in {secs:.1f} s "
+        print(f"checkpoint step {step}: {info.bytes / 2**30:.3f} GiB in {info.seconds:.1f} s "
               f"({info.path})", flush=True)
         with open(run_dir / "perf.jsonl", "a") as f:
-            f.write(f'{{"step": {step}, "ckpt_s": {secs:.3f}, "ckpt_bytes": {info.bytes}}}\n')
-    if multi:
-        dist.barrier()
+            f.write(f'{{"step": {step}, "ckpt_s": {info.seconds:.3f}, '
+                    f'"ckpt_bytes": {info.bytes}}}\n')
 
 
 def _log_restore(run_dir: Path, step: int, path: Path, t0: float, rank0: bool,

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from sleeptrain.convert.common import ConversionError
-from sleeptrain.convert.hf_llama import _interleave, _qkv, _split_qkv
+from sleeptrain.convert.common import ConversionError, checked_plan, read_plan
+from sleeptrain.convert.hf_llama import _interleave, _qkv, _split_qkv, split_interleaved
 
 ARCH = "GatedDeltaNetForCausalLM"
 
@@ -189,18 +189,12 @@ def import_plan(names: set[str], hf: dict[str, Any],
              _interleave),
             (b + "mlp.fc2.weight", [p + "mlp.down_proj.weight"], one),
         ]
-    needed = [n for _, srcs, _ in plan for n in srcs]
-    missing = [n for n in needed if n not in names]
-    unmapped = sorted(names - set(needed) - ignored)
-    if missing or unmapped:
-        raise ConversionError(f"FLA tensors missing: {missing[:10]}; unmapped: {unmapped[:10]}")
-    return plan
+    return checked_plan(plan, names, ignored, "FLA")
 
 
 def import_state(read: Any, names: set[str], hf: dict[str, Any],
                  source: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, srcs, fuse in import_plan(names, hf, source):
-        yield name, fuse(*(read(n) for n in srcs))
+    return read_plan(read, import_plan(names, hf, source))
 
 
 def config_for(cfg: Any) -> dict[str, Any]:
@@ -277,9 +271,9 @@ def export_state(state: dict[str, torch.Tensor], hf: dict[str, Any],
             yield a + "o_proj.weight", state[b + "mixer.out_proj.weight"]
         yield p + "attn_norm.weight", state[b + "norm1.weight"]
         yield p + "mlp_norm.weight", state[b + "norm2.weight"]
-        fc1 = state[b + "mlp.fc1.weight"].reshape(-1, 2, state[b + "mlp.fc1.weight"].shape[-1])
-        yield p + "mlp.gate_proj.weight", fc1[:, 0].contiguous()
-        yield p + "mlp.up_proj.weight", fc1[:, 1].contiguous()
+        gate, up = split_interleaved(state[b + "mlp.fc1.weight"])
+        yield p + "mlp.gate_proj.weight", gate
+        yield p + "mlp.up_proj.weight", up
         yield p + "mlp.down_proj.weight", state[b + "mlp.fc2.weight"]
 
 

@@ -62,9 +62,9 @@ def _gated_delta(q, k, v, g, beta, initial_state=None, output_final_state=False,
 
 
 def _causal_conv(x, weight, bias=None, activation=None, initial_state=None,
-                 output_final_state=False, residual=None, **_: Any):
+                 output_final_state=False, residual=None, cu_seqlens=None, **_: Any):
     """x [B, T, C], weight [C, K] (or [C, 1, K]); state [B, C, K-1]."""
-    if _.get("cu_seqlens") is not None:
+    if cu_seqlens is not None:
         raise NotImplementedError("reference causal conv: cu_seqlens (packed) inputs")
     w = weight.reshape(weight.shape[0], -1)
     c, kk = w.shape

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sleeptrain.convert.common import ConversionError
+from sleeptrain.convert.common import ConversionError, checked_plan, read_plan
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -106,6 +106,12 @@ def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate, up], 1).reshape(-1, gate.shape[-1])
 
 
+def split_interleaved(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) of an interleaved ``mlp.fc1`` weight: the inverse of :func:`_interleave`."""
+    pairs = fc1.reshape(-1, 2, fc1.shape[-1])
+    return pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+
+
 def _split_qkv(w: torch.Tensor, hq: int, hkv: int, hd: int) -> tuple[torch.Tensor, ...]:
     g = hq // hkv
     groups = w.reshape(hkv, (g + 2) * hd, *w.shape[1:])
@@ -155,21 +161,14 @@ def import_plan(names: set[str], hf: dict[str, Any],
              _interleave),
             (b + "mlp.fc2.weight", [p + "mlp.down_proj.weight"], one),
         ]
-    needed = [n for _, srcs, _ in plan for n in srcs]
-    missing = [n for n in needed if n not in names]
-    unmapped = sorted(names - set(needed) - ignored)
-    if missing or unmapped:
-        raise ConversionError(f"Hugging Face tensors missing: {missing[:10]}; unmapped: "
-                              f"{unmapped[:10]}")
-    return plan
+    return checked_plan(plan, names, ignored, "Hugging Face")
 
 
 def import_state(read: Any, names: set[str], hf: dict[str, Any],
                  source: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
     """(sleeptrain name, tensor) pairs, reading the Hugging Face tensors ``read(name)`` one
     converted tensor at a time (the plan is checked first, see :func:`import_plan`)."""
-    for name, srcs, fuse in import_plan(names, hf, source):
-        yield name, fuse(*(read(n) for n in srcs))
+    return read_plan(read, import_plan(names, hf, source))
 
 
 def export_state(state: dict[str, torch.Tensor], hf: dict[str, Any],
@@ -197,9 +196,9 @@ def export_state(state: dict[str, torch.Tensor], hf: dict[str, Any],
         yield p + "self_attn.o_proj.weight", state[b + "mixer.out.weight"]
         yield p + "input_layernorm.weight", state[b + "norm1.weight"]
         yield p + "post_attention_layernorm.weight", state[b + "norm2.weight"]
-        fc1 = state[b + "mlp.fc1.weight"].reshape(-1, 2, state[b + "mlp.fc1.weight"].shape[-1])
-        yield p + "mlp.gate_proj.weight", fc1[:, 0].contiguous()
-        yield p + "mlp.up_proj.weight", fc1[:, 1].contiguous()
+        gate, up = split_interleaved(state[b + "mlp.fc1.weight"])
+        yield p + "mlp.gate_proj.weight", gate
+        yield p + "mlp.up_proj.weight", up
         yield p + "mlp.down_proj.weight", state[b + "mlp.fc2.weight"]
 
 

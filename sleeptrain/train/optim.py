@@ -372,6 +372,12 @@ class ShardedHybridOptimizer(HybridOptimizer):
         self.owner = owner  # id(param) -> owning DP rank
         self.group = group
         self.dp_rank = dp_rank
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        # the broadcasts after a step: per owner and dtype, in the same order on every rank
+        buckets: dict[tuple[int, str], list[torch.Tensor]] = {}
+        for p in self._params:
+            buckets.setdefault((owner[id(p)], str(p.dtype)), []).append(p)
+        self._buckets = sorted(buckets.items())
 
     def owns(self, p: torch.Tensor) -> bool:
         return self.owner[id(p)] == self.dp_rank
@@ -380,22 +386,18 @@ class ShardedHybridOptimizer(HybridOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         import torch.distributed as dist
 
-        params = [p for g in self.param_groups for p in g["params"]]
         hidden = {}
-        for p in params:
+        for p in self._params:
             if p.grad is not None and not self.owns(p):
                 hidden[id(p)] = p.grad
                 p.grad = None
         try:
             loss = super().step(closure)
         finally:
-            for p in params:
+            for p in self._params:
                 if id(p) in hidden:
                     p.grad = hidden[id(p)]
-        buckets: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for p in params:
-            buckets.setdefault((self.owner[id(p)], p.dtype, p.device), []).append(p)
-        for (rank, _, _), ps in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        for (rank, _), ps in self._buckets:
             flat = torch.cat([p.detach().reshape(-1) for p in ps])
             dist.broadcast(flat, src=dist.get_global_rank(self.group, rank), group=self.group)
             if rank != self.dp_rank:

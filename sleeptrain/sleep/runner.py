@@ -97,21 +97,26 @@ def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
 def token_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [B, l] from vocab-parallel logits [B, l, V/tp].
 
-    megatron-core's vocab-parallel cross-entropy (fp32 math) in general; at TP=1 with fp64
-    logits, torch's cross-entropy in fp64 so that float64 gradient checks stay exact.
+    megatron-core's vocab-parallel cross-entropy (fp32 math) at TP > 1; at TP=1 torch's fused
+    cross-entropy in fp32 (fp64 for fp64 logits, so float64 gradient checks stay exact), which
+    issues no collective calls and no per-window temporaries of the vocabulary's size.
     """
     tp1 = (not mpu.model_parallel_is_initialized()
            or mpu.get_tensor_model_parallel_world_size() == 1)
-    if tp1 and local_logits.dtype == torch.float64:
+    if tp1:
+        # one fused kernel, no collectives: fp32 math (fp64 for fp64 logits)
+        dt = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
         return torch.nn.functional.cross_entropy(
-            local_logits.flatten(0, -2), targets.flatten(), reduction="none"
+            local_logits.flatten(0, -2).to(dt), targets.flatten(), reduction="none"
         ).view(targets.shape)
     return vocab_parallel_cross_entropy(local_logits.float(), targets)
 
 
 def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    # The model draws no random numbers, so recomputation needs no RNG state: not saving it
+    # keeps the checkpointed passes capturable in CUDA graphs (sleeptrain.sleep.graphs).
     if enabled and torch.is_grad_enabled():
-        return activation_checkpoint(fn, *args, use_reentrant=False)
+        return activation_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 
@@ -412,6 +417,17 @@ def run_window(
     return WindowOutput(logits, loss_sum, n_correct, preds), new_state
 
 
+def window_heads(loss_mask: torch.Tensor, window_len: int) -> list[bool]:
+    """Which windows of rows ``loss_mask`` [B, T] hold at least one target (need the head).
+
+    Reads the mask on the host: a device-to-host copy for a CUDA mask. The trainer copies the
+    step's masks to the host before any of its micro-batches runs and passes the result to
+    ``windowed_loss``, which then syncs with the host nowhere.
+    """
+    has = loss_mask[..., 1:].reshape(-1, loss_mask.shape[-1] - 1).any(0).cpu()
+    return [bool(has[s : s + window_len].any()) for s in range(0, has.shape[0], window_len)]
+
+
 def windowed_loss(
     model: HybridModel,
     tokens: torch.Tensor,
@@ -420,6 +436,8 @@ def windowed_loss(
     passes: int | None = None,
     return_predictions: bool = False,
     doc_starts: torch.Tensor | None = None,
+    heads: Sequence[bool] | None = None,
+    static_resets: bool = False,
 ) -> LossOutput:
     """Masked next-token cross-entropy of a batch processed window by window with sleep.
 
@@ -431,6 +449,11 @@ def windowed_loss(
     ``doc_starts`` [B, n_windows] bool (packed documents): True where a new document starts
     with that window; the state of that sequence is reset there (``run_window``'s ``reset``).
     Column 0 is ignored (every sequence starts from a fresh state).
+
+    ``heads`` (``window_heads(loss_mask, L)``, computed by the caller) and ``static_resets``
+    (apply ``doc_starts`` at every window, not only where some sequence starts a document: the
+    same values, ``torch.where`` with an all-keep mask is exact) make the call free of host
+    syncs and of data-dependent Python branches, as CUDA-graph capture needs.
     """
     if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
         raise ValueError(
@@ -445,10 +468,11 @@ def windowed_loss(
     t_in = inputs.shape[1]
     L = sleep_cfg.window_len
     starts = list(range(0, t_in, L))
-    # One host sync per batch (not per window): which windows hold a target at all.
-    has_loss = mask.reshape(mask.shape[0], -1).any(0)
-    window_has = [bool(x) for x in
-                  torch.stack([has_loss[s : s + L].any() for s in starts]).tolist()]
+    # One host sync per batch (not per window) unless the caller knows: which windows hold a
+    # target at all.
+    window_has = list(heads) if heads is not None else window_heads(loss_mask, L)
+    if len(window_has) != len(starts):
+        raise ValueError(f"heads has {len(window_has)} entries for {len(starts)} windows")
     resets: list[torch.Tensor | None] = [None] * len(starts)
     if doc_starts is not None:
         if doc_starts.shape != (tokens.shape[0], len(starts)) or doc_starts.dtype != torch.bool:
@@ -457,7 +481,8 @@ def windowed_loss(
                 f"{len(starts)}] for T-1={t_in} inputs and window_len={L}; got "
                 f"{doc_starts.dtype} {tuple(doc_starts.shape)}"
             )
-        any_start = doc_starts.any(0).tolist()  # free for the loader's CPU tensor
+        any_start = ([True] * len(starts) if static_resets
+                     else doc_starts.any(0).tolist())  # free for the loader's CPU tensor
         ds = doc_starts.to(tokens.device)
         resets = [ds[:, w] if w > 0 and any_start[w] else None for w in range(len(starts))]
     state = model.init_state(tokens.shape[0], tokens.device)

@@ -23,7 +23,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from sleeptrain.model.kernels import attention as attention_op
-from sleeptrain.model.kernels import gated_delta_rule
+from sleeptrain.model.kernels import fused, gated_delta_rule
+from sleeptrain.model.kernels.fused import apply_rope
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -65,7 +66,8 @@ def zeros_init(w: torch.Tensor) -> None:
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs)."""
+    """y = x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs). Its consumers are
+    linears: under CUDA autocast the output is already in the autocast dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -73,10 +75,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(dt)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(dt)).to(x.dtype)
+        out = None  # under CUDA autocast: the autocast dtype (the consumer is a linear)
+        if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype == torch.float32:
+            out = torch.get_autocast_dtype("cuda")
+        return fused.rms_norm(x, self.weight, self.eps, out)
 
 
 def rope_cos_sin(
@@ -88,15 +90,6 @@ def rope_cos_sin(
     ang = positions.to(cdt)[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Llama/Qwen2 convention) on x [B, T, H, D]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = torch.cat([-x2, x1], dim=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.to(c.dtype) * c + rot.to(c.dtype) * s).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -114,10 +107,7 @@ class SwiGLU(nn.Module):
                                      tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
-        y = column(self.fc1, x, sp)
-        y = y.unflatten(-1, (-1, 2))
-        y = F.silu(y[..., 0]) * y[..., 1]
-        return row(self.fc2, y, sp)
+        return row(self.fc2, fused.swiglu(column(self.fc1, x, sp)), sp)
 
 
 class Attention(nn.Module):
@@ -152,9 +142,9 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         hd = self.head_dim
         y = y.view(b, t, self.kv_local, (self.group + 2) * hd)
-        q = y[..., : self.group * hd].reshape(b, t, self.kv_local * self.group, hd)
-        k = y[..., self.group * hd : (self.group + 1) * hd]
-        v = y[..., (self.group + 1) * hd :]
+        # one split (its backward is one concatenation), not three slices
+        q, k, v = torch.split(y, [self.group * hd, hd, hd], dim=-1)
+        q = q.reshape(b, t, self.kv_local * self.group, hd)
         pos = torch.arange(pos_start, pos_start + t, device=x.device)
         cos, sin = rope_cos_sin(pos, hd, self.rope_theta, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -299,23 +289,15 @@ class GatedDeltaNet(nn.Module):
         y = column(self.in_proj, x, sp)
         b, t = x.shape[:2]
         y = y.view(b, t, self.h_local, self.group_width)
-        dk, dv, r = self.dk, self.dv, self.r
-        qkv = y[..., : self.conv_group].reshape(b, t, -1)
-        z = y[..., self.conv_group : self.conv_group + r * dv]
-        braw = y[..., self.conv_group + r * dv : self.conv_group + r * dv + r]
-        araw = y[..., self.conv_group + r * dv + r :]
-        qkv, new_conv = self._conv(qkv, conv_state, segment)
-        qkv = qkv.view(b, t, self.h_local, self.conv_group)
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q = F.normalize(qkv[..., :dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
-        k = F.normalize(qkv[..., dk : 2 * dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
-        v = qkv[..., 2 * dk :].reshape(b, t, self.hv_local, dv)
-        araw = araw.reshape(b, t, self.hv_local).to(cdt)
-        g = -self.A_log.to(cdt).exp() * F.softplus(araw + self.dt_bias.to(cdt))
-        beta = torch.sigmoid(braw.reshape(b, t, self.hv_local).to(cdt))
+        dv, r = self.dv, self.r
+        # one split (its backward is one concatenation), not four slices
+        qkv, z, braw, araw = torch.split(y, [self.conv_group, r * dv, r, r], dim=-1)
+        qkv, new_conv = self._conv(qkv.reshape(b, t, -1), conv_state, segment)
+        q, k, v, g, beta = fused.gdn_gates(qkv.view(b, t, self.h_local, self.conv_group), araw,
+                                           braw, self.A_log, self.dt_bias, self.dk,
+                                           self.hv_local, dv)
         o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
                                     backend=self.backend, chunk_size=self.chunk_size)
-        of = o.to(cdt)
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        of = of * self.out_norm_weight.to(cdt) * F.silu(z.reshape(b, t, self.hv_local, dv).to(cdt))
-        return row(self.out_proj, of.to(x.dtype).reshape(b, t, -1), sp), s_new, new_conv
+        of = fused.gated_rms_norm(o, z.reshape(b, t, self.hv_local, dv), self.out_norm_weight,
+                                  self.norm_eps, x.dtype)
+        return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

@@ -1,0 +1,133 @@
+"""The elementwise chains of the hybrid's layers, eager or fused by ``torch.compile``.
+
+Between its GEMMs and its GDN/attention kernels, a block runs chains of small elementwise ops
+in fp32 -- RMSNorm, RoPE, the SwiGLU gate, the GDN input gates (L2-normalized q/k, decay g,
+beta) and the GDN output norm with its SiLU gate -- each a handful of kernels forward and more
+backward, each reading and writing the whole activation. On an H200 they took about 75% of the
+GPU time of a 350M hybrid's training step (docs/benchmarks.md). ``torch.compile`` turns each
+chain into one or two generated kernels per direction.
+
+Every function here is the PyTorch reference (what runs on CPU, in fp64 and with compilation
+off); ``set_compile(True)`` routes CUDA tensors (below fp64) through ``torch.compile`` of the
+same function. Tests compare the two on GPU (tests/test_fused_gpu.py). The switch is
+process-wide (the trainer sets it from ``train.compile``; ``compiled()`` scopes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_STATE = {"on": False}
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def set_compile(flag: bool) -> None:
+    """Routes CUDA tensors through torch.compile'd chains (True) or the eager code (False)."""
+    if flag:
+        import torch._dynamo
+
+        # each distinct window length (and the short last window) is its own specialization
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _STATE["on"] = bool(flag)
+
+
+def compile_enabled() -> bool:
+    return _STATE["on"]
+
+
+@contextlib.contextmanager
+def compiled(flag: bool) -> Iterator[None]:
+    old = _STATE["on"]
+    set_compile(flag)
+    try:
+        yield
+    finally:
+        _STATE["on"] = old
+
+
+def _fusable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def dispatch(x: torch.Tensor, *args: Any) -> Any:
+        if _STATE["on"] and x.is_cuda and x.dtype != torch.float64:
+            fast = _COMPILED.get(fn.__name__)
+            if fast is None:
+                fast = _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True)
+            return fast(x, *args)
+        return fn(x, *args)
+
+    dispatch.reference = fn  # type: ignore[attr-defined]
+    return dispatch
+
+
+def _cdt(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_fusable
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out: torch.dtype | None = None) -> torch.Tensor:
+    """x / rms(x) * weight in fp32 (fp64 for fp64 x), returned as ``out`` (default x's dtype).
+
+    The layers pass bf16 under CUDA autocast: every norm output feeds a linear, which would
+    round it to bf16 anyway, so the rounding moves into the norm's kernel (same values).
+    """
+    dt = _cdt(x)
+    xf = x.to(dt)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(dt)).to(x.dtype if out is None else out)
+
+
+@_fusable
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for y [..., 2h] with gate/up interleaved per hidden unit."""
+    gate, up = y.unflatten(-1, (-1, 2)).unbind(-1)
+    return F.silu(gate) * up
+
+
+@_fusable
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/Qwen2 convention) on x [B, T, H, D]; cos, sin [T, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rot = torch.cat([-x2, x1], dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.to(c.dtype) * c + rot.to(c.dtype) * s).to(x.dtype)
+
+
+@_fusable
+def gdn_gates(qkv: torch.Tensor, araw: torch.Tensor, braw: torch.Tensor, a_log: torch.Tensor,
+              dt_bias: torch.Tensor, dk: int, hv: int,
+              dv: int) -> tuple[torch.Tensor, ...]:
+    """The delta rule's inputs from the conv output qkv [B, T, H, 2 dk + r dv] and the raw
+    gates araw, braw [B, T, H, r]: q, k (L2-normalized in fp32, qkv's dtype) [B, T, H, dk],
+    v [B, T, HV, dv], g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) [B, T, HV]
+    (fp32; fp64 for fp64 input)."""
+    b, t = qkv.shape[:2]
+    cdt = _cdt(qkv)
+    q = F.normalize(qkv[..., :dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
+    k = F.normalize(qkv[..., dk : 2 * dk].to(cdt), p=2, dim=-1, eps=1e-6).to(qkv.dtype)
+    v = qkv[..., 2 * dk :].reshape(b, t, hv, dv)
+    a = araw.reshape(b, t, hv).to(cdt)
+    g = -a_log.to(cdt).exp() * F.softplus(a + dt_bias.to(cdt))
+    beta = torch.sigmoid(braw.reshape(b, t, hv).to(cdt))
+    return q, k, v, g, beta
+
+
+@_fusable
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   out: torch.dtype) -> torch.Tensor:
+    """RMSNorm(o) * weight * silu(z) per value head, in fp32 (fp64 for fp64 o), as ``out``."""
+    cdt = torch.float64 if out == torch.float64 else torch.float32
+    of = o.to(cdt)
+    of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
+    return (of * weight.to(cdt) * F.silu(z.to(cdt))).to(out)
+
+
+__all__ = ["apply_rope", "compile_enabled", "compiled", "gated_rms_norm", "gdn_gates",
+           "rms_norm", "set_compile", "swiglu"]

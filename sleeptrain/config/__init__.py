@@ -109,6 +109,13 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _switch_words(cfg: DictConfig) -> None:
+    """YAML reads the words on/off as booleans: the three-way switches take them back."""
+    for key in ("cuda_graphs", "compile"):
+        if str(cfg.train[key]) in ("True", "False"):
+            cfg.train[key] = "on" if str(cfg.train[key]) == "True" else "off"
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Loads defaults <- YAML file <- ``key=value`` overrides, then validates the result.
 
@@ -145,6 +152,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             key = getattr(e, "full_key", None) or "?"
             why = str(e.msg).splitlines()[0]
             raise ConfigError(f"{source}: invalid value for {key!r}: {why}") from None
+    _switch_words(cfg)
     validate_run(cfg)
     return cfg
 
@@ -157,5 +165,6 @@ def to_yaml(cfg: DictConfig) -> str:
 def from_yaml_text(text: str) -> DictConfig:
     """Rebuilds a validated structured config from ``to_yaml`` output."""
     cfg = OmegaConf.merge(default_config(), OmegaConf.create(text))
+    _switch_words(cfg)
     validate_run(cfg)
     return cfg

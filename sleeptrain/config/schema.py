@@ -153,6 +153,13 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU (0: from the GPU's name)
     save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)
     init_from: str = ""  # a run dir or checkpoint dir: its model weights start a new run
+    # micro-batch forward+backward as CUDA graphs (sleeptrain.sleep.graphs): auto (on for
+    # CUDA at TP=1) | on | off. Off by default until the trainer-level GPU test has passed
+    # (docs/design.md, "CUDA graphs and compiled elementwise chains").
+    cuda_graphs: str = "off"
+    # torch.compile of the layers' elementwise chains (sleeptrain.model.kernels.fused): auto
+    # (on for CUDA) | on | off. Off by default for the same reason.
+    compile: str = "off"
 
 
 @dataclass

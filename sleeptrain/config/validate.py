@@ -119,6 +119,8 @@ def validate_run(cfg: Any) -> None:
     _need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
     _choice(cfg.train.device, "train.device", ("auto", "cpu", "cuda"))
     _choice(cfg.train.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _choice(cfg.train.cuda_graphs, "train.cuda_graphs", ("auto", "on", "off"))
+    _choice(cfg.train.compile, "train.compile", ("auto", "on", "off"))
     _choice(cfg.optim.muon_adjust_lr, "optim.muon_adjust_lr", ("original", "match_rms_adamw"))
     _choice(cfg.optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
     _need(len(cfg.optim.adamw_betas) == 2, "optim.adamw_betas", "must have two values")

@@ -29,8 +29,11 @@ does not count it (as in Megatron-LM and PaLM).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from sleeptrain.config.validate import PATTERN_SYMBOLS, ConfigError, validate_model
 
@@ -136,6 +139,27 @@ def peak_flops(device_name: str) -> float | None:
         if key.lower() in device_name.lower():
             return val
     return None
+
+
+def measure_bf16_peak(device: torch.device | str = "cuda", n: int = 8192,
+                      iters: int = 20) -> float:
+    """This GPU's bf16 matmul throughput (FLOP/s): n x n x n GEMMs, timed after warm-up.
+
+    The denominator of the "measured" MFU (train and tools/bench_window.py), next to the
+    datasheet peak of ``peak_flops``: a kernel can beat neither.
+    """
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch.mm(a, b, out=c)
+    torch.cuda.synchronize(dev)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
 def check_layout(cfg: Any, gpus: int) -> tuple[int, int]:
@@ -265,4 +289,4 @@ def _loop_text(cfg: Any) -> str:
 
 
 __all__ = ["backward_passes", "block_cost", "check_layout", "memory_estimate", "param_count",
-           "peak_flops", "plan_report", "preflight", "train_flops_per_token"]
+           "measure_bf16_peak", "peak_flops", "plan_report", "preflight", "train_flops_per_token"]

@@ -29,10 +29,17 @@ from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import evaluate_task, format_table
-from sleeptrain.parallel.plan import peak_flops, train_flops_per_token
+from sleeptrain.model.kernels import fused
+from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
 from sleeptrain.parallel.state import init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
-from sleeptrain.sleep.runner import windowed_loss
+from sleeptrain.sleep.graphs import (
+    MicroBatchGraphs,
+    forward_backward,
+    graphs_unavailable,
+    zero_grads,
+)
+from sleeptrain.sleep.runner import window_heads
 from sleeptrain.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -197,6 +204,16 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     bs, accum = cfg.data.batch_size, cfg.train.grad_accum
     global_batch = bs * accum * info.dp_size
     peak = _peak_flops(cfg, device, rank0)
+    measured_peak = measure_bf16_peak(device) if is_cuda else None
+    if rank0 and measured_peak:
+        print(f"measured bf16 matmul peak: {measured_peak / 1e12:.0f} TFLOP/s per GPU "
+              "(perf.jsonl mfu_measured)", flush=True)
+    compile_before = fused.compile_enabled()
+    fused.set_compile(cfg.train.compile == "on" or (cfg.train.compile == "auto" and is_cuda))
+    no_graphs = graphs_unavailable(device, info.tp_size, cfg.train.cuda_graphs)
+    graphs = MicroBatchGraphs(model, verbose=rank0) if no_graphs is None else None
+    if rank0 and no_graphs and cfg.train.cuda_graphs == "on":
+        print(f"train.cuda_graphs=on, but CUDA graphs are not used: {no_graphs}", flush=True)
     consecutive_bad = 0
     last_eval: dict[str, Any] | None = None
     steps_this_run = 0
@@ -210,7 +227,11 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 pred = trainable_predicate(stage.trainable if stage else "all")
                 for name, p in model.named_parameters():
                     p.requires_grad_(pred(name))
+                    if not p.requires_grad:
+                        p.grad = None
                 current_stage = stage_idx
+                if graphs is not None:
+                    graphs.reset()  # captured for the previous trainable set
             sleep_cfg = _sleep_for_stage(cfg, stage)
             mult = lr_multiplier(step, warmup_steps=min(cfg.optim.warmup_steps, total),
                                  total_steps=total, schedule=cfg.optim.schedule,
@@ -223,20 +244,28 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
                 _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
                 exit_reason = "data_exhausted"
                 break
-            n_loss = sum(int(mk[:, 1:].sum()) for _, mk, _ in batches)
+            # the masks on the host once per step: the loss normalizer and which windows
+            # need the output head (so that no micro-batch syncs with the host)
+            masks = [mk.cpu() for _, mk, _ in batches]
+            n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
+            heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
             if info.dp_size > 1:
                 t = torch.tensor([n_loss], dtype=torch.float64, device=device)
                 dist.all_reduce(t, group=_dp_group())
                 n_loss = int(t.item())
-            opt.zero_grad(set_to_none=True)
+            _zero_grad(opt, model, graphs)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            for tokens, mask, doc_starts in batches:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and is_cuda):
-                    out = windowed_loss(model, tokens, mask, sleep_cfg, doc_starts=doc_starts)
-                (out.loss_sum / max(n_loss, 1)).backward()
-                loss_sum += out.loss_sum.detach().double()
-                correct += out.n_correct
+            amp = autocast and is_cuda
+            for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
+                if graphs is not None:
+                    ls, nc = graphs.step(tokens, mask, doc_starts, sleep_cfg, max(n_loss, 1),
+                                         amp, hd)
+                else:
+                    ls, nc = forward_backward(model, tokens, mask, doc_starts, sleep_cfg,
+                                              max(n_loss, 1), amp, hd)
+                loss_sum += ls.double()
+                correct += nc
             sync_tp_grads(model.parameters())
             _reduce_grads(model, info)
             if info.dp_size > 1:
@@ -245,13 +274,17 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
             params = [p for p in model.parameters() if p.grad is not None]
             gnorm = clip_grad_norm_(params, cfg.optim.grad_clip
                                     if cfg.optim.grad_clip > 0 else math.inf)
-            loss_val = loss_sum.item() / max(n_loss, 1)
-            finite = math.isfinite(loss_val) and bool(torch.isfinite(gnorm))
+            # the step's one host sync: loss, gradient norm and correct count together
+            loss_t, gnorm_f, correct_n = torch.stack(
+                [loss_sum, gnorm.to(device=device, dtype=torch.float64),
+                 correct.to(torch.float64)]).tolist()
+            loss_val = loss_t / max(n_loss, 1)
+            finite = math.isfinite(loss_val) and math.isfinite(gnorm_f)
             if finite:
                 opt.step()
                 consecutive_bad = 0
             else:
-                opt.zero_grad(set_to_none=True)
+                _zero_grad(opt, model, graphs)
                 consecutive_bad += 1
                 nonfinite_total += 1
                 if consecutive_bad >= cfg.train.max_nonfinite:
@@ -262,21 +295,26 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
             step += 1
             steps_this_run += 1
             dt = time.perf_counter() - t0
-            acc = correct.item() / max(n_loss, 1)
+            acc = correct_n / max(n_loss, 1)
             seq = batches[0][0].shape[1] - 1
             tok_s = global_batch * seq / dt
-            mfu = (tok_s * train_flops_per_token(cfg, seq, sleep=sleep_cfg)
-                   / (peak * info.world_size)) if peak else None
+            flops_s = tok_s * train_flops_per_token(cfg, seq, sleep=sleep_cfg)
+            mfu = flops_s / (peak * info.world_size) if peak else None
             bar.update(step, loss=loss_val, acc=acc, tok_s=tok_s)
             if step % cfg.log.every == 0 or step == total:
                 rec = {"loss": round(loss_val, 6), "acc": round(acc, 6), "lr_mult": mult,
-                       "grad_norm": round(float(gnorm), 6), "skipped": int(not finite),
+                       "grad_norm": round(gnorm_f, 6), "skipped": int(not finite),
                        "nonfinite_total": nonfinite_total,
                        "stage": stage.name if stage else "main", "passes": sleep_cfg.passes}
                 metrics.log(step, rec)
                 if rank0:
                     with open(perf_path, "a") as f:
                         mfu_s = f', "mfu": {mfu:.4f}' if mfu is not None else ""
+                        if measured_peak:
+                            mfu_m = flops_s / (measured_peak * info.world_size)
+                            mfu_s += f', "mfu_measured": {mfu_m:.4f}'
+                        if graphs is not None:
+                            mfu_s += f', "graph_replays": {graphs.replays}'
                         if is_cuda:
                             gib = torch.cuda.max_memory_allocated(device) / 2**30
                             mfu_s += f', "peak_gib": {gib:.2f}'
@@ -304,6 +342,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         bar.close()
         metrics.close()
         stop.restore()
+        fused.set_compile(compile_before)
     if rank0 and last_eval is not None and step == total:
         import json
 
@@ -350,6 +389,15 @@ def _peak_flops(cfg: Any, device: torch.device, rank0: bool) -> float | None:
     if peak is None and rank0:
         print(f"MFU not logged: unknown peak for {name!r}; set train.peak_tflops", flush=True)
     return peak
+
+
+def _zero_grad(opt: Any, model: torch.nn.Module, graphs: MicroBatchGraphs | None) -> None:
+    """Clears gradients: in place while CUDA graphs accumulate into the buffers (they must
+    not move), else by dropping them."""
+    if graphs is not None and graphs.disabled is None:
+        zero_grads(list(model.parameters()))
+    else:
+        opt.zero_grad(set_to_none=True)
 
 
 def _dp_group():

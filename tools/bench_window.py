@@ -1,13 +1,18 @@
-"""Benchmark: window-sequential sleep training steps vs one parallel call (GPU).
+"""Benchmark: window-sequential sleep training steps, eager and CUDA-graphed, vs one parallel call.
 
-Measures, for one model and batch (bf16 autocast, fwd+bwd of the masked LM loss, no optimizer):
-  1. N=1 window-sequential step time vs the same computation as one parallel call per layer
-     (block-diagonal attention + conv reset, GDN through the whole sequence) at each L;
-  2. tokens/s and peak memory at N in --passes, with and without window-pass checkpointing;
-  3. where the time goes (torch.profiler CUDA kernel time: GDN / attention / GEMM / other).
-Writes a JSON file and prints a markdown table. Example (the numbers in docs/benchmarks.md):
+Measures, for one model and batch (bf16 autocast, fwd+bwd of the masked LM loss on every
+token, no optimizer step), in one process:
+  1. at each window length L (N=1): the parallel single-call step (block-diagonal attention +
+     conv reset, GDN through the whole sequence), the window-sequential step run eagerly and
+     replayed as a CUDA graph (``sleeptrain.sleep.graphs``, what the trainer runs);
+  2. at L = --passes-window, N in --passes, with and without window x pass checkpointing:
+     tokens/s, peak memory, N x tokens/s(N) / tokens/s(1);
+  3. MFU with sleep-aware model FLOPs (``train_flops_per_token``) against this GPU's measured
+     bf16 matmul peak and against the datasheet peak;
+  4. where the GPU time goes (torch.profiler kernel time: GDN / attention / GEMM / other).
+Writes a JSON file and prints markdown tables. Example (the numbers in docs/benchmarks.md):
 
-    python tools/bench_window.py --preset 350m --seq 16384 --batch 2 \
+    python tools/bench_window.py --preset 350m --seq 16384 --batch 1 \
         --windows 512,2048,8192 --passes 1,2,4,8 --out bench_window.json
 """
 
@@ -70,6 +75,7 @@ def _kernel_shares(fn) -> dict[str, float]:
         fn()
         torch.cuda.synchronize()
     buckets: dict[str, float] = {}
+    names: dict[str, float] = {}
     for ev in prof.key_averages():
         dev_time = getattr(ev, "device_time_total", None)
         if dev_time is None:
@@ -80,9 +86,12 @@ def _kernel_shares(fn) -> dict[str, float]:
             continue
         b = _classify(ev.key)
         buckets[b] = buckets.get(b, 0.0) + dev_time
+        names[ev.key] = names.get(ev.key, 0.0) + dev_time
     total = sum(buckets.values()) or 1.0
-    out = {k: v / total for k, v in sorted(buckets.items())}
+    out: dict[str, Any] = {k: v / total for k, v in sorted(buckets.items())}
     out["gpu_busy_ms"] = total / 1e3
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:15]
+    out["top_kernels"] = [[k[:90], round(v / 1e3, 3), _classify(k)] for k, v in top]
     return out
 
 
@@ -90,15 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="350m", choices=sorted(PRESETS))
     ap.add_argument("--seq", type=int, default=16384)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--windows", default="512,2048,8192")
+    ap.add_argument("--eager", default="on", choices=["on", "off"],
+                    help="also time the eager window-sequential step at each L")
     ap.add_argument("--passes", default="1,2,4,8")
     ap.add_argument("--passes-window", type=int, default=2048,
                     help="window length of the N-scaling runs")
     ap.add_argument("--checkpoint", default="both", choices=["both", "on", "off"],
                     help="N-scaling runs with window-pass checkpointing on, off or both")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", default="on", choices=["on", "off"])
+    ap.add_argument("--compile", default="on", choices=["on", "off"],
+                    help="torch.compile of the layers' elementwise chains (train.compile)")
     ap.add_argument("--out", default="bench_window.json")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -106,9 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_window.py needs a CUDA GPU")
 
     import sleeptrain
-    from sleeptrain.sleep import windowed_loss
-    from sleeptrain.sleep.runner import token_cross_entropy
+    from sleeptrain.model.kernels import fused
+    from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
+    from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward, zero_grads
+    from sleeptrain.sleep.runner import token_cross_entropy, window_heads
 
+    fused.set_compile(args.compile == "on")
     windows = [int(x) for x in args.windows.split(",") if x]
     ckpt_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpoint]
     passes = [int(x) for x in args.passes.split(",") if x]
@@ -122,28 +138,58 @@ def main(argv: list[str] | None = None) -> None:
                            generator=gen).to(dev)
     mask = torch.ones_like(tokens)
     n_tok = args.batch * args.seq
+    measured = measure_bf16_peak(dev)
+    sheet = peak_flops(torch.cuda.get_device_name())
+    params = list(model.parameters())
 
-    def seq_step(sleep_cfg, n):
+    def mfu(sc, n, step_s):
+        f = train_flops_per_token(cfg, args.seq, passes=n, sleep=sc) * n_tok / step_s
+        return f / measured, (f / sheet if sheet else None)
+
+    def eager_step(sc, n):
+        heads = window_heads(mask, sc.window_len)
+
         def run():
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = windowed_loss(model, tokens, mask, sleep_cfg, passes=n)
-            out.loss.backward()
+            zero_grads(params)
+            forward_backward(model, tokens, mask, None, sc, float(n_tok), True, heads,
+                             passes=n)
         return run
+
+    def graphed_step(sc, n):
+        graphs = MicroBatchGraphs(model, warmup=1, verbose=False)
+        heads = window_heads(mask, sc.window_len)
+
+        def run():
+            zero_grads(params)
+            graphs.step(tokens, mask, None, sc, float(n_tok), True, heads, passes=n)
+            if graphs.disabled:
+                raise RuntimeError(f"CUDA graph capture failed: {graphs.disabled}")
+        return run, graphs
 
     def par_step(window):
         def run():
-            model.zero_grad(set_to_none=True)
+            zero_grads(params)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
-                ce = token_cross_entropy(logits_local, tokens[:, 1:])
-                loss = ce.mean()
+                loss = token_cross_entropy(logits_local, tokens[:, 1:]).mean()
             loss.backward()
         return run
+
+    def save():  # after every row: an interrupted run keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    def measure(fn, warmup):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = _time(fn, warmup, args.iters)
+        return t, torch.cuda.max_memory_allocated() / 2**30
 
     results: dict[str, Any] = {
         "preset": args.preset, "params": n_params, "seq": args.seq, "batch": args.batch,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "compile": args.compile, "measured_bf16_tflops": measured / 1e12,
+        "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
         "parallel_vs_sequential": [], "passes": [],
     }
     try:
@@ -153,63 +199,87 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:  # pragma: no cover
         results["fla"] = None
     print(f"# {args.preset}: {n_params / 1e6:.1f}M params, B={args.batch}, T={args.seq}, "
-          f"{results['device']}", flush=True)
+          f"{results['device']}, measured bf16 peak {measured / 1e12:.0f} TFLOP/s, "
+          f"compile {args.compile}", flush=True)
     for w in windows:
         sc = cfg.sleep.copy()
         sc.window_len, sc.passes, sc.checkpoint = w, 1, False
-        torch.cuda.reset_peak_memory_stats()
-        t_seq = _time(seq_step(sc, 1), args.warmup, args.iters)
-        mem_seq = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-        t_par = _time(par_step(w), args.warmup, args.iters)
-        mem_par = torch.cuda.max_memory_allocated() / 2**30
-        shares = _kernel_shares(seq_step(sc, 1))
-        row = {"window": w, "sequential_s": t_seq, "parallel_s": t_par,
-               "ratio": t_seq / t_par, "seq_tok_s": n_tok / t_seq, "par_tok_s": n_tok / t_par,
-               "seq_peak_gib": mem_seq, "par_peak_gib": mem_par, "seq_kernel_share": shares}
+        row: dict[str, Any] = {"window": w}
+        row["parallel_s"], row["par_peak_gib"] = measure(par_step(w), 2)
+        if args.eager == "on":
+            row["eager_s"], row["eager_peak_gib"] = measure(eager_step(sc, 1), 1)
+            row["eager_ratio"] = row["eager_s"] / row["parallel_s"]
+        run, graphs = graphed_step(sc, 1)
+        row["graphed_s"], row["graphed_peak_gib"] = measure(run, 2)
+        row["graphed_ratio"] = row["graphed_s"] / row["parallel_s"]
+        row["graphed_tok_s"] = n_tok / row["graphed_s"]
+        row["graphed_mfu"], row["graphed_mfu_sheet"] = mfu(sc, 1, row["graphed_s"])
+        row["par_mfu"], _ = mfu(sc, 1, row["parallel_s"])
+        if args.profile == "on":
+            row["graphed_kernel_share"] = _kernel_shares(run)
+        del graphs, run
+        torch.cuda.empty_cache()
         results["parallel_vs_sequential"].append(row)
+        save()
         print(json.dumps(row), flush=True)
     for ckpt in ckpt_modes:
         for n in passes:
             sc = cfg.sleep.copy()
             sc.window_len, sc.passes, sc.checkpoint = args.passes_window, n, ckpt
-            torch.cuda.reset_peak_memory_stats()
+            row = {"passes": n, "checkpoint": ckpt, "window": args.passes_window}
             try:
-                t = _time(seq_step(sc, n), 1, max(1, args.iters - 1))
-                row = {"passes": n, "checkpoint": ckpt, "step_s": t, "tok_s": n_tok / t,
-                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+                run, graphs = graphed_step(sc, n)
+                t, mem = measure(run, 2)
+                row.update(step_s=t, tok_s=n_tok / t, peak_gib=mem,
+                           reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+                row["mfu"], row["mfu_sheet"] = mfu(sc, n, t)
+                del graphs, run
             except torch.OutOfMemoryError:
-                row = {"passes": n, "checkpoint": ckpt, "oom": True}
-                model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                row["oom"] = True
+            zero_grads(params)
+            torch.cuda.empty_cache()
             results["passes"].append(row)
+            save()
             print(json.dumps(row), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save()
     _print_markdown(results)
 
 
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
 def _print_markdown(r: dict[str, Any]) -> None:
-    print("\n| L | sequential ms | parallel ms | ratio | seq tok/s | GDN | attn | GEMM | other |"
-          " peak GiB (seq/par) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| L | parallel ms | eager ms | graphed ms | eager / par | graphed / par | "
+          "graphed tok/s | MFU (measured / sheet) | GDN | attn | GEMM | other | "
+          "peak GiB (par / eager / graphed) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for x in r["parallel_vs_sequential"]:
-        s = x["seq_kernel_share"]
-        print(f"| {x['window']} | {x['sequential_s'] * 1e3:.1f} | {x['parallel_s'] * 1e3:.1f} | "
-              f"{x['ratio']:.2f} | {x['seq_tok_s']:.0f} | {s.get('gdn', 0):.0%} | "
+        s = x.get("graphed_kernel_share", {})
+        eager = f"{x['eager_s'] * 1e3:.1f}" if "eager_s" in x else ""
+        eratio = f"{x['eager_ratio']:.2f}" if "eager_ratio" in x else ""
+        emem = f"{x['eager_peak_gib']:.1f}" if "eager_peak_gib" in x else "-"
+        print(f"| {x['window']} | {x['parallel_s'] * 1e3:.1f} | {eager} | "
+              f"{x['graphed_s'] * 1e3:.1f} | {eratio} | {x['graphed_ratio']:.2f} | "
+              f"{x['graphed_tok_s']:.0f} | {_pct(x['graphed_mfu'])} / "
+              f"{_pct(x['graphed_mfu_sheet'])} | {s.get('gdn', 0):.0%} | "
               f"{s.get('attention', 0):.0%} | {s.get('gemm', 0):.0%} | {s.get('other', 0):.0%} | "
-              f"{x['seq_peak_gib']:.1f} / {x['par_peak_gib']:.1f} |")
-    print("\n| N | checkpoint | step ms | tok/s | tok/s x N / tok/s(N=1) | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    base = {c: next((x["tok_s"] for x in r["passes"] if x["passes"] == 1
-                     and x["checkpoint"] == c and "tok_s" in x), math.nan) for c in (False, True)}
+              f"{x['par_peak_gib']:.1f} / {emem} / {x['graphed_peak_gib']:.1f} |")
+    print("\n| N | checkpoint | graphed step ms | tok/s | tok/s x N / tok/s(N=1) | "
+          "MFU (measured / sheet) | peak GiB | mem / mem(N=1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {c: next((x for x in r["passes"] if x["passes"] == 1 and x["checkpoint"] == c
+                     and "tok_s" in x), None) for c in (False, True)}
     for x in r["passes"]:
         if x.get("oom"):
-            print(f"| {x['passes']} | {x['checkpoint']} | OOM | | | |")
+            print(f"| {x['passes']} | {x['checkpoint']} | OOM | | | | | |")
             continue
-        eff = x["tok_s"] * x["passes"] / base[x["checkpoint"]]
+        b = base[x["checkpoint"]]
+        eff = x["tok_s"] * x["passes"] / b["tok_s"] if b else math.nan
+        mem = x["peak_gib"] / b["peak_gib"] if b else math.nan
         print(f"| {x['passes']} | {x['checkpoint']} | {x['step_s'] * 1e3:.1f} | "
-              f"{x['tok_s']:.0f} | {eff:.2f} | {x['peak_gib']:.1f} |")
+              f"{x['tok_s']:.0f} | {eff:.2f} | {_pct(x['mfu'])} / {_pct(x['mfu_sheet'])} | "
+              f"{x['peak_gib']:.1f} | {mem:.2f} |")
 
 
 if __name__ == "__main__":

@@ -162,7 +162,11 @@ class MicroBatchGraphs:
                 cap = self._capture(tokens, mask, doc_starts, sleep_cfg, autocast, heads, passes)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
                 self.disabled = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                torch.cuda.synchronize()
+                self.graphs.clear()
+                try:  # an invalidated capture may report its error here once more
+                    torch.cuda.synchronize()
+                except RuntimeError:
+                    pass
                 msg = (f"CUDA graphs turned off, training continues eagerly: capture failed "
                        f"({self.disabled})")
                 warnings.warn(msg, stacklevel=2)

@@ -11,6 +11,7 @@ import sleeptrain
 from sleeptrain.model.kernels import fused
 from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward
 from sleeptrain.sleep.runner import window_heads
+from sleeptrain.train.logging import read_metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -85,8 +86,7 @@ def _replay_vs_eager(case, autocast):
 
 
 def _losses(run_dir):
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 def test_graphed_training_follows_eager_for_20_steps(tmp_path):

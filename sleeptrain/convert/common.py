@@ -126,5 +126,4 @@ def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, An
 
 
 __all__ = ["ConversionError", "SafetensorsReader", "checked_plan", "read_hf_config", "read_plan",
-           "save_run",
-           "write_safetensors"]
+           "save_run", "write_safetensors"]

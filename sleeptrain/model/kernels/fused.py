@@ -61,7 +61,6 @@ def _fusable(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fast(x, *args)
         return fn(x, *args)
 
-    dispatch.reference = fn  # type: ignore[attr-defined]
     return dispatch
 
 

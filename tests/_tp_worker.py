@@ -7,6 +7,7 @@ tests/_tp_worker.py OUT.pt TP '["key=value", ...]'``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,8 +29,14 @@ def run(tp: int, overrides: list[str]) -> dict[str, object]:
     t = 3 * cfg.sleep.window_len + 6
     tokens = torch.randint(0, cfg.model.vocab_size, (3, t), generator=gen).to(dev)
     mask = (torch.rand(3, t, generator=gen) < 0.8).to(dev)
-    out = sleeptrain.windowed_loss(model, tokens, mask, cfg.sleep)
-    out.loss.backward()
+    fusion = contextlib.nullcontext()
+    if cfg.train.grad_accum_fusion == "on":  # the trainer's fused linears (fp32/fp64 weights)
+        from sleeptrain.model.kernels import linear as fused_linear
+
+        fusion = fused_linear.for_model(model, None)
+    with fusion:
+        out = sleeptrain.windowed_loss(model, tokens, mask, cfg.sleep)
+        out.loss.backward()
     sync_tp_grads(model.parameters())
     grads = {n: gather_tp(p.grad, partition_dim(p)).cpu().clone()
              for n, p in model.named_parameters() if p.grad is not None}

@@ -9,6 +9,7 @@ import torch
 
 import sleeptrain
 from sleeptrain.model.kernels import fused
+from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward
 from sleeptrain.sleep.runner import window_heads
 from sleeptrain.train.logging import read_metrics
@@ -58,6 +59,63 @@ def test_graph_replay_with_compiled_chains_equals_eager():
         _replay_vs_eager("hard-full-ckpt", True)
 
 
+@pytest.mark.parametrize("case", ["hard-full-ckpt", "neumann"])
+def test_graph_replay_with_fused_linears_equals_eager(case):
+    # train.grad_accum_fusion: bf16 weight copies refreshed inside the graph, weight gradients
+    # added into .grad by the captured GEMMs (the Neumann backward's plain weight gradients
+    # included).
+    before = fused_linear.enabled()
+    fused_linear.set_enabled(True)
+    try:
+        _replay_vs_eager(case, True)
+    finally:
+        fused_linear.set_enabled(before)
+
+
+def test_mixed_dtype_gradient_accumulation_on_cuda():
+    # grad (fp32) += a @ b with bf16 a, b in one GEMM (addmm with out_dtype=float32): exact
+    # products of bf16 numbers summed in fp32 -- against fp64: |err| <= 1e-5 * (1 + max|ref|).
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(384, 1000, device="cuda", generator=g).bfloat16()
+    b = torch.randn(1000, 256, device="cuda", generator=g).bfloat16()
+    grad = torch.randn(384, 256, device="cuda", generator=g)
+    ref = grad.double() + a.double() @ b.double()
+    ptr = grad.data_ptr()
+    fused_linear._accumulate(grad, a, b)
+    assert grad.data_ptr() == ptr and grad.dtype == torch.float32
+    assert (grad.double() - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def test_fused_linears_bf16_gradients_are_as_close_to_fp64():
+    # bf16 autocast with and without fused linears, both against the same model in fp64 (no
+    # autocast): the fused path keeps fp32 weight-gradient sums where the plain one rounds
+    # each window's weight gradient to bf16, so its error may be smaller, never much larger:
+    # err_fused <= 1.5 * err_plain + 1e-4 * max|g| per parameter.
+    cfg = sleeptrain.load_config(None, [*SMALL, *CASES["hard-full-ckpt"]])
+    c64 = sleeptrain.load_config(None, [*SMALL, *CASES["hard-full-ckpt"],
+                                        "model.params_dtype=float64"])
+    tokens, mask, _ = _batch(0, False)
+    heads = window_heads(mask, cfg.sleep.window_len)
+
+    def grads(c, autocast, fusion):
+        m = sleeptrain.build_model(c, seed=3)
+        before = fused_linear.enabled()
+        fused_linear.set_enabled(fusion)
+        try:
+            forward_backward(m, tokens, mask, None, c.sleep, 500.0, autocast, heads)
+        finally:
+            fused_linear.set_enabled(before)
+        return {n: p.grad.double() for n, p in m.named_parameters()}
+
+    ref, plain, fusedg = (grads(c64, False, False), grads(cfg, True, False),
+                          grads(cfg, True, True))
+    for n, r in ref.items():
+        scale = r.abs().max().item()
+        e_plain = (plain[n] - r).abs().max().item()
+        e_fused = (fusedg[n] - r).abs().max().item()
+        assert e_fused <= 1.5 * e_plain + 1e-4 * scale, (n, e_fused, e_plain)
+
+
 def _replay_vs_eager(case, autocast):
     cfg = sleeptrain.load_config(None, [*SMALL, *CASES[case]])
     doc = case == "sliding-docs"
@@ -90,7 +148,8 @@ def _losses(run_dir):
 
 
 def test_graphed_training_follows_eager_for_20_steps(tmp_path):
-    # The trainer with train.cuda_graphs on vs off (train.compile off in both): same config,
+    # The trainer with train.cuda_graphs on vs off (train.compile off in both,
+    # train.grad_accum_fusion at its default, on for CUDA): same config,
     # seed and data (the Rule 110 task, hard eviction, N=2 with window x pass checkpointing,
     # 2 micro-batches per step, Muon + AdamW, bf16 autocast). The loss curves agree to 2e-3
     # relative per step: bf16 activations and FLA's atomics give run-to-run differences of

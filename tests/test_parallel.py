@@ -35,7 +35,12 @@ def _torchrun(*args: str, timeout: int = 300, nproc: int = 2) -> subprocess.Comp
      "model.tie_embeddings=true"],
     ["sleep.eviction=hard", "sleep.passes=2", "sleep.grad_mode=implicit",
      "parallel.sequence_parallel=true", "sleep.checkpoint=true"],
-], ids=["sliding-N2", "hard-N3-truncated", "sp-sliding-N2-tied", "sp-hard-implicit-ckpt"])
+    ["sleep.eviction=sliding", "sleep.passes=2", "model.tie_embeddings=true",
+     "train.grad_accum_fusion=on"],
+    ["sleep.eviction=hard", "sleep.passes=2", "sleep.grad_mode=implicit",
+     "parallel.sequence_parallel=true", "sleep.checkpoint=true", "train.grad_accum_fusion=on"],
+], ids=["sliding-N2", "hard-N3-truncated", "sp-sliding-N2-tied", "sp-hard-implicit-ckpt",
+        "fused-linears-sliding-tied", "fused-linears-sp-implicit-ckpt"])
 def test_tp2_loss_and_gradients_equal_tp1(tmp_path, sleep):
     """fp64 weights; megatron-core's vocab-parallel cross-entropy computes in fp32, so the loss
     and the gradients agree to fp32 rounding: |diff| <= 1e-6 * (1 + max|g|)."""

@@ -111,7 +111,7 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def _switch_words(cfg: DictConfig) -> None:
     """YAML reads the words on/off as booleans: the three-way switches take them back."""
-    for key in ("cuda_graphs", "compile"):
+    for key in ("cuda_graphs", "compile", "grad_accum_fusion"):
         if str(cfg.train[key]) in ("True", "False"):
             cfg.train[key] = "on" if str(cfg.train[key]) == "True" else "off"
 

@@ -158,8 +158,13 @@ class TrainConfig:
     # (docs/design.md, "CUDA graphs and compiled elementwise chains").
     cuda_graphs: str = "off"
     # torch.compile of the layers' elementwise chains (sleeptrain.model.kernels.fused): auto
-    # (on for CUDA) | on | off. Off by default for the same reason.
+    # (on for CUDA) | on | off. Off by default until its graphed-equality GPU test has run on
+    # the current code (docs/design.md).
     compile: str = "off"
+    # linears with bf16 weight copies made once per micro-batch and weight gradients added
+    # into the fp32 .grad by the GEMM (sleeptrain.model.kernels.linear): auto (on for CUDA)
+    # | on | off.
+    grad_accum_fusion: str = "auto"
 
 
 @dataclass

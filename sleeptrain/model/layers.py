@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 
 from sleeptrain.model.kernels import attention as attention_op
 from sleeptrain.model.kernels import fused, gated_delta_rule
+from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.model.kernels.fused import apply_rope
 
 
@@ -36,10 +41,21 @@ def normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
-def column(layer: nn.Module, x: torch.Tensor, sp: bool = False, **kw: Any) -> torch.Tensor:
+def column(layer: nn.Module, x: torch.Tensor, sp: bool = False,
+           weight: torch.Tensor | None = None) -> torch.Tensor:
     """A megatron-core column-parallel linear; with ``sp`` its input was all-gathered by
     sequence parallelism, whose backward reduce-scatters the input gradient, so the layer's
-    own all-reduce of that gradient is switched off for this call."""
+    own all-reduce of that gradient is switched off for this call. ``weight``: use this
+    weight (the tied output head). Inside a ``FusedLinears`` context (the trainer's
+    micro-batches, :mod:`sleeptrain.model.kernels.linear`) the matmul is the fused one and
+    megatron-core's region mapping all-reduces the input gradient over TP."""
+    if fused_linear.active() is not None:
+        w = layer.weight if weight is None else weight
+        if not sp and layer.allreduce_dgrad:
+            x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
+        y = fused_linear.linear(x, w)
+        return y if layer.bias is None or layer.skip_bias_add else y + layer.bias
+    kw = {} if weight is None else {"weight": weight}
     if not sp:
         return layer(x, **kw)[0]
     saved = layer.allreduce_dgrad, layer.disable_grad_reduce
@@ -53,10 +69,15 @@ def column(layer: nn.Module, x: torch.Tensor, sp: bool = False, **kw: Any) -> to
 def row(layer: nn.Module, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
     """A megatron-core row-parallel linear: all-reduced output, or with ``sp`` this rank's
     partial sums (sequence parallelism reduce-scatters them)."""
+    if sp and layer.bias is not None:
+        raise ValueError("sequence parallelism: row-parallel biases are not supported")
+    if fused_linear.active() is not None:
+        y = fused_linear.linear(x, layer.weight)
+        if not sp:
+            y = reduce_from_tensor_model_parallel_region(y, group=layer.tp_group)
+        return y if layer.bias is None or layer.skip_bias_add else y + layer.bias
     if not sp:
         return layer(x)[0]
-    if layer.bias is not None:
-        raise ValueError("sequence parallelism: row-parallel biases are not supported")
     return F.linear(x, layer.weight)
 
 

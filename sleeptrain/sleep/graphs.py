@@ -27,6 +27,7 @@ What capture relies on, and where it is kept:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.sleep.runner import windowed_loss
 
 
@@ -52,13 +54,19 @@ def forward_backward(
     """One micro-batch: ``windowed_loss``, then backward of ``loss_sum / denom`` into ``.grad``.
 
     Returns (loss_sum, n_correct), detached. ``autocast``: bf16 autocast on CUDA. ``static``:
-    the capturable form (document resets at every window; needs ``heads``).
+    the capturable form (document resets at every window; needs ``heads``). With
+    ``sleeptrain.model.kernels.linear.enabled()`` the linears use bf16 weight copies made once
+    per micro-batch and accumulate weight gradients into ``.grad`` inside their GEMMs.
     """
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and tokens.is_cuda):
-        out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
-                            doc_starts=doc_starts, heads=heads, static_resets=static)
-    if out.loss_sum.requires_grad:  # no target anywhere: nothing to differentiate
-        (out.loss_sum / denom).backward()
+    amp = autocast and tokens.is_cuda
+    fusion = (fused_linear.for_model(model, torch.bfloat16 if amp else None)
+              if fused_linear.enabled() else contextlib.nullcontext())
+    with fusion:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
+                                doc_starts=doc_starts, heads=heads, static_resets=static)
+        if out.loss_sum.requires_grad:  # no target anywhere: nothing to differentiate
+            (out.loss_sum / denom).backward()
     return out.loss_sum.detach(), out.n_correct
 
 
@@ -136,7 +144,8 @@ class MicroBatchGraphs:
         doc = None if doc_starts is None else (tuple(doc_starts.shape), doc_starts.dtype)
         return (tuple(tokens.shape), tokens.dtype, str(tokens.device), tuple(mask.shape),
                 mask.dtype, doc, repr(sorted(sc.items())), passes, bool(autocast),
-                tuple(bool(h) for h in heads), tuple(id(p) for p in self.trainable()))
+                tuple(bool(h) for h in heads), tuple(id(p) for p in self.trainable()),
+                fused_linear.enabled())
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, doc_starts: torch.Tensor | None,
              sleep_cfg: Any, denom: float, autocast: bool, heads: Sequence[bool],

@@ -43,6 +43,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
+from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.parallel.tensors import gather_last_dim
 
 
@@ -222,7 +223,9 @@ class _NeumannSleep(torch.autograd.Function):
         saved = fctx.saved_tensors
         z_prev, ctx_t = saved[: fctx.n_z], saved[fctx.n_z :]
         params = fctx.params
-        with torch.enable_grad():
+        # the recomputed graph is differentiated with torch.autograd.grad: its linears must
+        # return weight gradients, not add them into .grad (sleeptrain.model.kernels.linear)
+        with torch.enable_grad(), fused_linear.plain_weight_grads():
             z_in = [t.detach().requires_grad_(True) for t in z_prev]
             c_in = [t.detach().requires_grad_(t.requires_grad) for t in ctx_t]
             ac = fctx.autocast
@@ -297,10 +300,11 @@ def _sleep(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
 
 def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None],
           ctx: PassContext, targets: torch.Tensor | None, mask: torch.Tensor | None,
-          want_logits: bool, want_head: bool):
-    """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs)."""
+          want_logits: bool, want_head: bool, embedded: torch.Tensor | None = None):
+    """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs).
+    ``embedded``: the window's token embeddings, already looked up (else from ``tokens``)."""
     a, b = net.loop_start, net.loop_end
-    h = net.embed_tokens(tokens, ctx.sp_shape)
+    h = net.embed_tokens(tokens, ctx.sp_shape) if embedded is None else embedded
     h, fast, ex0 = net.run_blocks(h, 0, a, fast, ctx)
     h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
     h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
@@ -374,6 +378,7 @@ def run_window(
     want_logits: bool = True,
     want_head: bool = True,
     reset: torch.Tensor | None = None,
+    embedded: torch.Tensor | None = None,
 ) -> tuple[WindowOutput, SleepState]:
     """One window [B, l] (l <= window_len): wake pass, passes-1 sleep passes, eviction.
 
@@ -381,6 +386,8 @@ def run_window(
     masked cross-entropy sum. ``want_head`` False skips the output head (no loss in window).
     ``reset`` [B] bool: sequences where a new document starts with this window; their state
     (fast weights, conv state, KV carry) is cleared first, as if the window began a sequence.
+    ``embedded`` [B, l, d]: the embeddings of ``tokens`` (``windowed_loss`` looks up a whole
+    sequence at once); not with sequence parallelism.
     """
     length = tokens.shape[1]
     if length > sleep_cfg.window_len:
@@ -402,13 +409,18 @@ def run_window(
     ldt = torch.float64 if net.dtype == torch.float64 else torch.float32
     mask = None if loss_mask is None else loss_mask.to(ldt)
 
-    def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk):
+    if embedded is not None and (net.sp or embedded.shape[:2] != tokens.shape):
+        raise ValueError(f"embedded {tuple(embedded.shape)} must be [B, l, d] for tokens "
+                         f"{tuple(tokens.shape)}, without sequence parallelism")
+
+    def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk, emb):
         c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep,
                         ctx.sp_shape)
-        return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head)
+        return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head, emb)
 
     h_loop, fast, extras, outs = _maybe_checkpoint(
-        bool(sleep_cfg.checkpoint), wake_fn, tokens, state.fast, ctx.kv, ctx.conv, targets, mask
+        bool(sleep_cfg.checkpoint), wake_fn, tokens, state.fast, ctx.kv, ctx.conv, targets, mask,
+        embedded,
     )
     fast = _sleep(net, h_loop, fast, ctx, passes - 1, sleep_cfg)
     new_state = _evict(net, state, fast, extras, length, sleep_cfg.eviction,
@@ -492,6 +504,12 @@ def windowed_loss(
     n_correct = torch.zeros((), dtype=torch.int64, device=device)
     preds = []
     detach_every = int(sleep_cfg.detach_every)
+    # One embedding lookup for the whole sequence, split into windows: its backward is one
+    # dense table gradient and one concatenation, not one table-sized gradient per window.
+    # (Under sequence parallelism each window's lookup is split over the TP ranks instead.)
+    embedded: Sequence[torch.Tensor | None] = [None] * len(starts)
+    if not model.sp:
+        embedded = torch.split(model.embed_tokens(inputs), L, dim=1)
     for w, s in enumerate(starts):
         last = w == len(starts) - 1
         e = min(s + L, t_in)
@@ -500,7 +518,7 @@ def windowed_loss(
             model, inputs[:, s:e], state, 1 if last else n_pass, sleep_cfg,
             targets=targets[:, s:e] if head else None,
             loss_mask=mask[:, s:e] if head else None,
-            want_logits=False, want_head=head, reset=resets[w],
+            want_logits=False, want_head=head, reset=resets[w], embedded=embedded[w],
         )
         if out.loss_sum is not None:
             loss_sum = loss_sum + out.loss_sum

@@ -30,6 +30,7 @@ from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import evaluate_task, format_table
 from sleeptrain.model.kernels import fused
+from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
 from sleeptrain.parallel.state import init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
@@ -210,6 +211,9 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
               "(perf.jsonl mfu_measured)", flush=True)
     compile_before = fused.compile_enabled()
     fused.set_compile(cfg.train.compile == "on" or (cfg.train.compile == "auto" and is_cuda))
+    fusion_before = fused_linear.enabled()
+    fused_linear.set_enabled(cfg.train.grad_accum_fusion == "on"
+                             or (cfg.train.grad_accum_fusion == "auto" and is_cuda))
     no_graphs = graphs_unavailable(device, info.tp_size, cfg.train.cuda_graphs)
     graphs = MicroBatchGraphs(model, verbose=rank0) if no_graphs is None else None
     if rank0 and no_graphs and cfg.train.cuda_graphs == "on":
@@ -343,6 +347,7 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         metrics.close()
         stop.restore()
         fused.set_compile(compile_before)
+        fused_linear.set_enabled(fusion_before)
     if rank0 and last_eval is not None and step == total:
         import json
 

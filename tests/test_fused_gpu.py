@@ -27,12 +27,13 @@ def _inputs(dtype):
                       dk, h * r_, dv),
         "gated_rms_norm": (r(b, t, h * r_, dv), r(b, t, h * r_, dv), r(dv, dt=torch.float32),
                            1e-6, torch.float32),
+        "causal_conv_silu": (r(b, t + 3, 320), r(320, 4, dt=torch.float32, scale=0.5)),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["rms_norm", "swiglu", "apply_rope", "gdn_gates",
-                                  "gated_rms_norm"])
+                                  "gated_rms_norm", "causal_conv_silu"])
 def test_compiled_chain_matches_reference(name, dtype):
     # Forward outputs and the gradients of every tensor input: compiled and eager, both
     # against the eager function on fp64 copies of the same inputs. Inductor keeps fp32

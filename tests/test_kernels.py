@@ -85,6 +85,29 @@ def test_reference_matches_fla_naive(naive):
             assert (a - b).abs().max() < 2e-5 * max(1.0, a.abs().max().item()), name
 
 
+def test_causal_conv_silu_forms_agree():
+    # The compiled form (channels-last shifted sums) against the eager one (torch's grouped
+    # conv1d) and an explicit loop (fp64: rounding only, |diff| <= 1e-12), values and the
+    # gradients of input and weight.
+    from sleeptrain.model.kernels import fused
+
+    g = torch.Generator().manual_seed(0)
+    ext = torch.randn(2, 13, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = fused._causal_conv_silu_shifted(ext, w)
+    ref = fused.causal_conv_silu(ext, w)
+    loop = torch.stack([torch.nn.functional.silu((ext[:, t : t + 4] * w.t()).sum(1))
+                        for t in range(10)], dim=1)
+    assert (ref - loop).abs().max().item() <= 1e-12
+    assert y.shape == (2, 10, 6)
+    assert (y - ref).abs().max().item() <= 1e-12
+    gy = torch.randn_like(y)
+    g1 = torch.autograd.grad(y, (ext, w), gy)
+    g2 = torch.autograd.grad(ref, (ext, w), gy)
+    for a, b in zip(g1, g2, strict=True):
+        assert (a - b).abs().max().item() <= 1e-12
+
+
 def test_unknown_backend_is_named():
     q, k, v, g, beta, s0 = _inputs()
     with pytest.raises(ValueError, match="model.gdn_backend"):

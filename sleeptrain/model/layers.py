@@ -273,26 +273,26 @@ class GatedDeltaNet(nn.Module):
     def _conv(self, x: torch.Tensor, state: torch.Tensor | None,
               segment: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv over x [B, T, C] with the last K-1 inputs ``state``
-        [B, C, K-1] (zeros when None); returns (SiLU(conv) [B, T, C], new state)."""
+        [B, C, K-1] (zeros when None); returns (SiLU(conv) [B, T, C], new state). Channels
+        stay last (``fused.causal_conv_silu``)."""
         b, t, c = x.shape
         km1 = self.kernel - 1
-        w = self.conv_weight.to(x.dtype).unsqueeze(1)
-        xt = x.transpose(1, 2)
+        w = self.conv_weight
         if segment is not None:  # independent segments (parallel form of hard eviction)
             pad = (-t) % segment
             n = (t + pad) // segment
-            xs = F.pad(xt, (0, pad)).reshape(b, c, n, segment).permute(0, 2, 1, 3)
-            xs = F.pad(xs.reshape(b * n, c, segment), (km1, 0))
-            y = F.conv1d(xs, w, groups=c).reshape(b, n, c, segment).permute(0, 2, 1, 3)
-            y = y.reshape(b, c, n * segment)[..., :t]
-            new_state = F.pad(xt, (km1, 0))[..., -km1:] if km1 else xt[..., :0]
-            return F.silu(y.transpose(1, 2)), new_state
+            xs = F.pad(x, (0, 0, 0, pad)).reshape(b * n, segment, c)
+            y = fused.causal_conv_silu(F.pad(xs, (0, 0, km1, 0)), w)
+            y = y.reshape(b, n * segment, c)[:, :t]
+            new_state = F.pad(x, (0, 0, km1, 0))[:, t:].transpose(1, 2).contiguous()
+            return y, new_state
         if state is None:
-            state = xt.new_zeros(b, c, km1)
-        ext = torch.cat([state.to(xt.dtype), xt], dim=-1)
-        y = F.conv1d(ext, w, groups=c)
-        new_state = ext[..., ext.shape[-1] - km1 :]
-        return F.silu(y.transpose(1, 2)), new_state
+            lead = x.new_zeros(b, km1, c)
+        else:
+            lead = state.transpose(1, 2).to(x.dtype)
+        ext = torch.cat([lead, x], dim=1)
+        new_state = ext[:, t:].transpose(1, 2).contiguous()
+        return fused.causal_conv_silu(ext, w), new_state
 
     def forward(
         self,

@@ -1,11 +1,12 @@
 """The elementwise chains of the hybrid's layers, eager or fused by ``torch.compile``.
 
 Between its GEMMs and its GDN/attention kernels, a block runs chains of small elementwise ops
-in fp32 -- RMSNorm, RoPE, the SwiGLU gate, the GDN input gates (L2-normalized q/k, decay g,
-beta) and the GDN output norm with its SiLU gate -- each a handful of kernels forward and more
-backward, each reading and writing the whole activation. On an H200 they took about 75% of the
-GPU time of a 350M hybrid's training step (docs/benchmarks.md). ``torch.compile`` turns each
-chain into one or two generated kernels per direction.
+in fp32 -- RMSNorm, RoPE, the SwiGLU gate, the GDN short convolution with its SiLU, the GDN
+input gates (L2-normalized q/k, decay g, beta) and the GDN output norm with its SiLU gate --
+each a handful of kernels forward and more backward, each reading and writing the whole
+activation. On an H200 they took about 75% of the GPU time of a 350M hybrid's training step
+(docs/benchmarks.md). ``torch.compile`` turns each chain into one or two generated kernels per
+direction.
 
 Every function here is the PyTorch reference (what runs on CPU, in fp64 and with compilation
 off); ``set_compile(True)`` routes CUDA tensors (below fp64) through ``torch.compile`` of the
@@ -51,13 +52,16 @@ def compiled(flag: bool) -> Iterator[None]:
         _STATE["on"] = old
 
 
-def _fusable(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None
+             ) -> Callable[..., Any]:
+    """``fn`` eagerly; compiled (``form``, default ``fn`` itself) for CUDA tensors when on."""
+
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args: Any) -> Any:
         if _STATE["on"] and x.is_cuda and x.dtype != torch.float64:
             fast = _COMPILED.get(fn.__name__)
             if fast is None:
-                fast = _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True)
+                fast = _COMPILED[fn.__name__] = torch.compile(form or fn, fullgraph=True)
             return fast(x, *args)
         return fn(x, *args)
 
@@ -118,6 +122,33 @@ def gdn_gates(qkv: torch.Tensor, araw: torch.Tensor, braw: torch.Tensor, a_log: 
     return q, k, v, g, beta
 
 
+def _causal_conv_silu_shifted(ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``causal_conv_silu`` as K shifted multiply-adds in fp32 (fp64 for fp64 ext), channels
+    last: the form ``torch.compile`` turns into one generated kernel per direction."""
+    k = weight.shape[1]
+    t = ext.shape[1] - k + 1
+    cdt = _cdt(ext)
+    e, w = ext.to(cdt), weight.to(cdt)
+    y = e[:, 0:t] * w[:, 0]
+    for j in range(1, k):
+        y = y + e[:, j : j + t] * w[:, j]
+    return F.silu(y).to(ext.dtype)
+
+
+def _causal_conv_silu(ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU of the causal depthwise convolution: ext [B, T + K - 1, C] (the K-1 inputs before
+    the window, then the window's T), weight [C, K]; returns [B, T, C] in ext's dtype with
+    y[t] = silu(sum_j weight[:, j] * ext[t + j]). Eagerly this is torch's grouped
+    ``F.conv1d`` (cuDNN on CUDA) in ext's dtype; compiled it is the shifted-sum form
+    (``_causal_conv_silu_shifted``, fp32 sums, no [B, C, T] transposes)."""
+    y = F.conv1d(ext.transpose(1, 2), weight.to(ext.dtype).unsqueeze(1), groups=ext.shape[2])
+    return F.silu(y.transpose(1, 2))
+
+
+causal_conv_silu = _fusable(_causal_conv_silu, _causal_conv_silu_shifted)
+causal_conv_silu.__name__ = "causal_conv_silu"
+
+
 @_fusable
 def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
                    out: torch.dtype) -> torch.Tensor:
@@ -128,5 +159,5 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return (of * weight.to(cdt) * F.silu(z.to(cdt))).to(out)
 
 
-__all__ = ["apply_rope", "compile_enabled", "compiled", "gated_rms_norm", "gdn_gates",
-           "rms_norm", "set_compile", "swiglu"]
+__all__ = ["apply_rope", "causal_conv_silu", "compile_enabled", "compiled", "gated_rms_norm",
+           "gdn_gates", "rms_norm", "set_compile", "swiglu"]

@@ -19,6 +19,7 @@ Writes a JSON file and prints markdown tables. Example (the numbers in docs/benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -68,7 +69,12 @@ def _classify(name: str) -> str:
     return "other"
 
 
-def _kernel_shares(fn) -> dict[str, float]:
+def _short(name: str, keep: int = 70) -> str:
+    """A kernel name cut in the middle (templates hide the functor at the end)."""
+    return name if len(name) <= 2 * keep else f"{name[:keep]} ... {name[-keep:]}"
+
+
+def _kernel_shares(fn, top_n: int = 15) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -90,8 +96,8 @@ def _kernel_shares(fn) -> dict[str, float]:
     total = sum(buckets.values()) or 1.0
     out: dict[str, Any] = {k: v / total for k, v in sorted(buckets.items())}
     out["gpu_busy_ms"] = total / 1e3
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:15]
-    out["top_kernels"] = [[k[:90], round(v / 1e3, 3), _classify(k)] for k, v in top]
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:top_n]
+    out["top_kernels"] = [[_short(k), round(v / 1e3, 3), _classify(k)] for k, v in top]
     return out
 
 
@@ -109,9 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default="both", choices=["both", "on", "off"],
                     help="N-scaling runs with window-pass checkpointing on, off or both")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--profile", default="on", choices=["on", "off"])
+    ap.add_argument("--profile", default="on", choices=["on", "off"],
+                    help="kernel-time shares of the graphed and the parallel step")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per profile")
     ap.add_argument("--compile", default="on", choices=["on", "off"],
                     help="torch.compile of the layers' elementwise chains (train.compile)")
+    ap.add_argument("--grad-accum-fusion", default="on", choices=["on", "off"],
+                    help="fused linears: bf16 weight copies once per micro-batch, weight "
+                         "gradients accumulated by the GEMM (train.grad_accum_fusion)")
     ap.add_argument("--out", default="bench_window.json")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -120,11 +131,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import sleeptrain
     from sleeptrain.model.kernels import fused
+    from sleeptrain.model.kernels import linear as fused_linear
     from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
     from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward, zero_grads
     from sleeptrain.sleep.runner import token_cross_entropy, window_heads
 
     fused.set_compile(args.compile == "on")
+    fused_linear.set_enabled(args.grad_accum_fusion == "on")
     windows = [int(x) for x in args.windows.split(",") if x]
     ckpt_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpoint]
     passes = [int(x) for x in args.passes.split(",") if x]
@@ -169,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     def par_step(window):
         def run():
             zero_grads(params)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
-                loss = token_cross_entropy(logits_local, tokens[:, 1:]).mean()
-            loss.backward()
+            fusion = (fused_linear.for_model(model, torch.bfloat16)
+                      if fused_linear.enabled() else contextlib.nullcontext())
+            with fusion:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
+                    loss = token_cross_entropy(logits_local, tokens[:, 1:]).mean()
+                loss.backward()
         return run
 
     def save():  # after every row: an interrupted run keeps what it measured
@@ -188,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "preset": args.preset, "params": n_params, "seq": args.seq, "batch": args.batch,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "compile": args.compile, "measured_bf16_tflops": measured / 1e12,
+        "compile": args.compile, "grad_accum_fusion": args.grad_accum_fusion,
+        "measured_bf16_tflops": measured / 1e12,
         "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
         "parallel_vs_sequential": [], "passes": [],
     }
@@ -200,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         results["fla"] = None
     print(f"# {args.preset}: {n_params / 1e6:.1f}M params, B={args.batch}, T={args.seq}, "
           f"{results['device']}, measured bf16 peak {measured / 1e12:.0f} TFLOP/s, "
-          f"compile {args.compile}", flush=True)
+          f"compile {args.compile}, grad_accum_fusion {args.grad_accum_fusion}", flush=True)
     for w in windows:
         sc = cfg.sleep.copy()
         sc.window_len, sc.passes, sc.checkpoint = w, 1, False
@@ -216,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         row["graphed_mfu"], row["graphed_mfu_sheet"] = mfu(sc, 1, row["graphed_s"])
         row["par_mfu"], _ = mfu(sc, 1, row["parallel_s"])
         if args.profile == "on":
-            row["graphed_kernel_share"] = _kernel_shares(run)
+            row["graphed_kernel_share"] = _kernel_shares(run, args.top)
+            row["parallel_kernel_share"] = _kernel_shares(par_step(w), args.top)
         del graphs, run
         torch.cuda.empty_cache()
         results["parallel_vs_sequential"].append(row)

@@ -154,9 +154,8 @@ class TrainConfig:
     save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)
     init_from: str = ""  # a run dir or checkpoint dir: its model weights start a new run
     # micro-batch forward+backward as CUDA graphs (sleeptrain.sleep.graphs): auto (on for
-    # CUDA at TP=1) | on | off. Off by default until the trainer-level GPU test has passed
-    # (docs/design.md, "CUDA graphs and compiled elementwise chains").
-    cuda_graphs: str = "off"
+    # CUDA at TP=1) | on | off (docs/design.md, "CUDA graphs and compiled elementwise chains").
+    cuda_graphs: str = "auto"
     # torch.compile of the layers' elementwise chains (sleeptrain.model.kernels.fused): auto
     # (on for CUDA) | on | off. Off by default until its graphed-equality GPU test has run on
     # the current code (docs/design.md).

@@ -30,10 +30,11 @@ Accumulating into ``.grad`` inside backward is right for ``loss.backward()``, no
 gradients with ``torch.autograd.grad`` through these linears records its graph under
 ``plain_weight_grads()`` (the implicit-gradient sleep's Neumann backward does).
 
-Off by default; ``train.grad_accum_fusion`` (auto: on for CUDA) turns it on for the trainer's
-micro-batches through ``set_enabled``; ``sleeptrain.sleep.graphs.forward_backward`` enters the
-context. Tests: tests/test_linear_fusion.py (CPU, exact in fp64 against megatron-core's path),
-tests/test_graphs_gpu.py (bf16 on GPU).
+The process-wide switch (``set_enabled``) is off until set; the trainer sets it from
+``train.grad_accum_fusion`` (default auto: on for CUDA), and
+``sleeptrain.sleep.graphs.forward_backward`` enters the context when it is on. Tests:
+tests/test_linear_fusion.py (CPU, exact in fp64 against megatron-core's path),
+tests/test_parallel.py (TP=2), tests/test_graphs_gpu.py (bf16 on GPU).
 """
 
 from __future__ import annotations

@@ -93,6 +93,16 @@ def test_memory_estimate_state_bytes_are_exact_for_this_trainer():
                if p.ndim == 2 and "embed" not in name and "head" not in name)
     assert mem["weights"] == mem["grads"] == 8 * n  # the tiny test models are fp64
     assert mem["optimizer"] == 8 * muon + 16 * (n - muon)
+    assert mem["weight_copies"] == 0  # fp64 weights on CPU: no bf16 copies
+    from sleeptrain.model.kernels.linear import matrix_weights
+
+    cfg4, model4 = tiny_model("model.params_dtype=float32", "train.device=cuda",
+                              "train.grad_accum_fusion=auto", "model.tie_embeddings=true")
+    lin = sum(w.numel() for w in matrix_weights(model4))
+    assert memory_estimate(cfg4, tp=2, seq_len=64)["weight_copies"] == 2 * lin / 2
+    cfg5, _ = tiny_model("model.params_dtype=float32", "train.device=cuda",
+                         "train.grad_accum_fusion=off")
+    assert memory_estimate(cfg5, tp=1, seq_len=64)["weight_copies"] == 0
     cfg2, model2 = tiny_model("model.params_dtype=float32", "optim.use_muon=false")
     assert memory_estimate(cfg2, tp=2, seq_len=64)["optimizer"] == 8 * n / 2
     cfg3, _ = tiny_model("model.params_dtype=float32", "optim.use_muon=false",

@@ -101,6 +101,18 @@ def param_count(m: Any) -> int:
     return n + sum(block_cost(m, s, 1, False).params for s in m.pattern)
 
 
+def linear_weight_count(m: Any) -> int:
+    """Entries of the weights the fused linears copy to bf16 (full model): every block's
+    projection and MLP matrices and the output head (the embedding when tied)."""
+    conv = 0
+    for sym in m.pattern:
+        if PATTERN_SYMBOLS[sym][0] == "gdn":
+            h, hv, dk, dv = _gdn(m)
+            conv += h * (2 * dk + (hv // h) * dv) * m.conv_kernel
+    mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
+    return mats - conv + m.vocab_size * m.d_model
+
+
 def _windows(seq_len: int, window: int) -> int:
     return max(1, math.ceil(seq_len / window))
 
@@ -184,8 +196,10 @@ def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None,
     with ``parallel.shard_optimizer``: the average share). Activations are a rough estimate for one
     micro-batch: the window in backward holds ~(8 + 16 / tp) d values per token per block in
     the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
-    token per pass boundary. Not counted: the fp32 logits of a window's head (B L V / tp x
-    4 bytes, and their gradient), framework buffers and fragmentation."""
+    token per pass boundary. ``weight_copies``: the fused linears' bf16 weight copies
+    (``train.grad_accum_fusion`` on, or auto off CPU, with bf16 autocast and non-bf16
+    weights; exact). Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes,
+    and their gradient), framework buffers and fragmentation."""
     from sleeptrain.model.hybrid import loop_range
 
     m, s = cfg.model, cfg.sleep
@@ -208,8 +222,12 @@ def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None,
         acts = window + B * T * d * 4 * (1 + (s.passes - 1))
     else:
         acts = window * _windows(T, L) * (1 + (s.passes - 1) * (b - a) / depth)
+    t = cfg.train
+    fusion = t.grad_accum_fusion == "on" or (t.grad_accum_fusion == "auto" and t.device != "cpu")
+    amp = t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu")
+    copies = 2 * linear_weight_count(m) / tp if fusion and amp and size != 2 else 0.0
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": acts,
-            "total": weights + grads + optimizer + acts}
+            "weight_copies": copies, "total": weights + grads + optimizer + acts + copies}
 
 
 def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
@@ -224,6 +242,8 @@ def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
     gb = cfg.data.batch_size * cfg.train.grad_accum * dp
     peak = peak_flops(device_name)
     gib = 1024 ** 3
+    copies = (f", bf16 weight copies {mem['weight_copies'] / gib:.1f}"
+              if mem["weight_copies"] else "")
     lines = [
         f"layout: {gpus} GPUs = TP {tp} x DP {dp}; global batch {gb} rows x {T} tokens "
         f"({cfg.data.batch_size} per rank x {cfg.train.grad_accum} accumulation x {dp})",
@@ -234,7 +254,8 @@ def plan_report(cfg: Any, gpus: int, seq_len: int | None = None,
         f"{100 * (f / f1 - 1):.0f}%)",
         f"per-GPU memory estimate: weights {mem['weights'] / gib:.1f} GiB, grads "
         f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}"
-        f"{' (sharded over DP)' if cfg.parallel.shard_optimizer and dp > 1 else ''}, activations "
+        f"{' (sharded over DP)' if cfg.parallel.shard_optimizer and dp > 1 else ''}"
+        f"{copies}, activations "
         f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
         f"~{mem['total'] / gib:.1f} GiB",
     ]

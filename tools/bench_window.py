@@ -19,7 +19,6 @@ Writes a JSON file and prints markdown tables. Example (the numbers in docs/benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -182,9 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     def par_step(window):
         def run():
             zero_grads(params)
-            fusion = (fused_linear.for_model(model, torch.bfloat16)
-                      if fused_linear.enabled() else contextlib.nullcontext())
-            with fusion:
+            with fused_linear.micro_batch(model, torch.bfloat16):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
                     loss = token_cross_entropy(logits_local, tokens[:, 1:]).mean()

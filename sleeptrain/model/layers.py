@@ -41,6 +41,11 @@ def normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
+def _plus_bias(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The layer's output with its bias, as megatron-core adds it (unless skip_bias_add)."""
+    return y if layer.bias is None or layer.skip_bias_add else y + layer.bias
+
+
 def column(layer: nn.Module, x: torch.Tensor, sp: bool = False,
            weight: torch.Tensor | None = None) -> torch.Tensor:
     """A megatron-core column-parallel linear; with ``sp`` its input was all-gathered by
@@ -53,8 +58,7 @@ def column(layer: nn.Module, x: torch.Tensor, sp: bool = False,
         w = layer.weight if weight is None else weight
         if not sp and layer.allreduce_dgrad:
             x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
-        y = fused_linear.linear(x, w)
-        return y if layer.bias is None or layer.skip_bias_add else y + layer.bias
+        return _plus_bias(layer, fused_linear.linear(x, w))
     kw = {} if weight is None else {"weight": weight}
     if not sp:
         return layer(x, **kw)[0]
@@ -75,7 +79,7 @@ def row(layer: nn.Module, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
         y = fused_linear.linear(x, layer.weight)
         if not sp:
             y = reduce_from_tensor_model_parallel_region(y, group=layer.tp_group)
-        return y if layer.bias is None or layer.skip_bias_add else y + layer.bias
+        return _plus_bias(layer, y)
     if not sp:
         return layer(x)[0]
     return F.linear(x, layer.weight)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from sleeptrain.config import switch_on
 from sleeptrain.config.validate import PATTERN_SYMBOLS, ConfigError, validate_model
 
 #: Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, first match wins.
@@ -50,6 +51,7 @@ class BlockCost:
     params: int
     matrices: int  # parameters in 2-D hidden matrices (Muon's; the rest is AdamW's)
     flops: float  # forward FLOPs per token
+    linears: int = 0  # parameters in the block's megatron-core linears (projections, MLP)
 
 
 def _attn(m: Any) -> tuple[int, int, int]:
@@ -69,11 +71,12 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
 
     kind, has_mlp = PATTERN_SYMBOLS[symbol]
     d = m.d_model
-    params, mats, flops = 0, 0, 0.0
+    params, mats, flops, lin = 0, 0, 0.0, 0
     if kind == "attention":
         hq, hkv, hd = _attn(m)
         proj = d * (hq + 2 * hkv) * hd + hq * hd * d
         mats += proj
+        lin += proj
         params += proj + d + ((hq + 2 * hkv) * hd if m.qkv_bias else 0)
         keys = window if sliding else (window + 1) / 2
         flops += 2 * proj + 4 * hq * hd * keys
@@ -84,15 +87,17 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
         conv_ch = h * (2 * dk + r * dv)
         proj = d * h * width + hv * dv * d
         mats += proj + conv_ch * m.conv_kernel  # the conv kernel [C, K] is 2-D too
+        lin += proj
         params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
         c = m.gdn_chunk_size
         flops += 2 * proj + 2 * m.conv_kernel * conv_ch + hv * (6 * dk * dv + 2 * c * (dk + dv))
     if has_mlp:
         f = ffn_hidden(m)
         mats += 3 * d * f
+        lin += 3 * d * f
         params += 3 * d * f + d
         flops += 6 * d * f
-    return BlockCost(params, mats, flops)
+    return BlockCost(params, mats, flops, lin)
 
 
 def param_count(m: Any) -> int:
@@ -104,13 +109,8 @@ def param_count(m: Any) -> int:
 def linear_weight_count(m: Any) -> int:
     """Entries of the weights the fused linears copy to bf16 (full model): every block's
     projection and MLP matrices and the output head (the embedding when tied)."""
-    conv = 0
-    for sym in m.pattern:
-        if PATTERN_SYMBOLS[sym][0] == "gdn":
-            h, hv, dk, dv = _gdn(m)
-            conv += h * (2 * dk + (hv // h) * dv) * m.conv_kernel
-    mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
-    return mats - conv + m.vocab_size * m.d_model
+    blocks = sum(block_cost(m, sym, 1, False).linears for sym in m.pattern)
+    return blocks + m.vocab_size * m.d_model
 
 
 def _windows(seq_len: int, window: int) -> int:
@@ -223,7 +223,7 @@ def memory_estimate(cfg: Any, tp: int, seq_len: int | None = None,
     else:
         acts = window * _windows(T, L) * (1 + (s.passes - 1) * (b - a) / depth)
     t = cfg.train
-    fusion = t.grad_accum_fusion == "on" or (t.grad_accum_fusion == "auto" and t.device != "cpu")
+    fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
     amp = t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu")
     copies = 2 * linear_weight_count(m) / tp if fusion and amp and size != 2 else 0.0
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": acts,

@@ -27,7 +27,6 @@ What capture relies on, and where it is kept:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,9 +58,7 @@ def forward_backward(
     per micro-batch and accumulate weight gradients into ``.grad`` inside their GEMMs.
     """
     amp = autocast and tokens.is_cuda
-    fusion = (fused_linear.for_model(model, torch.bfloat16 if amp else None)
-              if fused_linear.enabled() else contextlib.nullcontext())
-    with fusion:
+    with fused_linear.micro_batch(model, torch.bfloat16 if amp else None):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
                                 doc_starts=doc_starts, heads=heads, static_resets=static)

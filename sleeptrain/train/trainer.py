@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sleeptrain.config import to_yaml
+from sleeptrain.config import switch_on, to_yaml
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
@@ -210,10 +210,9 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         print(f"measured bf16 matmul peak: {measured_peak / 1e12:.0f} TFLOP/s per GPU "
               "(perf.jsonl mfu_measured)", flush=True)
     compile_before = fused.compile_enabled()
-    fused.set_compile(cfg.train.compile == "on" or (cfg.train.compile == "auto" and is_cuda))
+    fused.set_compile(switch_on(cfg.train.compile, is_cuda))
     fusion_before = fused_linear.enabled()
-    fused_linear.set_enabled(cfg.train.grad_accum_fusion == "on"
-                             or (cfg.train.grad_accum_fusion == "auto" and is_cuda))
+    fused_linear.set_enabled(switch_on(cfg.train.grad_accum_fusion, is_cuda))
     no_graphs = graphs_unavailable(device, info.tp_size, cfg.train.cuda_graphs)
     graphs = MicroBatchGraphs(model, verbose=rank0) if no_graphs is None else None
     if rank0 and no_graphs and cfg.train.cuda_graphs == "on":

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -142,6 +143,13 @@ def for_model(model: torch.nn.Module, dtype: torch.dtype | None) -> FusedLinears
     if dtype not in per_dtype:
         per_dtype[dtype] = FusedLinears(model, dtype)
     return per_dtype[dtype]
+
+
+def micro_batch(model: torch.nn.Module,
+                dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """What a micro-batch's forward and backward run inside: the model's ``FusedLinears``
+    for ``dtype`` while the switch is on, else nothing (megatron-core's own linears)."""
+    return for_model(model, dtype) if enabled() else contextlib.nullcontext()
 
 
 def _accumulate(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

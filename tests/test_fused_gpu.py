@@ -17,6 +17,7 @@ def _inputs(dtype):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dt).requires_grad_()
 
     b, t, h, dk, r_, dv = 2, 96, 2, 64, 2, 64
+    cg = 2 * dk + r_ * dv
     ang = torch.randn(t, 64, generator=g, device="cuda")
     return {
         "rms_norm": (r(b, t, 256, dt=torch.float32), r(256, dt=torch.float32), 1e-6),
@@ -28,12 +29,17 @@ def _inputs(dtype):
         "gated_rms_norm": (r(b, t, h * r_, dv), r(b, t, h * r_, dv), r(dv, dt=torch.float32),
                            1e-6, torch.float32),
         "causal_conv_silu": (r(b, t + 3, 320), r(320, 4, dt=torch.float32, scale=0.5)),
+        "gdn_inputs": (r(b, t, h, 2 * dk + 2 * r_ * dv + 2 * r_), r(b, h * cg, 3),
+                       r(h * cg, 4, dt=torch.float32, scale=0.5), r(h * r_, dt=torch.float32),
+                       r(h * r_, dt=torch.float32, scale=0.1), dk, r_, dv),
+        "qkv_rope": (r(b, t, 2, 5 * 64), ang.cos(), ang.sin(), 3),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["rms_norm", "swiglu", "apply_rope", "gdn_gates",
-                                  "gated_rms_norm", "causal_conv_silu"])
+                                  "gated_rms_norm", "causal_conv_silu", "gdn_inputs",
+                                  "qkv_rope"])
 def test_compiled_chain_matches_reference(name, dtype):
     # Forward outputs and the gradients of every tensor input: compiled and eager, both
     # against the eager function on fp64 copies of the same inputs. Inductor keeps fp32

@@ -108,6 +108,75 @@ def test_causal_conv_silu_forms_agree():
         assert (a - b).abs().max().item() <= 1e-12
 
 
+def test_gdn_inputs_equals_its_parts():
+    # fused.gdn_inputs (one function from the GDN projection to the delta rule's inputs, both
+    # of its forms) against the parts it replaced: split, concatenation with the conv state,
+    # causal_conv_silu, gdn_gates. fp64: rounding only, |diff| <= 1e-12; values and the
+    # gradients of every input, the conv state included (it carries gradient across windows).
+    from sleeptrain.model.kernels import fused
+
+    g = torch.Generator().manual_seed(1)
+    b, t, h, dk, r, dv, k = 2, 9, 2, 4, 2, 3, 4
+    cg, gw = 2 * dk + r * dv, 2 * dk + 2 * r * dv + 2 * r
+
+    def leaf(*shape, scale=1.0):
+        x = torch.randn(*shape, dtype=torch.float64, generator=g) * scale
+        return x.requires_grad_()
+
+    inputs = [leaf(b, t, h, gw), leaf(b, h * cg, k - 1), leaf(h * cg, k, scale=0.5),
+              leaf(h * r), leaf(h * r, scale=0.1)]
+
+    def parts(y, state, w, a_log, dt_bias):
+        qkv, z, braw, araw = torch.split(y, [cg, r * dv, r, r], dim=-1)
+        ext = torch.cat([state.transpose(1, 2), qkv.reshape(b, t, -1)], dim=1)
+        c = fused.causal_conv_silu(ext, w).view(b, t, h, cg)
+        return (*fused.gdn_gates(c, araw, braw, a_log, dt_bias, dk, h * r, dv),
+                z.reshape(b, t, h * r, dv), ext[:, t:].transpose(1, 2))
+
+    shifted = fused._gdn_inputs_via(fused._causal_conv_silu_shifted)
+    ref = parts(*inputs)
+    weights = [torch.randn(o.shape, dtype=torch.float64, generator=g) for o in ref]
+    ref_grads = torch.autograd.grad(ref, inputs, weights)
+    for fn in (fused.gdn_inputs, shifted):
+        outs = fn(*inputs, dk, r, dv)
+        assert [o.shape for o in outs] == [o.shape for o in ref]
+        for a, e in zip(outs, ref, strict=True):
+            assert (a - e).abs().max().item() <= 1e-12
+        for a, e in zip(torch.autograd.grad(outs, inputs, weights), ref_grads, strict=True):
+            assert (a - e).abs().max().item() <= 1e-12
+
+
+def test_qkv_rope_equals_its_parts():
+    # fused.qkv_rope against split + reshape + apply_rope (fp64, |diff| <= 1e-12), values and
+    # the projection's gradient; and rope_cos_sin's kept tables equal freshly computed ones.
+    from sleeptrain.model import layers
+    from sleeptrain.model.kernels import fused
+
+    g = torch.Generator().manual_seed(2)
+    b, t, kv, group, hd = 2, 7, 2, 3, 8
+    y = torch.randn(b, t, kv, (group + 2) * hd, dtype=torch.float64, generator=g,
+                    requires_grad=True)
+    cos, sin = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
+    again = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
+    assert again[0] is cos and again[1] is sin  # kept
+    fresh = layers._rope_table(5, t, hd, 10000.0, torch.device("cpu"), torch.float64)
+    assert torch.equal(fresh[0], cos) and torch.equal(fresh[1], sin)
+    assert cos.dtype == torch.float64 and not cos.requires_grad
+    ang = torch.arange(5, 5 + t, dtype=torch.float64)[:, None] / 10000.0 ** (
+        torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    assert (cos[:, : hd // 2] - ang.cos()).abs().max().item() <= 1e-12
+    q, k, v = torch.split(y, [group * hd, hd, hd], dim=-1)
+    ref = (fused.apply_rope(q.reshape(b, t, kv * group, hd), cos, sin),
+           fused.apply_rope(k, cos, sin), v)
+    outs = fused.qkv_rope(y, cos, sin, group)
+    weights = [torch.randn(o.shape, dtype=torch.float64, generator=g) for o in ref]
+    for a, e in zip(outs, ref, strict=True):
+        assert a.shape == e.shape and (a - e).abs().max().item() <= 1e-12
+    (g1,) = torch.autograd.grad(outs, y, weights)
+    (g2,) = torch.autograd.grad(ref, y, weights)
+    assert (g1 - g2).abs().max().item() <= 1e-12
+
+
 def test_unknown_backend_is_named():
     q, k, v, g, beta, s0 = _inputs()
     with pytest.raises(ValueError, match="model.gdn_backend"):

@@ -12,6 +12,7 @@ All layers take and return [B, T, d_model] hidden states; head counts below are 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,6 @@ from megatron.core.tensor_parallel.mappings import (
 from sleeptrain.model.kernels import attention as attention_op
 from sleeptrain.model.kernels import fused, gated_delta_rule
 from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.model.kernels.fused import apply_rope
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -106,15 +106,51 @@ class RMSNorm(nn.Module):
         return fused.rms_norm(x, self.weight, self.eps, out)
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, dim] for rotate-half RoPE at absolute ``positions`` [T]."""
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=cdt) / dim)
-    ang = positions.to(cdt)[:, None] * inv[None, :]
+_ROPE_CACHE: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_ROPE_CACHE_BYTES = 64 << 20  # per process, all devices; a table above a quarter: not kept
+_ROPE_HELD = [0]
+
+
+def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.device,
+                cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=cdt) / dim)
+    pos = torch.arange(start, start + length, device=device)
+    ang = pos.to(cdt)[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
+
+
+def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, dim] for rotate-half RoPE at absolute positions start, start + 1, ...
+    (fp32; fp64 for fp64 ``dtype``).
+
+    Every attention block of a window asks for the same positions, and a training run asks
+    for the same windows every micro-batch: the tables are kept (least recently used first
+    out, 64 MiB in all, no autograd history) so that a window costs no RoPE kernels after
+    the first.
+    While a CUDA graph is being captured a missing table is computed but not kept: capture
+    records kernels without running them, so its values would exist only once replayed.
+    """
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    dev = torch.device(device)
+    key = (start, length, dim, float(theta), str(dev), cdt)
+    hit = _ROPE_CACHE.get(key)
+    if hit is not None:
+        _ROPE_CACHE.move_to_end(key)
+        return hit
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _rope_table(start, length, dim, theta, dev, cdt)
+    with torch.inference_mode(False), torch.no_grad():
+        table = _rope_table(start, length, dim, theta, dev, cdt)
+    size = 2 * table[0].numel() * table[0].element_size()
+    if 4 * size <= _ROPE_CACHE_BYTES:
+        _ROPE_CACHE[key] = table
+        _ROPE_HELD[0] += size
+        while _ROPE_HELD[0] > _ROPE_CACHE_BYTES:
+            c, _ = _ROPE_CACHE.popitem(last=False)[1]
+            _ROPE_HELD[0] -= 2 * c.numel() * c.element_size()
+    return table
 
 
 class SwiGLU(nn.Module):
@@ -167,12 +203,8 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         hd = self.head_dim
         y = y.view(b, t, self.kv_local, (self.group + 2) * hd)
-        # one split (its backward is one concatenation), not three slices
-        q, k, v = torch.split(y, [self.group * hd, hd, hd], dim=-1)
-        q = q.reshape(b, t, self.kv_local * self.group, hd)
-        pos = torch.arange(pos_start, pos_start + t, device=x.device)
-        cos, sin = rope_cos_sin(pos, hd, self.rope_theta, x.dtype)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        cos, sin = rope_cos_sin(pos_start, t, hd, self.rope_theta, x.device, x.dtype)
+        return fused.qkv_rope(y, cos, sin, self.group)
 
     def forward(
         self,
@@ -274,29 +306,27 @@ class GatedDeltaNet(nn.Module):
         """Channels of the short convolution on this TP rank."""
         return self.h_local * self.conv_group
 
-    def _conv(self, x: torch.Tensor, state: torch.Tensor | None,
-              segment: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv over x [B, T, C] with the last K-1 inputs ``state``
-        [B, C, K-1] (zeros when None); returns (SiLU(conv) [B, T, C], new state). Channels
-        stay last (``fused.causal_conv_silu``)."""
-        b, t, c = x.shape
-        km1 = self.kernel - 1
-        w = self.conv_weight
-        if segment is not None:  # independent segments (parallel form of hard eviction)
-            pad = (-t) % segment
-            n = (t + pad) // segment
-            xs = F.pad(x, (0, 0, 0, pad)).reshape(b * n, segment, c)
-            y = fused.causal_conv_silu(F.pad(xs, (0, 0, km1, 0)), w)
-            y = y.reshape(b, n * segment, c)[:, :t]
-            new_state = F.pad(x, (0, 0, km1, 0))[:, t:].transpose(1, 2).contiguous()
-            return y, new_state
-        if state is None:
-            lead = x.new_zeros(b, km1, c)
-        else:
-            lead = state.transpose(1, 2).to(x.dtype)
-        ext = torch.cat([lead, x], dim=1)
-        new_state = ext[:, t:].transpose(1, 2).contiguous()
-        return fused.causal_conv_silu(ext, w), new_state
+    def _inputs(self, y: torch.Tensor, conv_state: torch.Tensor | None,
+                segment: int | None) -> tuple[torch.Tensor, ...]:
+        """``fused.gdn_inputs`` of the projection y [B, T, H, G] with the K-1 conv inputs
+        ``conv_state`` [B, C, K-1] (zeros when None): q, k, v, g, beta, z, new conv state.
+        ``segment``: the conv restarts from zeros every ``segment`` tokens (the parallel form
+        of hard eviction); the new conv state is then the last K-1 inputs of y."""
+        b, t, h, gw = y.shape
+        km1, c = self.kernel - 1, self.conv_channels
+        args = (self.conv_weight, self.A_log, self.dt_bias, self.dk, self.r, self.dv)
+        if segment is None:
+            if conv_state is None:
+                conv_state = y.new_zeros(b, c, km1)
+            return fused.gdn_inputs(y, conv_state, *args)
+        pad = (-t) % segment
+        n = (t + pad) // segment
+        ys = F.pad(y, (0, 0, 0, 0, 0, pad)).reshape(b * n, segment, h, gw)
+        outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args)[:-1]
+        outs = [o.reshape(b, n * segment, *o.shape[2:])[:, :t] for o in outs]
+        tail = y[:, max(t - km1, 0):, :, : self.conv_group].reshape(b, -1, c)
+        tail = F.pad(tail, (0, 0, km1 - tail.shape[1], 0))
+        return (*outs, tail.transpose(1, 2).contiguous())
 
     def forward(
         self,
@@ -314,15 +344,8 @@ class GatedDeltaNet(nn.Module):
         y = column(self.in_proj, x, sp)
         b, t = x.shape[:2]
         y = y.view(b, t, self.h_local, self.group_width)
-        dv, r = self.dv, self.r
-        # one split (its backward is one concatenation), not four slices
-        qkv, z, braw, araw = torch.split(y, [self.conv_group, r * dv, r, r], dim=-1)
-        qkv, new_conv = self._conv(qkv.reshape(b, t, -1), conv_state, segment)
-        q, k, v, g, beta = fused.gdn_gates(qkv.view(b, t, self.h_local, self.conv_group), araw,
-                                           braw, self.A_log, self.dt_bias, self.dk,
-                                           self.hv_local, dv)
+        q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
         o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
                                     backend=self.backend, chunk_size=self.chunk_size)
-        of = fused.gated_rms_norm(o, z.reshape(b, t, self.hv_local, dv), self.out_norm_weight,
-                                  self.norm_eps, x.dtype)
+        of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype)
         return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

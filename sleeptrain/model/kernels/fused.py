@@ -93,8 +93,7 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@_fusable
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (the Llama/Qwen2 convention) on x [B, T, H, D]; cos, sin [T, D]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -103,8 +102,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.to(c.dtype) * c + rot.to(c.dtype) * s).to(x.dtype)
 
 
+apply_rope = _fusable(_apply_rope)
+apply_rope.__name__ = "apply_rope"
+
+
 @_fusable
-def gdn_gates(qkv: torch.Tensor, araw: torch.Tensor, braw: torch.Tensor, a_log: torch.Tensor,
+def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention's q, k, v from its fused projection y [B, T, KV, (group + 2) D] (rows per
+    key/value head: the group's queries, k, v), RoPE applied to q and k: q [B, T, KV group, D],
+    k, v [B, T, KV, D]. One function, so that compiled, the backward writes the projection's
+    gradient in one pass instead of two RoPE backward kernels and a concatenation."""
+    b, t, kv, width = y.shape
+    hd = width // (group + 2)
+    q, k, v = torch.split(y, [group * hd, hd, hd], dim=-1)
+    q = q.reshape(b, t, kv * group, hd)
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+
+def _gdn_gates(qkv: torch.Tensor, araw: torch.Tensor, braw: torch.Tensor, a_log: torch.Tensor,
               dt_bias: torch.Tensor, dk: int, hv: int,
               dv: int) -> tuple[torch.Tensor, ...]:
     """The delta rule's inputs from the conv output qkv [B, T, H, 2 dk + r dv] and the raw
@@ -147,6 +163,41 @@ def _causal_conv_silu(ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 causal_conv_silu = _fusable(_causal_conv_silu, _causal_conv_silu_shifted)
 causal_conv_silu.__name__ = "causal_conv_silu"
+gdn_gates = _fusable(_gdn_gates)
+gdn_gates.__name__ = "gdn_gates"
+
+
+def _gdn_inputs_via(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> Callable[..., tuple[torch.Tensor, ...]]:
+    def gdn_inputs(y: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                   a_log: torch.Tensor, dt_bias: torch.Tensor, dk: int, r: int,
+                   dv: int) -> tuple[torch.Tensor, ...]:
+        b, t, h, _ = y.shape
+        cg = 2 * dk + r * dv
+        qkv, z, braw, araw = torch.split(y, [cg, r * dv, r, r], dim=-1)
+        x = qkv.reshape(b, t, h * cg)
+        ext = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)
+        new_state = ext[:, t:].transpose(1, 2).contiguous()
+        c = conv(ext, conv_weight).view(b, t, h, cg)
+        q, k, v, g, beta = _gdn_gates(c, araw, braw, a_log, dt_bias, dk, h * r, dv)
+        return q, k, v, g, beta, z.reshape(b, t, h * r, dv), new_state
+
+    return gdn_inputs
+
+
+gdn_inputs = _fusable(_gdn_inputs_via(_causal_conv_silu),
+                      _gdn_inputs_via(_causal_conv_silu_shifted))
+gdn_inputs.__name__ = "gdn_inputs"
+gdn_inputs.__doc__ = """Everything between a GDN block's input projection and its delta rule.
+
+y [B, T, H, G]: the projection's rows per query/key head h (r value heads per qk head),
+[q_h (dk), k_h (dk), v (r dv), z (r dv), b (r), a (r)]; conv_state [B, C, K-1] (C = H (2 dk +
+r dv)): the K-1 conv inputs before the window; conv_weight [C, K]. Returns q, k [B, T, H, dk]
+(L2-normalized), v [B, T, H r, dv], g, beta [B, T, H r] (fp32; fp64 for fp64 y), z [B, T, H r,
+dv] and the new conv state [B, C, K-1]: ``causal_conv_silu`` over the [q, k, v] channels, then
+``gdn_gates``. One function, so that compiled it is one kernel per direction: the window's
+concatenation with the conv state, the convolution, the gates, and in backward the
+projection's whole gradient (no split's concatenation)."""
 
 
 @_fusable
@@ -160,4 +211,4 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 
 __all__ = ["apply_rope", "causal_conv_silu", "compile_enabled", "compiled", "gated_rms_norm",
-           "gdn_gates", "rms_norm", "set_compile", "swiglu"]
+           "gdn_gates", "gdn_inputs", "qkv_rope", "rms_norm", "set_compile", "swiglu"]

@@ -157,8 +157,8 @@ class TrainConfig:
     # CUDA at TP=1) | on | off (docs/design.md, "CUDA graphs and compiled elementwise chains").
     cuda_graphs: str = "auto"
     # torch.compile of the layers' elementwise chains (sleeptrain.model.kernels.fused): auto
-    # (on for CUDA) | on | off. Off by default until its graphed-equality GPU test has run on
-    # the current code (docs/design.md).
+    # (on for CUDA) | on | off. Off by default: a compiled chain's bf16 roundings depend on
+    # which lengths the process compiled first (docs/design.md).
     compile: str = "off"
     # linears with bf16 weight copies made once per micro-batch and weight gradients added
     # into the fp32 .grad by the GEMM (sleeptrain.model.kernels.linear): auto (on for CUDA)

@@ -128,9 +128,9 @@ def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.
     Every attention block of a window asks for the same positions, and a training run asks
     for the same windows every micro-batch: the tables are kept (least recently used first
     out, 64 MiB in all, no autograd history) so that a window costs no RoPE kernels after
-    the first.
-    While a CUDA graph is being captured a missing table is computed but not kept: capture
-    records kernels without running them, so its values would exist only once replayed.
+    the first. While a CUDA graph is being captured a missing table is computed but not
+    kept: capture records kernels without running them, so its values would exist only once
+    replayed.
     """
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     dev = torch.device(device)

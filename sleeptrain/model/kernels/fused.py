@@ -8,10 +8,17 @@ activation. On an H200 they took about 75% of the GPU time of a 350M hybrid's tr
 (docs/benchmarks.md). ``torch.compile`` turns each chain into one or two generated kernels per
 direction.
 
+The layers call the combined functions -- ``gdn_inputs`` (the GDN projection to the delta
+rule's inputs: ``causal_conv_silu``, then ``gdn_gates``) and ``qkv_rope`` (attention's
+projection to q, k, v with ``apply_rope``) -- so that the backward writes each projection's
+gradient once; the parts stay callable on their own (tests compare each compiled part).
+
 Every function here is the PyTorch reference (what runs on CPU, in fp64 and with compilation
 off); ``set_compile(True)`` routes CUDA tensors (below fp64) through ``torch.compile`` of the
-same function. Tests compare the two on GPU (tests/test_fused_gpu.py). The switch is
-process-wide (the trainer sets it from ``train.compile``; ``compiled()`` scopes it).
+same function (the convolution, alone or inside ``gdn_inputs``, compiles its shifted-sum
+form, equal to the reference in fp64: tests/test_kernels.py). Tests compare the two on GPU
+(tests/test_fused_gpu.py). The switch is process-wide (the trainer sets it from
+``train.compile``; ``compiled()`` scopes it).
 """
 
 from __future__ import annotations

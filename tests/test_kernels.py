@@ -146,6 +146,79 @@ def test_gdn_inputs_equals_its_parts():
             assert (a - e).abs().max().item() <= 1e-12
 
 
+def test_rope_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
+    # A table a CUDA graph read during capture is pinned: eviction (least recently used first,
+    # within the byte budget) skips it, because the graph holds its address, not a reference.
+    # A table missing during capture is computed and not kept. Capture is simulated
+    # (layers._capturing) since CPU tests have no CUDA graphs; the byte count stays exact.
+    from collections import OrderedDict
+
+    from sleeptrain.model import layers
+
+    monkeypatch.setattr(layers, "_ROPE_CACHE", OrderedDict())
+    monkeypatch.setattr(layers, "_ROPE_PINNED", set())
+    monkeypatch.setattr(layers, "_ROPE_HELD", [0])
+    table_bytes = 2 * 16 * 8 * 8  # cos + sin, 16 positions x 8 dims, fp64
+    monkeypatch.setattr(layers, "_ROPE_CACHE_BYTES", 4 * table_bytes)
+
+    def get(start):
+        return layers.rope_cos_sin(start, 16, 8, 10000.0, "cpu", torch.float64)
+
+    first = get(0)
+    monkeypatch.setattr(layers, "_capturing", lambda device: True)
+    assert get(0)[0] is first[0]  # a hit during capture: pinned
+    missing = get(100)  # a miss during capture: computed, not kept
+    assert missing[0].shape == (16, 8)
+    assert len(layers._ROPE_CACHE) == 1
+    monkeypatch.setattr(layers, "_capturing", lambda device: False)
+    for start in range(16, 16 * 12, 16):  # 11 more tables: the budget holds 4 in all
+        get(start)
+    keys = [k[0] for k in layers._ROPE_CACHE]
+    assert keys == [0, 144, 160, 176]  # the pinned one (oldest), then the 3 most recent
+    assert get(0)[0] is first[0]
+    held = sum(2 * c.numel() * c.element_size() for c, _ in layers._ROPE_CACHE.values())
+    assert layers._ROPE_HELD[0] == held == 4 * table_bytes
+
+
+def test_gdn_conv_state_and_segments_in_the_layer():
+    # GatedDeltaNet._inputs around fused.gdn_inputs: the new conv state is the last K-1 conv
+    # inputs of (incoming state, window) -- also for windows shorter than K-1 --, zeros when
+    # no state comes in; with ``segment`` each segment starts from a zero conv state (equal
+    # to calling gdn_inputs per segment) and the new state is the last K-1 inputs (zeros in
+    # front when the sequence is shorter). fp64: states compared exactly (copies), segment
+    # outputs to 1e-12 (rounding).
+    import sleeptrain
+    from tests.conftest import TINY
+
+    model = sleeptrain.build_model(sleeptrain.load_config(None, [*TINY, "model.pattern=G"]),
+                                   seed=0)
+    gdn = model.blocks[0].mixer
+    g = torch.Generator().manual_seed(3)
+    b, h, gw, cg, c, km1 = 2, gdn.h_local, gdn.group_width, gdn.conv_group, gdn.conv_channels, 3
+    assert gdn.kernel - 1 == km1
+
+    def conv_inputs(y):  # [B, t, C] in channel order
+        return y[..., :cg].reshape(y.shape[0], y.shape[1], c)
+
+    state = torch.randn(b, c, km1, dtype=torch.float64, generator=g)
+    for t in (2, 7):
+        y = torch.randn(b, t, h, gw, dtype=torch.float64, generator=g)
+        new = gdn._inputs(y, state, None)[-1]
+        expect = torch.cat([state.transpose(1, 2), conv_inputs(y)], dim=1)[:, -km1:]
+        assert torch.equal(new, expect.transpose(1, 2))
+        zero_in = gdn._inputs(y, None, None)
+        expect0 = gdn._inputs(y, torch.zeros_like(state), None)
+        for a, e in zip(zero_in, expect0, strict=True):
+            assert torch.equal(a, e)
+        outs = gdn._inputs(y, None, 3)
+        pieces = [gdn._inputs(y[:, s : s + 3], None, None)[:-1] for s in range(0, t, 3)]
+        for j, o in enumerate(outs[:-1]):  # segments batched: another summation order
+            assert (o - torch.cat([p[j] for p in pieces], dim=1)).abs().max().item() <= 1e-12
+        tail = torch.cat([torch.zeros(b, km1, c, dtype=torch.float64), conv_inputs(y)],
+                         dim=1)[:, -km1:]
+        assert torch.equal(outs[-1], tail.transpose(1, 2))
+
+
 def test_qkv_rope_equals_its_parts():
     # fused.qkv_rope against split + reshape + apply_rope (fp64, |diff| <= 1e-12), values and
     # the projection's gradient; and rope_cos_sin's kept tables equal freshly computed ones.
@@ -159,12 +232,12 @@ def test_qkv_rope_equals_its_parts():
     cos, sin = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
     again = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
     assert again[0] is cos and again[1] is sin  # kept
-    fresh = layers._rope_table(5, t, hd, 10000.0, torch.device("cpu"), torch.float64)
-    assert torch.equal(fresh[0], cos) and torch.equal(fresh[1], sin)
     assert cos.dtype == torch.float64 and not cos.requires_grad
     ang = torch.arange(5, 5 + t, dtype=torch.float64)[:, None] / 10000.0 ** (
         torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    assert (cos[:, : hd // 2] - ang.cos()).abs().max().item() <= 1e-12
+    ang = torch.cat([ang, ang], dim=-1)  # rotate-half: both halves share the frequencies
+    assert (cos - ang.cos()).abs().max().item() <= 1e-12
+    assert (sin - ang.sin()).abs().max().item() <= 1e-12
     q, k, v = torch.split(y, [group * hd, hd, hd], dim=-1)
     ref = (fused.apply_rope(q.reshape(b, t, kv * group, hd), cos, sin),
            fused.apply_rope(k, cos, sin), v)

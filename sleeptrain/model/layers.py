@@ -109,6 +109,7 @@ class RMSNorm(nn.Module):
 _ROPE_CACHE: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _ROPE_CACHE_BYTES = 64 << 20  # per process, all devices; a table above a quarter: not kept
 _ROPE_HELD = [0]
+_ROPE_PINNED: set[tuple[Any, ...]] = set()  # read by a captured CUDA graph: never evicted
 
 
 def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.device,
@@ -120,6 +121,10 @@ def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.d
     return ang.cos(), ang.sin()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.device,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, dim] for rotate-half RoPE at absolute positions start, start + 1, ...
@@ -128,18 +133,23 @@ def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.
     Every attention block of a window asks for the same positions, and a training run asks
     for the same windows every micro-batch: the tables are kept (least recently used first
     out, 64 MiB in all, no autograd history) so that a window costs no RoPE kernels after
-    the first. While a CUDA graph is being captured a missing table is computed but not
-    kept: capture records kernels without running them, so its values would exist only once
-    replayed.
+    the first. While a CUDA graph is being captured, a kept table it reads is pinned (never
+    evicted: the graph holds its address, not a reference), and a missing table is computed
+    inside the graph and not kept (capture records kernels without running them, so its
+    values would exist only once replayed). Pinned tables are bounded by the windows of the
+    captured layouts.
     """
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     dev = torch.device(device)
     key = (start, length, dim, float(theta), str(dev), cdt)
+    capturing = _capturing(dev)
     hit = _ROPE_CACHE.get(key)
     if hit is not None:
         _ROPE_CACHE.move_to_end(key)
+        if capturing:
+            _ROPE_PINNED.add(key)
         return hit
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         return _rope_table(start, length, dim, theta, dev, cdt)
     with torch.inference_mode(False), torch.no_grad():
         table = _rope_table(start, length, dim, theta, dev, cdt)
@@ -148,7 +158,10 @@ def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.
         _ROPE_CACHE[key] = table
         _ROPE_HELD[0] += size
         while _ROPE_HELD[0] > _ROPE_CACHE_BYTES:
-            c, _ = _ROPE_CACHE.popitem(last=False)[1]
+            victim = next((k for k in _ROPE_CACHE if k not in _ROPE_PINNED), None)
+            if victim is None:
+                break
+            c, _ = _ROPE_CACHE.pop(victim)
             _ROPE_HELD[0] -= 2 * c.numel() * c.element_size()
     return table
 

@@ -121,6 +121,10 @@ def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.d
     return ang.cos(), ang.sin()
 
 
+def _table_bytes(table: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(x.numel() * x.element_size() for x in table)
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -153,7 +157,7 @@ def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.
         return _rope_table(start, length, dim, theta, dev, cdt)
     with torch.inference_mode(False), torch.no_grad():
         table = _rope_table(start, length, dim, theta, dev, cdt)
-    size = 2 * table[0].numel() * table[0].element_size()
+    size = _table_bytes(table)
     if 4 * size <= _ROPE_CACHE_BYTES:
         _ROPE_CACHE[key] = table
         _ROPE_HELD[0] += size
@@ -161,8 +165,7 @@ def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.
             victim = next((k for k in _ROPE_CACHE if k not in _ROPE_PINNED), None)
             if victim is None:
                 break
-            c, _ = _ROPE_CACHE.pop(victim)
-            _ROPE_HELD[0] -= 2 * c.numel() * c.element_size()
+            _ROPE_HELD[0] -= _table_bytes(_ROPE_CACHE.pop(victim))
     return table
 
 

@@ -79,22 +79,6 @@ def test_graph_replay_with_fused_linears_equals_eager(case):
         fused_linear.set_enabled(before)
 
 
-@pytest.mark.parametrize("case", ["hard-full-ckpt", "neumann"])
-def test_wgrad_side_stream_equals_main_stream(case):
-    # train.wgrad_stream: the graphed model's weight-gradient GEMMs run on a side stream (in
-    # its two eager warm-ups and inside the captured graph), the eager model's on the main
-    # stream. Same kernels and inputs, only the streams differ, so a missing wait (a GEMM
-    # reading an activation whose memory was handed on, or .grad read before the GEMM ended)
-    # would show as a difference beyond the replay tests' float-rounding allowance.
-    before = fused_linear.enabled(), fused_linear.wgrad_stream_enabled()
-    fused_linear.set_enabled(True)
-    try:
-        _replay_vs_eager(case, True, graph_wgrad_stream=True)
-    finally:
-        fused_linear.set_enabled(before[0])
-        fused_linear.set_wgrad_stream(before[1])
-
-
 def test_mixed_dtype_gradient_accumulation_on_cuda():
     # grad (fp32) += a @ b with bf16 a, b in one GEMM (addmm with out_dtype=float32): exact
     # products of bf16 numbers summed in fp32 -- against fp64: |err| <= 1e-5 * (1 + max|ref|).
@@ -147,7 +131,7 @@ def test_fused_linears_bf16_gradients_are_as_close_to_fp64():
         assert e_fused <= 1.5 * e_plain + 1e-4 * scale, (n, e_fused, e_plain)
 
 
-def _replay_vs_eager(case, autocast, compile_first=False, graph_wgrad_stream=None):
+def _replay_vs_eager(case, autocast, compile_first=False):
     cfg = sleeptrain.load_config(None, [*SMALL, *CASES[case]])
     doc = case == "sliding-docs"
     tol = 1e-3 if autocast else 1e-5
@@ -166,12 +150,8 @@ def _replay_vs_eager(case, autocast, compile_first=False, graph_wgrad_stream=Non
         for micro in range(3):
             tokens, mask, starts = _batch(10 * step + micro, doc)
             heads = window_heads(mask, cfg.sleep.window_len)
-            if graph_wgrad_stream is not None:
-                fused_linear.set_wgrad_stream(False)
             le, ce = forward_backward(m_e, tokens, mask, starts, cfg.sleep, 500.0, autocast,
                                       heads)
-            if graph_wgrad_stream is not None:
-                fused_linear.set_wgrad_stream(graph_wgrad_stream)
             lg, cg = graphs.step(tokens, mask, starts, cfg.sleep, 500.0, autocast, heads)
             assert abs(le.item() - lg.item()) <= tol * abs(le.item()), (step, micro)
             assert int(ce) == int(cg)

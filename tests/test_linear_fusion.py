@@ -19,10 +19,9 @@ from tests.conftest import TINY
 
 @pytest.fixture(autouse=True)
 def _switch_restored():
-    before = fused_linear.enabled(), fused_linear.wgrad_stream_enabled()
+    before = fused_linear.enabled()
     yield
-    fused_linear.set_enabled(before[0])
-    fused_linear.set_wgrad_stream(before[1])
+    fused_linear.set_enabled(before)
 
 
 def _grads(model):
@@ -124,31 +123,3 @@ def test_grad_accum_fusion_switch_is_validated():
     assert cfg.train.grad_accum_fusion == "off"
     with pytest.raises(ConfigError, match="train.grad_accum_fusion"):
         sleeptrain.load_config(None, ["train.grad_accum_fusion=maybe"])
-
-
-def test_wgrad_stream_switch_is_validated_and_stays_off_the_cpu():
-    from sleeptrain.config.validate import ConfigError
-
-    assert sleeptrain.load_config(None, []).train.wgrad_stream == "auto"
-    with pytest.raises(ConfigError, match="train.wgrad_stream"):
-        sleeptrain.load_config(None, ["train.wgrad_stream=sometimes"])
-    with pytest.raises(ConfigError, match="train.wgrad_stream.*grad_accum_fusion is off"):
-        sleeptrain.load_config(None, ["train.wgrad_stream=on", "train.grad_accum_fusion=off"])
-    # switched on, a CPU step still adds every weight gradient on the one CPU "stream": the
-    # same gradients as with it off (fp64: bit-identical, same GEMMs in the same order)
-    cfg = sleeptrain.load_config(None, [*TINY, "sleep.passes=2", "model.tie_embeddings=true"])
-    grads = []
-    for side in (False, True):
-        model = sleeptrain.build_model(cfg, seed=0)
-        tokens = torch.randint(0, 16, (2, 25), generator=torch.Generator().manual_seed(1))
-        mask = torch.ones_like(tokens)
-        fused_linear.set_enabled(True)
-        fused_linear.set_wgrad_stream(side)
-        forward_backward(model, tokens, mask, None, cfg.sleep, 48.0, False,
-                         window_heads(mask, cfg.sleep.window_len))
-        ctx = fused_linear.for_model(model, None)
-        assert ctx.side is None  # no CUDA stream was made
-        assert ctx.side_stream(fused_linear.matrix_weights(model)[0]) is None
-        grads.append(_grads(model))
-    for n, g in grads[0].items():
-        assert torch.equal(g, grads[1][n]), n

@@ -122,10 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grad-accum-fusion", default="on", choices=["on", "off"],
                     help="fused linears: bf16 weight copies once per micro-batch, weight "
                          "gradients accumulated by the GEMM (train.grad_accum_fusion)")
-    ap.add_argument("--wgrad-stream", default="on", choices=["on", "off", "both"],
-                    help="the fused linears' weight-gradient GEMMs on a side stream "
-                         "(train.wgrad_stream); both: the graphed N=1 step is timed both "
-                         "ways at each L (graphed_s with it on, graphed_main_stream_s off)")
     ap.add_argument("--out", default="bench_window.json")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -141,8 +137,6 @@ def main(argv: list[str] | None = None) -> None:
 
     fused.set_compile(args.compile == "on")
     fused_linear.set_enabled(args.grad_accum_fusion == "on")
-    side = args.wgrad_stream != "off" and args.grad_accum_fusion == "on"
-    fused_linear.set_wgrad_stream(side)
     windows = [int(x) for x in args.windows.split(",") if x]
     ckpt_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpoint]
     passes = [int(x) for x in args.passes.split(",") if x]
@@ -208,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset, "params": n_params, "seq": args.seq, "batch": args.batch,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "compile": args.compile, "grad_accum_fusion": args.grad_accum_fusion,
-        "wgrad_stream": args.wgrad_stream,
         "measured_bf16_tflops": measured / 1e12,
         "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
         "parallel_vs_sequential": [], "passes": [],
@@ -221,8 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         results["fla"] = None
     print(f"# {args.preset}: {n_params / 1e6:.1f}M params, B={args.batch}, T={args.seq}, "
           f"{results['device']}, measured bf16 peak {measured / 1e12:.0f} TFLOP/s, "
-          f"compile {args.compile}, grad_accum_fusion {args.grad_accum_fusion}, "
-          f"wgrad_stream {args.wgrad_stream}", flush=True)
+          f"compile {args.compile}, grad_accum_fusion {args.grad_accum_fusion}", flush=True)
     for w in windows:
         sc = cfg.sleep.copy()
         sc.window_len, sc.passes, sc.checkpoint = w, 1, False
@@ -231,14 +223,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.eager == "on":
             row["eager_s"], row["eager_peak_gib"] = measure(eager_step(sc, 1), 1)
             row["eager_ratio"] = row["eager_s"] / row["parallel_s"]
-        if args.wgrad_stream == "both" and side:  # the same step, wgrad GEMMs on the main stream
-            fused_linear.set_wgrad_stream(False)
-            run, graphs = graphed_step(sc, 1)
-            row["graphed_main_stream_s"], _ = measure(run, 2)
-            row["graphed_main_stream_ratio"] = row["graphed_main_stream_s"] / row["parallel_s"]
-            del graphs, run
-            torch.cuda.empty_cache()
-            fused_linear.set_wgrad_stream(True)
         run, graphs = graphed_step(sc, 1)
         row["graphed_s"], row["graphed_peak_gib"] = measure(run, 2)
         row["graphed_ratio"] = row["graphed_s"] / row["parallel_s"]
@@ -282,19 +266,16 @@ def _pct(x: float | None) -> str:
 
 def _print_markdown(r: dict[str, Any]) -> None:
     print("\n| L | parallel ms | eager ms | graphed ms | eager / par | graphed / par | "
-          "graphed, wgrad on the main stream: ms / par | "
           "graphed tok/s | MFU (measured / sheet) | GDN | attn | GEMM | other | "
           "peak GiB (par / eager / graphed) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for x in r["parallel_vs_sequential"]:
         s = x.get("graphed_kernel_share", {})
         eager = f"{x['eager_s'] * 1e3:.1f}" if "eager_s" in x else ""
         eratio = f"{x['eager_ratio']:.2f}" if "eager_ratio" in x else ""
         emem = f"{x['eager_peak_gib']:.1f}" if "eager_peak_gib" in x else "-"
-        main = (f"{x['graphed_main_stream_s'] * 1e3:.1f} / {x['graphed_main_stream_ratio']:.3f}"
-                if "graphed_main_stream_s" in x else "")
         print(f"| {x['window']} | {x['parallel_s'] * 1e3:.1f} | {eager} | "
-              f"{x['graphed_s'] * 1e3:.1f} | {eratio} | {x['graphed_ratio']:.3f} | {main} | "
+              f"{x['graphed_s'] * 1e3:.1f} | {eratio} | {x['graphed_ratio']:.2f} | "
               f"{x['graphed_tok_s']:.0f} | {_pct(x['graphed_mfu'])} / "
               f"{_pct(x['graphed_mfu_sheet'])} | {s.get('gdn', 0):.0%} | "
               f"{s.get('attention', 0):.0%} | {s.get('gemm', 0):.0%} | {s.get('other', 0):.0%} | "

@@ -111,13 +111,13 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def switch_on(value: str, cuda: bool) -> bool:
     """Whether a three-way switch (auto|on|off: train.cuda_graphs, train.compile,
-    train.grad_accum_fusion, train.wgrad_stream) is on; auto means on for a CUDA run."""
+    train.grad_accum_fusion) is on; auto means on for a CUDA run."""
     return value == "on" or (value == "auto" and cuda)
 
 
 def _switch_words(cfg: DictConfig) -> None:
     """YAML reads the words on/off as booleans: the three-way switches take them back."""
-    for key in ("cuda_graphs", "compile", "grad_accum_fusion", "wgrad_stream"):
+    for key in ("cuda_graphs", "compile", "grad_accum_fusion"):
         if str(cfg.train[key]) in ("True", "False"):
             cfg.train[key] = "on" if str(cfg.train[key]) == "True" else "off"
 

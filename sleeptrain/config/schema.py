@@ -164,10 +164,6 @@ class TrainConfig:
     # into the fp32 .grad by the GEMM (sleeptrain.model.kernels.linear): auto (on for CUDA)
     # | on | off.
     grad_accum_fusion: str = "auto"
-    # the fused linears' weight-gradient GEMMs on a second CUDA stream, beside the input
-    # gradients (sleeptrain.model.kernels.linear): auto (on where grad_accum_fusion is on)
-    # | on | off.
-    wgrad_stream: str = "auto"
 
 
 @dataclass

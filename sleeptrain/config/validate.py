@@ -122,9 +122,6 @@ def validate_run(cfg: Any) -> None:
     _choice(cfg.train.cuda_graphs, "train.cuda_graphs", ("auto", "on", "off"))
     _choice(cfg.train.compile, "train.compile", ("auto", "on", "off"))
     _choice(cfg.train.grad_accum_fusion, "train.grad_accum_fusion", ("auto", "on", "off"))
-    _choice(cfg.train.wgrad_stream, "train.wgrad_stream", ("auto", "on", "off"))
-    _need(not (cfg.train.wgrad_stream == "on" and cfg.train.grad_accum_fusion == "off"),
-          "train.wgrad_stream", "=on needs the fused linears: train.grad_accum_fusion is off")
     _choice(cfg.optim.muon_adjust_lr, "optim.muon_adjust_lr", ("original", "match_rms_adamw"))
     _choice(cfg.optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
     _need(len(cfg.optim.adamw_betas) == 2, "optim.adamw_betas", "must have two values")

@@ -142,7 +142,7 @@ class MicroBatchGraphs:
         return (tuple(tokens.shape), tokens.dtype, str(tokens.device), tuple(mask.shape),
                 mask.dtype, doc, repr(sorted(sc.items())), passes, bool(autocast),
                 tuple(bool(h) for h in heads), tuple(id(p) for p in self.trainable()),
-                fused_linear.enabled(), fused_linear.wgrad_stream_enabled())
+                fused_linear.enabled())
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, doc_starts: torch.Tensor | None,
              sleep_cfg: Any, denom: float, autocast: bool, heads: Sequence[bool],

@@ -213,9 +213,6 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
     fused.set_compile(switch_on(cfg.train.compile, is_cuda))
     fusion_before = fused_linear.enabled()
     fused_linear.set_enabled(switch_on(cfg.train.grad_accum_fusion, is_cuda))
-    wgrad_stream_before = fused_linear.wgrad_stream_enabled()
-    fused_linear.set_wgrad_stream(fused_linear.enabled()
-                                  and switch_on(cfg.train.wgrad_stream, is_cuda))
     no_graphs = graphs_unavailable(device, info.tp_size, cfg.train.cuda_graphs)
     graphs = MicroBatchGraphs(model, verbose=rank0) if no_graphs is None else None
     if rank0 and no_graphs and cfg.train.cuda_graphs == "on":
@@ -350,7 +347,6 @@ def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
         stop.restore()
         fused.set_compile(compile_before)
         fused_linear.set_enabled(fusion_before)
-        fused_linear.set_wgrad_stream(wgrad_stream_before)
     if rank0 and last_eval is not None and step == total:
         import json
 

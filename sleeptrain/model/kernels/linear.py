@@ -25,17 +25,6 @@ region mappings (``copy_to_tensor_model_parallel_region`` and
 ``reduce_from_tensor_model_parallel_region``) do the TP communication, see
 ``sleeptrain.model.layers.column`` / ``row``.
 
-On CUDA the weight-gradient GEMMs can run on a second stream (``set_wgrad_stream``, the
-trainer's ``train.wgrad_stream``): nothing later in the backward reads a weight gradient, so
-the GEMM that adds it into ``.grad`` need not delay the input gradients, which carry the
-backward on to the layer below. At short windows every kernel of the step is small and leaves
-SMs idle; the wgrad GEMMs fill them. ``_SideStream`` keeps the tensors each queued GEMM reads
-alive until the main stream has waited for it, at most ``WGRAD_QUEUE`` GEMMs in flight, and
-the main stream waits for all of them when the micro-batch's context is left (inside a CUDA
-graph's capture too: the side stream forks from and joins the capture stream). The tied
-output head's weight stays on the main stream: the embedding's own gradient is added into
-the same ``.grad`` there.
-
 Accumulating into ``.grad`` inside backward is right for ``loss.backward()``, not for
 ``torch.autograd.grad`` (which must return gradients, not store them): code that takes
 gradients with ``torch.autograd.grad`` through these linears records its graph under
@@ -50,16 +39,13 @@ tests/test_parallel.py (TP=2), tests/test_graphs_gpu.py (bf16 on GPU).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-_STATE: dict[str, object] = {"enabled": False, "active": None, "accumulate": True,
-                             "wgrad_stream": False}
-WGRAD_QUEUE = 4  # weight-gradient GEMMs in flight on the side stream before the main waits
+_STATE: dict[str, object] = {"enabled": False, "active": None, "accumulate": True}
 
 
 def set_enabled(flag: bool) -> None:
@@ -69,16 +55,6 @@ def set_enabled(flag: bool) -> None:
 
 def enabled() -> bool:
     return bool(_STATE["enabled"])
-
-
-def set_wgrad_stream(flag: bool) -> None:
-    """Process-wide switch: CUDA weight-gradient GEMMs on a side stream (the trainer sets it
-    from ``train.wgrad_stream``)."""
-    _STATE["wgrad_stream"] = bool(flag)
-
-
-def wgrad_stream_enabled() -> bool:
-    return bool(_STATE["wgrad_stream"])
 
 
 def active() -> FusedLinears | None:
@@ -98,14 +74,6 @@ def plain_weight_grads() -> Iterator[None]:
         _STATE["accumulate"] = old
 
 
-def tied_head_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    """The embedding's weight if the output head is tied to it (the head's weight then)."""
-    head, embed = getattr(model, "head", None), getattr(model, "embed", None)
-    if head is not None and head.weight is None and embed is not None:
-        return embed.weight
-    return None
-
-
 def matrix_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The weights of the model's megatron-core linears, and the embedding if the head is
     tied to it (it is the head's weight then), each once."""
@@ -115,39 +83,10 @@ def matrix_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.weight is not None:
             out[id(m.weight)] = m.weight
-    tied = tied_head_weight(model)
-    if tied is not None:
-        out[id(tied)] = tied
+    head, embed = getattr(model, "head", None), getattr(model, "embed", None)
+    if head is not None and head.weight is None and embed is not None:
+        out[id(embed.weight)] = embed.weight
     return list(out.values())
-
-
-class _SideStream:
-    """A CUDA stream for weight-gradient GEMMs: ``accumulate`` queues ``grad += a @ b`` on it
-    after everything the current stream has issued; ``join`` makes the current stream wait
-    for all of it. Each queued GEMM's inputs are referenced here until the current stream has
-    waited for that GEMM, so the caching allocator cannot hand their memory to later work of
-    the current stream while the side stream still reads it."""
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device=device)
-        self.pending: collections.deque[tuple[torch.cuda.Event, tuple[torch.Tensor, ...]]] = (
-            collections.deque())
-
-    def accumulate(self, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        main = torch.cuda.current_stream(grad.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            _accumulate(grad, a, b)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self.pending.append((done, (a, b)))
-        while len(self.pending) > WGRAD_QUEUE:
-            main.wait_event(self.pending.popleft()[0])
-
-    def join(self) -> None:
-        if self.pending:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-            self.pending.clear()
 
 
 class FusedLinears:
@@ -157,11 +96,8 @@ class FusedLinears:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
         self.weights = matrix_weights(model)
-        tied = tied_head_weight(model)
-        self.tied = None if tied is None else id(tied)
         self.dtype = dtype
         self.copies: dict[int, torch.Tensor] = {}
-        self.side: _SideStream | None = None
 
     def low_precision(self, weight: torch.Tensor) -> torch.Tensor:
         if self.dtype is None or weight.dtype == self.dtype:
@@ -171,15 +107,6 @@ class FusedLinears:
             raise KeyError("linear fusion: a weight that is not one of the model's "
                            "megatron-core linears (or the tied head) reached linear()")
         return c
-
-    def side_stream(self, weight: torch.Tensor) -> _SideStream | None:
-        """Where ``weight``'s gradient GEMM runs: the side stream (switch on, CUDA, not the
-        tied head), else None (the current stream)."""
-        if not (_STATE["wgrad_stream"] and weight.is_cuda) or id(weight) == self.tied:
-            return None
-        if self.side is None or self.side.stream.device != weight.device:
-            self.side = _SideStream(weight.device)
-        return self.side
 
     def refresh(self) -> None:
         """Copies the current weights into the low-precision buffers (once per micro-batch)."""
@@ -203,8 +130,6 @@ class FusedLinears:
 
     def __exit__(self, *exc: object) -> None:
         _STATE["active"] = None
-        if self.side is not None:  # every weight gradient is in .grad once the context is left
-            self.side.join()
 
 
 def for_model(model: torch.nn.Module, dtype: torch.dtype | None) -> FusedLinears:
@@ -239,30 +164,26 @@ def _accumulate(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, w_lp, accumulate, side):  # type: ignore[override]
+    def forward(ctx, x, weight, w_lp, accumulate):  # type: ignore[override]
         ctx.save_for_backward(x, w_lp)
         ctx.weight = weight
         ctx.accumulate = accumulate
-        ctx.side = side
         return torch.matmul(x, w_lp.t())
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, w = ctx.saved_tensors
+        dx = torch.matmul(g, w) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
             g2 = g.reshape(-1, g.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             weight = ctx.weight
             if ctx.accumulate and weight.grad is not None:
-                if ctx.side is not None:  # queued first: it runs beside the input gradient
-                    ctx.side.accumulate(weight.grad, g2.t(), x2)
-                else:
-                    _accumulate(weight.grad, g2.t(), x2)
+                _accumulate(weight.grad, g2.t(), x2)
             else:
                 dw = torch.matmul(g2.t(), x2)
-        dx = torch.matmul(g, w) if ctx.needs_input_grad[0] else None
-        return dx, dw, None, None, None
+        return dx, dw, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -274,5 +195,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype != w_lp.dtype:
         x = x.to(w_lp.dtype)
     accumulate = bool(_STATE["accumulate"]) and torch.is_grad_enabled()
-    side = ctx.side_stream(weight) if accumulate else None
-    return _Linear.apply(x, weight, w_lp, accumulate, side)
+    return _Linear.apply(x, weight, w_lp, accumulate)

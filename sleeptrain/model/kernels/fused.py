@@ -59,9 +59,10 @@ def compiled(flag: bool) -> Iterator[None]:
         _STATE["on"] = old
 
 
-def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None
-             ) -> Callable[..., Any]:
-    """``fn`` eagerly; compiled (``form``, default ``fn`` itself) for CUDA tensors when on."""
+def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None,
+             name: str | None = None) -> Callable[..., Any]:
+    """``fn`` eagerly; compiled (``form``, default ``fn`` itself) for CUDA tensors when on.
+    ``name``: the public name, where ``fn`` is a private reference that other chains call."""
 
     @functools.wraps(fn)
     def dispatch(x: torch.Tensor, *args: Any) -> Any:
@@ -72,6 +73,8 @@ def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None
             return fast(x, *args)
         return fn(x, *args)
 
+    if name is not None:
+        dispatch.__name__ = dispatch.__qualname__ = name
     return dispatch
 
 
@@ -109,8 +112,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (x.to(c.dtype) * c + rot.to(c.dtype) * s).to(x.dtype)
 
 
-apply_rope = _fusable(_apply_rope)
-apply_rope.__name__ = "apply_rope"
+apply_rope = _fusable(_apply_rope, name="apply_rope")
 
 
 @_fusable
@@ -168,10 +170,9 @@ def _causal_conv_silu(ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.silu(y.transpose(1, 2))
 
 
-causal_conv_silu = _fusable(_causal_conv_silu, _causal_conv_silu_shifted)
-causal_conv_silu.__name__ = "causal_conv_silu"
-gdn_gates = _fusable(_gdn_gates)
-gdn_gates.__name__ = "gdn_gates"
+causal_conv_silu = _fusable(_causal_conv_silu, _causal_conv_silu_shifted,
+                            name="causal_conv_silu")
+gdn_gates = _fusable(_gdn_gates, name="gdn_gates")
 
 
 def _gdn_inputs_via(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,6 +180,17 @@ def _gdn_inputs_via(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     def gdn_inputs(y: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
                    a_log: torch.Tensor, dt_bias: torch.Tensor, dk: int, r: int,
                    dv: int) -> tuple[torch.Tensor, ...]:
+        """Everything between a GDN block's input projection and its delta rule.
+
+        y [B, T, H, G]: the projection's rows per query/key head h (r value heads per qk
+        head), [q_h (dk), k_h (dk), v (r dv), z (r dv), b (r), a (r)]; conv_state [B, C, K-1]
+        (C = H (2 dk + r dv)): the K-1 conv inputs before the window; conv_weight [C, K].
+        Returns q, k [B, T, H, dk] (L2-normalized), v [B, T, H r, dv], g, beta [B, T, H r]
+        (fp32; fp64 for fp64 y), z [B, T, H r, dv] and the new conv state [B, C, K-1]:
+        ``causal_conv_silu`` over the [q, k, v] channels, then ``gdn_gates``. One function,
+        so that compiled it is one kernel per direction: the window's concatenation with the
+        conv state, the convolution, the gates, and in backward the projection's whole
+        gradient (no split's concatenation)."""
         b, t, h, _ = y.shape
         cg = 2 * dk + r * dv
         qkv, z, braw, araw = torch.split(y, [cg, r * dv, r, r], dim=-1)
@@ -194,17 +206,6 @@ def _gdn_inputs_via(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 gdn_inputs = _fusable(_gdn_inputs_via(_causal_conv_silu),
                       _gdn_inputs_via(_causal_conv_silu_shifted))
-gdn_inputs.__name__ = "gdn_inputs"
-gdn_inputs.__doc__ = """Everything between a GDN block's input projection and its delta rule.
-
-y [B, T, H, G]: the projection's rows per query/key head h (r value heads per qk head),
-[q_h (dk), k_h (dk), v (r dv), z (r dv), b (r), a (r)]; conv_state [B, C, K-1] (C = H (2 dk +
-r dv)): the K-1 conv inputs before the window; conv_weight [C, K]. Returns q, k [B, T, H, dk]
-(L2-normalized), v [B, T, H r, dv], g, beta [B, T, H r] (fp32; fp64 for fp64 y), z [B, T, H r,
-dv] and the new conv state [B, C, K-1]: ``causal_conv_silu`` over the [q, k, v] channels, then
-``gdn_gates``. One function, so that compiled it is one kernel per direction: the window's
-concatenation with the conv state, the convolution, the gates, and in backward the
-projection's whole gradient (no split's concatenation)."""
 
 
 @_fusable

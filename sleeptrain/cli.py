@@ -16,13 +16,18 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sleeptrain.train.signals import process_stop_flag
+
+    # before torch is imported: a SIGTERM during start-up is then a stop request, not a kill
+    process_stop_flag().install()
     from sleeptrain.config import load_config
     from sleeptrain.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"error: --max-steps must be >= 1, got {args.max_steps}")
-    summary = train(cfg, max_steps=args.max_steps)
+    summary = train(cfg, max_steps=args.max_steps, source=args.config,
+                    trust_checkpoint=args.trust_checkpoint)
     if summary["exit"] == "max_steps":
         print(f"saved step {summary['step']} after --max-steps {args.max_steps}")
     if summary["exit"] == "stopped":
@@ -30,15 +35,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, overrides: list[str]):
+def _load_run(args: argparse.Namespace):
     """(config, model with the latest checkpoint's weights, checkpoint path) of a run."""
     from sleeptrain.api import load_run
     from sleeptrain.train.checkpoint import CheckpointError
 
     try:
-        return load_run(run_dir, overrides)
+        extra = {"trust": True} if args.trust_checkpoint else {}
+        return load_run(args.run_dir, args.overrides, **extra)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _step_of(ckpt: Path) -> str:
+    name = Path(ckpt).name
+    return str(int(name.split("_")[1])) if name.startswith("step_") else name
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -48,16 +59,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sleeptrain.eval.tasks import evaluate_task, format_table
 
     run = Path(args.run_dir)
-    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
+    cfg, model, ckpt = _load_run(args)
     task = build_task(cfg.data.task, **dict(cfg.data.task_args))
     dev = next(model.parameters()).device
     res = evaluate_task(model, task, cfg.sleep, args.n or cfg.train.eval_examples,
                         cfg.data.eval_batch_size, cfg.train.seed, dev,
                         autocast=dev.type == "cuda" and cfg.train.precision != "fp32")
     res["checkpoint"] = str(ckpt)
+    res["passes"] = int(cfg.sleep.passes)
     print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
-    (run / "eval.json").write_text(json.dumps(res, indent=2))
-    print(f"wrote {run / 'eval.json'}")
+    out = Path(args.out) if args.out else run / "eval.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out} (checkpoint {ckpt}, passes {cfg.sleep.passes})")
     return 0
 
 
@@ -72,7 +85,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tasks = args.tasks.split(",") if args.tasks else DEFAULT_TASKS[args.suite]
-    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
+    cfg, model, ckpt = _load_run(args)
     spec = args.tokenizer or cfg.data.tokenizer
     if not spec:
         raise SystemExit("error: the run has no data.tokenizer; pass --tokenizer byte|DIR")
@@ -81,14 +94,17 @@ def _eval_suite(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the tokenizer has {tok.vocab_size} ids, more than "
                          f"model.vocab_size={cfg.model.vocab_size}")
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.suite}"
+    title = (f"{args.suite}: {Path(args.run_dir).resolve().name}, step {_step_of(ckpt)}, "
+             f"N={cfg.sleep.passes}, L={cfg.sleep.window_len}")
     try:
         recs = run_suite(model, tok, args.suite, tasks, lengths, args.n or 20, out,
-                         seed=args.seed, eos_id=tok.eos_id)
+                         seed=args.seed, eos_id=tok.eos_id, title=title)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if recs:
         print((out / "results.md").read_text(), end="")
-        print(f"wrote {out}/results.csv, results.md (checkpoint {ckpt}, passes "
+        heat = ", heatmap.png" if (out / "heatmap.png").is_file() else ""
+        print(f"wrote {out}/results.csv, results.md{heat} (checkpoint {ckpt}, passes "
               f"{cfg.sleep.passes}, window {cfg.sleep.window_len})")
         if cfg.log.wandb != "disabled":
             import wandb
@@ -111,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --prompt-file {path} does not exist")
     text = path.read_text()
     prompts_text = [ln for ln in text.splitlines() if ln.strip()] if args.lines else [text]
-    cfg, model, ckpt = _load_run(args.run_dir, args.overrides)
+    cfg, model, ckpt = _load_run(args)
     tok = None
     if args.ids:
         try:
@@ -172,6 +188,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that has no digest record (written by an older "
+                        "sleeptrain or copied from elsewhere): only for files you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sleeptrain", description="Train and evaluate sleep models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -181,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, default=None,
                     help="save and stop after this many optimizer steps in this process "
                          "(the schedule still follows train.steps)")
+    _trust_flag(tr)
     tr.set_defaults(fn=cmd_train)
     pl = sub.add_parser("plan", help="check a config's parallel layout for G GPUs and print "
                         "parameters, sleep-aware FLOPs per token and a per-GPU memory estimate")
@@ -204,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     # ambiguous abbreviation of its own options (--nnodes, --nproc-per-node, ...)
     ev.add_argument("--n", "--examples", dest="n", type=int, default=0,
                     help="examples (tasks: default train.eval_examples; suites: per cell, 20)")
-    ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE)")
+    ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE);"
+                    " tasks: the JSON file (default RUN_DIR/eval.json)")
+    _trust_flag(ev)
     ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
@@ -217,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ge.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
     ge.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's eos")
+    _trust_flag(ge)
     ge.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     ge.set_defaults(fn=cmd_generate)
     da = sub.add_parser("data", help="task data utilities")
@@ -231,17 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sleeptrain.config import ConfigError
-
-    parser = build_parser()
-    # key=value overrides may follow options (``eval RUN --n 64 sleep.passes=2``): argparse
-    # leaves those it met after an option unparsed; they join the command's overrides.
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` where ``key=value`` overrides may also follow options
+    (``eval RUN --n 64 sleep.passes=2``, ``import-hf HF OUT --insert-gdn 4,8
+    sleep.window_len=512``): argparse leaves those it met after an option unparsed; they join
+    the command's ``overrides``. Anything else unparsed is an error naming it."""
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_with_overrides(parser, argv)
+    from sleeptrain.config import ConfigError
+
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

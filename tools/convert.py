@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from sleeptrain.cli import parse_with_overrides
+
+    args = parse_with_overrides(build_parser(), argv)
     from sleeptrain.config import ConfigError
     from sleeptrain.convert import ConversionError, export_hf, import_hf, load_run_model, verify
     from sleeptrain.train.checkpoint import CheckpointError

@@ -70,6 +70,10 @@ class SleepConfig:
     implicit_method: str = "neumann"  # neumann | phantom
     neumann_terms: int = 4
     checkpoint: bool = False
+    # randomized sleep depth (training only): when non-empty, each optimizer step draws its N
+    # uniformly from this list, seeded by train.seed and the step (stage overrides of
+    # ``passes`` still win); evaluation and inference use ``passes``.
+    random_passes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +99,9 @@ class DataConfig:
     epochs: int = 0  # 0: repeat the shards forever; E > 0: stop after E epochs (all ranks)
     on_corrupt: str = "error"  # error | skip (count and skip an unreadable shard)
     tokenizer: str = ""  # "byte" or a local HF tokenizer dir (decoding in previews / eval)
+    # ``pipe:`` shard URLs run a shell command: accepted only with this explicit opt-in, and
+    # only from the config itself (never from a shard manifest)
+    allow_pipe: bool = False
 
 
 @dataclass
@@ -164,6 +171,10 @@ class TrainConfig:
     # into the fp32 .grad by the GEMM (sleeptrain.model.kernels.linear): auto (on for CUDA)
     # | on | off.
     grad_accum_fusion: str = "auto"
+    # CPU threads for torch (intra-op) on a CPU run: 0 = auto (OMP_NUM_THREADS if set; else 1
+    # for d_model < 1024, else the usable cores, at most 8, shared by the node's ranks);
+    # printed at start-up
+    threads: int = 0
 
 
 @dataclass

@@ -96,10 +96,64 @@ def validate_sleep(sleep: Any) -> None:
           f"must be >= 0 (0 = never), got {sleep.detach_every}")
 
 
+def _in_range(value: Any, key: str, lo: float, hi: float | None = None,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (
+        hi is None or (value < hi if hi_open else value <= hi))
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    span = f"{left}{lo}, {'inf' if hi is None else hi}{right}"
+    _need(ok, key, f"must be in {span}, got {value!r}")
+
+
+def validate_optim(optim: Any) -> None:
+    """Checks the optimizer section: learning rates, betas, decay, warm-up, clipping."""
+    _in_range(optim.muon_lr, "optim.muon_lr", 0.0)
+    _in_range(optim.adamw_lr, "optim.adamw_lr", 0.0)
+    _in_range(optim.muon_momentum, "optim.muon_momentum", 0.0, 1.0, hi_open=True)
+    _need(len(optim.adamw_betas) == 2, "optim.adamw_betas", "must have two values")
+    for i, b in enumerate(optim.adamw_betas):
+        _in_range(b, f"optim.adamw_betas[{i}]", 0.0, 1.0, hi_open=True)
+    _in_range(optim.adamw_eps, "optim.adamw_eps", 0.0, lo_open=True)
+    _in_range(optim.weight_decay, "optim.weight_decay", 0.0)
+    _in_range(optim.warmup_steps, "optim.warmup_steps", 0)
+    _in_range(optim.min_lr_ratio, "optim.min_lr_ratio", 0.0, 1.0)
+    _in_range(optim.grad_clip, "optim.grad_clip", 0.0)
+    _choice(optim.muon_adjust_lr, "optim.muon_adjust_lr", ("original", "match_rms_adamw"))
+    _choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
+
+
+def validate_task_args(data: Any) -> None:
+    """The task's own schema checks ``data.task`` and ``data.task_args`` (unknown options,
+    types and ranges), so a bad option fails before any work."""
+    if data.source != "task":
+        return
+    from sleeptrain.data.tasks import build_config
+
+    try:
+        build_config(data.task, **dict(data.task_args))
+    except (TypeError, ValueError) as e:
+        key = "data.task" if "unknown task" in str(e) else "data.task_args"
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def validate_run(cfg: Any) -> None:
     """Checks the whole tree: each section, then combinations across sections."""
     validate_model(cfg.model, tp=cfg.parallel.tp)
+    _in_range(cfg.model.init_std, "model.init_std", 0.0, lo_open=True)
+    _in_range(cfg.model.norm_eps, "model.norm_eps", 0.0, lo_open=True)
+    _in_range(cfg.model.rope_theta, "model.rope_theta", 0.0, lo_open=True)
     validate_sleep(cfg.sleep)
+    for i, n in enumerate(cfg.sleep.random_passes):
+        _need(n >= 1, f"sleep.random_passes[{i}]", f"must be >= 1, got {n}")
+    validate_optim(cfg.optim)
+    validate_task_args(cfg.data)
+    _need(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    _need(cfg.log.every >= 1, "log.every", f"must be >= 1, got {cfg.log.every}")
+    _need(cfg.train.eval_examples >= 1, "train.eval_examples", "must be >= 1")
+    _need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _need(cfg.train.seed >= 0, "train.seed", f"must be >= 0, got {cfg.train.seed}")
+    _need(cfg.train.threads >= 0, "train.threads", "must be >= 0 (0: auto)")
+    _in_range(cfg.train.exit_after_minutes, "train.exit_after_minutes", 0.0)
     _choice(cfg.data.source, "data.source", ("task", "shards"))
     _need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _choice(cfg.data.on_corrupt, "data.on_corrupt", ("error", "skip"))
@@ -122,9 +176,6 @@ def validate_run(cfg: Any) -> None:
     _choice(cfg.train.cuda_graphs, "train.cuda_graphs", ("auto", "on", "off"))
     _choice(cfg.train.compile, "train.compile", ("auto", "on", "off"))
     _choice(cfg.train.grad_accum_fusion, "train.grad_accum_fusion", ("auto", "on", "off"))
-    _choice(cfg.optim.muon_adjust_lr, "optim.muon_adjust_lr", ("original", "match_rms_adamw"))
-    _choice(cfg.optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
-    _need(len(cfg.optim.adamw_betas) == 2, "optim.adamw_betas", "must have two values")
     _choice(cfg.log.wandb, "log.wandb", ("disabled", "offline", "online"))
     _choice(cfg.parallel.backend, "parallel.backend", ("auto", "gloo", "nccl"))
     _need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")

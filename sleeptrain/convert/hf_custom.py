@@ -44,7 +44,7 @@ MODEL_KERNEL_FIELDS = {"attention_backend", "gdn_backend"}
 # sleep.* fields: inference ones are exported, the rest only shape training gradients
 SLEEP_FIELDS = {"window_len", "passes", "eviction"}
 SLEEP_TRAINING_FIELDS = {"grad_mode", "grad_passes", "detach_every", "implicit_method",
-                         "neumann_terms", "checkpoint"}
+                         "neumann_terms", "checkpoint", "random_passes"}
 SYMBOLS = "AaGgM"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -124,8 +124,9 @@ def run_cell(model: Any, tokenizer: Any, suite: str, task: str, length: int, n: 
 
 def run_suite(model: Any, tokenizer: Any, suite: str, tasks: list[str], lengths: list[int],
               n: int, out_dir: Path, seed: int = 0, eos_id: int | None = None,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every (task, length) cell not finished yet in ``out_dir``; then the summaries."""
+              log: Callable[[str], None] = print, title: str = "") -> list[dict[str, Any]]:
+    """Every (task, length) cell not finished yet in ``out_dir``; then the summaries
+    (``title`` heads the heatmap)."""
     for task in tasks:  # fail on a bad task name before any work
         _generator(suite, task)
     cells = out_dir / "cells"
@@ -145,11 +146,12 @@ def run_suite(model: Any, tokenizer: Any, suite: str, tasks: list[str], lengths:
                     f"{rec['seconds']:.1f} s)")
     if rank != 0:
         return []
-    return summarize(out_dir)
+    return summarize(out_dir, title)
 
 
-def summarize(out_dir: Path) -> list[dict[str, Any]]:
-    """Writes results.csv, results.md and heatmap.png from ``out_dir/cells``."""
+def summarize(out_dir: Path, title: str = "") -> list[dict[str, Any]]:
+    """Writes results.csv, results.md and heatmap.png (titled ``title``) from
+    ``out_dir/cells``."""
     recs = [json.loads(p.read_text()) for p in sorted((out_dir / "cells").glob("*.json"))]
     recs.sort(key=lambda r: (r["task"], r["length"]))
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -167,7 +169,7 @@ def summarize(out_dir: Path) -> list[dict[str, Any]]:
         cells = [f"{grid[(t, n)]:.1f}" if (t, n) in grid else "" for n in lengths]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    _heatmap(out_dir / "heatmap.png", tasks, lengths, grid)
+    _heatmap(out_dir / "heatmap.png", tasks, lengths, grid, title)
     return recs
 
 
@@ -178,7 +180,10 @@ def _fmt_len(n: int) -> str:
 
 
 def _heatmap(path: Path, tasks: list[str], lengths: list[int],
-             grid: dict[tuple[str, int], float]) -> None:
+             grid: dict[tuple[str, int], float], title: str = "") -> bool:
+    """Scores as a task x length heatmap (0-100, numbers in the cells), titled, with labelled
+    axes; the figure grows with the number of lengths and tasks and with the longest task
+    name, so one length or one task stays readable. Returns whether the file was written."""
     try:
         import matplotlib
 
@@ -187,22 +192,30 @@ def _heatmap(path: Path, tasks: list[str], lengths: list[int],
     except ImportError:
         print(f"heatmap skipped: matplotlib is not installed (pip install matplotlib); "
               f"the scores are in {path.with_name('results.md')}")
-        return
+        return False
     import numpy as np
 
     data = np.array([[grid.get((t, n), np.nan) for n in lengths] for t in tasks])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 0.8 + 0.45 * len(tasks)))
+    name_w = 0.09 * max((len(t) for t in tasks), default=4)
+    width = max(5.0, 1.6 + name_w + 0.9 * len(lengths))
+    height = max(3.0, 1.6 + 0.42 * len(tasks))
+    fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [_fmt_len(n) for n in lengths])
     ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("task")
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center",
                     color="white" if v < 60 else "black", fontsize=8)
-    fig.colorbar(im, ax=ax, label="score")
+    fig.colorbar(im, ax=ax, label="score (%)", fraction=0.08, pad=0.04)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 __all__ = ["DEFAULT_TASKS", "SUITES", "parse_lengths", "run_cell", "run_suite", "summarize"]

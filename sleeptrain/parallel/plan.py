@@ -86,7 +86,7 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
         width = 2 * dk + 2 * r * dv + 2 * r
         conv_ch = h * (2 * dk + r * dv)
         proj = d * h * width + hv * dv * d
-        mats += proj + conv_ch * m.conv_kernel  # the conv kernel [C, K] is 2-D too
+        mats += proj  # the conv kernel [C, K] goes to AdamW (sleeptrain.train.optim)
         lin += proj
         params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
         c = m.gdn_chunk_size
@@ -281,7 +281,7 @@ def preflight(cfg: Any, gpus: int) -> list[str]:
         from sleeptrain.data.shards import resolve_shards
 
         try:
-            n = len(resolve_shards(list(cfg.data.shards)).urls)
+            n = len(resolve_shards(list(cfg.data.shards), allow_pipe=cfg.data.allow_pipe).urls)
         except (ShardError, OSError, ValueError) as e:
             raise ConfigError(f"data.shards: {e}") from e
         readers = dp * max(1, int(cfg.data.workers))

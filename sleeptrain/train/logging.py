@@ -54,6 +54,20 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _new_run_id(wandb: Any) -> str:
+    """A fresh wandb run id: wandb's own generator where this wandb version has one (it moved
+    between releases), else 8 random lower-case letters and digits as wandb makes them."""
+    for owner in (wandb, getattr(wandb, "util", None)):
+        gen = getattr(owner, "generate_id", None)
+        if callable(gen):
+            return str(gen())
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 def _to_python(value: Any) -> Any:
     """Convert 0-d tensors / numpy scalars to plain python numbers for JSON."""
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
@@ -108,7 +122,7 @@ class MetricsLogger:
         if not run_id and id_file.exists():
             run_id = id_file.read_text().strip() or None
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = _new_run_id(wandb)
         tmp = id_file.with_name(f".{WANDB_ID_FILE}.tmp-{os.getpid()}")
         tmp.write_text(run_id + "\n")
         os.replace(tmp, id_file)
@@ -190,10 +204,13 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """Training progress: a tqdm bar on a TTY, otherwise a plain line every ``every`` steps
-    (and at the last step). ``enabled=False`` (e.g. ranks other than 0) makes it a no-op.
+    """Training progress: a tqdm bar on a TTY (unless ``tty=False``, i.e.
+    ``log.progress=false``), otherwise a plain line every ``every`` steps (and at the last
+    step), so a log file always gets step lines. ``enabled=False`` (ranks other than 0) makes
+    it a no-op.
 
-    ``update(step, ...)`` takes the number of steps completed so far (``initial`` on resume).
+    ``update(step, ...)`` takes the number of steps completed so far (``initial`` on resume);
+    ``write(line)`` prints a message without breaking the bar.
     """
 
     def __init__(
@@ -203,6 +220,7 @@ class ProgressBar:
         enabled: bool = True,
         every: int = 10,
         stream: TextIO | None = None,
+        tty: bool = True,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -210,7 +228,7 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stdout
         self._t0 = time.monotonic()
         self._bar: Any = None
-        self.is_tty = bool(enabled and getattr(self.stream, "isatty", lambda: False)())
+        self.is_tty = bool(enabled and tty and getattr(self.stream, "isatty", lambda: False)())
         if self.is_tty:
             from tqdm import tqdm
 
@@ -247,6 +265,15 @@ class ProgressBar:
         parts = [f"step {step}/{self.total}"] + [f"{k} {v}" for k, v in fields.items()]
         parts.append(f"eta {_fmt_duration(eta)}")
         print(" | ".join(parts), file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the bar (or plainly without one); a no-op when disabled."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         """Close the tqdm bar, if any."""

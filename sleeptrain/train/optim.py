@@ -4,7 +4,8 @@
 
 * ``muon``: 2-D weights of hidden layers (see :func:`is_muon_param`), with weight decay;
 * ``adamw`` with decay: every other parameter with ``ndim >= 2`` (token embedding, output head,
-  3-D conv kernels, and all matrices when ``use_muon=False``);
+  convolution kernels -- the GDN short convolution's [channels, K] filter bank included -- and
+  all matrices when ``use_muon=False``);
 * ``adamw`` without decay: 1-D / 0-D parameters (norm gains, biases, ``A_log``, ``dt_bias``).
 
 Both torch optimizers are wrapped in :class:`HybridOptimizer`, which behaves like one optimizer
@@ -39,8 +40,11 @@ __all__ = [
 ]
 
 #: Name substrings (matched case-insensitively) of 2-D weights that must not use Muon: the token
-#: embedding and the output head are not hidden-layer linear maps.
-DEFAULT_MUON_EXCLUDE: tuple[str, ...] = ("embed", "head", "output_layer")
+#: embedding and the output head are not hidden-layer linear maps, and neither is a convolution
+#: kernel (the GDN short convolution's weight is 2-D, [channels, K], but each row is one
+#: channel's K-tap filter: orthogonalizing the K columns of thousands of independent filters
+#: is not the paper's "Muon for hidden matrices"; docs/design.md).
+DEFAULT_MUON_EXCLUDE: tuple[str, ...] = ("embed", "head", "output_layer", "conv")
 
 _KINDS = ("muon", "adamw")
 _MUON_ADJUST = (None, "original", "match_rms_adamw")
@@ -52,8 +56,9 @@ def is_muon_param(
     """Return True iff ``p`` is a 2-D hidden-layer weight that Muon should optimize.
 
     A parameter qualifies when ``p.ndim == 2`` and its lower-cased ``name`` contains none of the
-    (lower-cased) substrings in ``exclude`` (by default the embedding and the output head).
-    Biases, norm gains, 3-D convolution kernels, embeddings and the head therefore go to AdamW.
+    (lower-cased) substrings in ``exclude`` (by default the embedding, the output head and
+    convolution kernels). Biases, norm gains, convolution kernels (2-D or 3-D), embeddings and
+    the head therefore go to AdamW.
     """
     lowered = name.lower()
     return p.ndim == 2 and not any(s.lower() in lowered for s in exclude)

@@ -5,6 +5,11 @@ resumed run's file equals an uninterrupted run's), ``perf.jsonl`` (wall-clock nu
 ``checkpoints/`` and ``eval.json``. Starting a run whose directory has a complete checkpoint
 resumes from it.
 
+The loop reads as ``setup`` (process groups, data, model, optimizer, resume), then per step
+``train_step`` (forward and backward of every micro-batch, reductions, clip, optimizer
+update), ``log_step``, ``evaluate`` at the eval cadence and ``save`` at the checkpoint
+cadence or on a stop request.
+
 Data (``sleeptrain.train.data``): with a task source the order is a pure function of the step;
 with shards, every data-parallel rank's loader position is saved in the checkpoint and restored
 exactly. Loss normalization: the summed masked cross-entropy of every micro-batch on every
@@ -13,26 +18,30 @@ data-parallel rank, divided by the number of loss tokens of the whole global bat
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from sleeptrain.config import switch_on, to_yaml
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
-from sleeptrain.eval.tasks import evaluate_task, format_table
+from sleeptrain.eval.tasks import eval_record, evaluate_task, format_table
 from sleeptrain.model.kernels import fused
 from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
-from sleeptrain.parallel.state import init_parallel
+from sleeptrain.parallel.state import ParallelInfo, init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.sleep.graphs import (
     MicroBatchGraphs,
@@ -60,7 +69,9 @@ from sleeptrain.train.dist_ckpt import (
 )
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import optimizer_for
+from sleeptrain.train.resume import check_resume
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
+from sleeptrain.train.signals import StopFlag, process_stop_flag, stop_file
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,7 +99,7 @@ def _is_gdn_param(name: str) -> bool:
     return any(f".mixer.{n}" in name for n in _GDN_NAMES)
 
 
-def stage_at(cfg: Any, step: int) -> tuple[int, Any]:
+def stage_at(cfg: DictConfig, step: int) -> tuple[int, Any]:
     """(stage index, stage config or None) in force at ``step`` (0-based)."""
     start = 0
     for i, st in enumerate(cfg.train.stages):
@@ -98,36 +109,20 @@ def stage_at(cfg: Any, step: int) -> tuple[int, Any]:
     return -1, None
 
 
-def _sleep_for_stage(cfg: Any, stage: Any) -> Any:
+def sleep_for_step(cfg: DictConfig, stage: Any, step: int) -> DictConfig:
+    """The sleep settings of optimizer step ``step``: ``sleep.*``, with the stage's
+    ``eviction``/``passes`` overrides, and N drawn from ``sleep.random_passes`` (uniformly,
+    seeded by train.seed and the step, so a resumed run draws the same) when that list is set
+    and the stage does not fix ``passes``."""
     sc = cfg.sleep.copy()
-    if stage is not None:
-        if stage.eviction is not None:
-            sc.eviction = stage.eviction
-        if stage.passes is not None:
-            sc.passes = stage.passes
+    if stage is not None and stage.eviction is not None:
+        sc.eviction = stage.eviction
+    if stage is not None and stage.passes is not None:
+        sc.passes = stage.passes
+    elif len(sc.random_passes) > 0:
+        rng = np.random.default_rng([int(cfg.train.seed), 0x51EE9, int(step)])
+        sc.passes = int(sc.random_passes[int(rng.integers(len(sc.random_passes)))])
     return sc
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1 (the handler only sets the flag) or by a STOP file."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -138,251 +133,517 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def train(cfg: Any, max_steps: int | None = None) -> dict[str, Any]:
+def cpu_threads(setting: int, local_ranks: int, d_model: int) -> int:
+    """torch's intra-op threads on a CPU for ``train.threads``. 0 = auto: ``OMP_NUM_THREADS``
+    when set; else one thread for models narrower than 1024 (their ops are too small to gain
+    from threads, and on a shared machine a second spinning thread made a 2-core run 4.6x
+    slower, docs/design.md); else the cores this process may use, at most 8, shared by the
+    ranks of this node."""
+    if setting > 0:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if d_model < 1024:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores) // max(1, local_ranks))
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (host numbers, after the step's one sync)."""
+
+    loss: float
+    acc: float
+    grad_norm: float
+    finite: bool
+    seq: int
+    data_s: float
+    seconds: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """One training process: its config, groups, data, model, optimizer and counters."""
+
+    cfg: DictConfig
+    info: ParallelInfo
+    stop: StopFlag
+    max_steps: int | None = None
+    source: str | None = None
+    task: Any = None
+    data: Any = None
+    model: Any = None
+    opt: Any = None
+    metrics: Any = None
+    bar: Any = None
+    graphs: MicroBatchGraphs | None = None
+    step: int = 0
+    nonfinite_total: int = 0
+    consecutive_bad: int = 0
+    steps_this_run: int = 0
+    stage_idx: int | None = None
+    resumed_from: Path | None = None
+    changes: list[str] = field(default_factory=list)
+    last_eval: dict[str, Any] | None = None
+    peak: float | None = None
+    measured_peak: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    _switches: tuple[bool, bool] = (False, False)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def rank0(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def amp(self) -> bool:
+        precision = self.cfg.train.precision
+        return self.device.type == "cuda" and precision in ("auto", "bf16")
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.info.dp_size
+
+    def say(self, msg: str) -> None:
+        """A line on rank 0's stdout that does not break a progress bar."""
+        if not self.rank0:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def setup(self, trust_checkpoint: bool = False) -> None:
+        """Everything before the first step; a failure here leaves the run directory as it
+        was (config.yaml is written only once the start has succeeded)."""
+        cfg = self.cfg
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.train.threads,
+                                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                              cfg.model.d_model))
+        has_ckpt = find_latest_checkpoint(self.run_dir, verify=False) is not None
+        if has_ckpt:
+            self.changes = check_resume(self.run_dir, cfg)
+        if cfg.data.source == "task":
+            self.task = build_task(cfg.data.task, **dict(cfg.data.task_args))
+            if self.task.vocab_size > cfg.model.vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                    f"{cfg.data.task} task's vocabulary ({self.task.vocab_size} tokens)")
+        self.data = build_train_data(cfg, self.info, self.task)
+        import sleeptrain  # the package's API module builds the model
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = sleeptrain.build_model(cfg, device=self.device)
+        self.opt = optimizer_for(cfg, self.model)
+        self._restore(trust_checkpoint)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cleanup_stale_tmp(self.run_dir)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.metrics = MetricsLogger(self.run_dir, self.info.rank, {
+            "mode": cfg.log.wandb, "project": cfg.log.wandb_project,
+            "name": cfg.log.wandb_name, "config": _plain(cfg)})
+        self.metrics.truncate_after(self.step)  # nothing past the step the run continues from
+        self.peak = _peak_flops(cfg, self.device, self.rank0)
+        self.measured_peak = measure_bf16_peak(self.device) if self.device.type == "cuda" else None
+        self._switches = (fused.compile_enabled(), fused_linear.enabled())
+        is_cuda = self.device.type == "cuda"
+        fused.set_compile(switch_on(cfg.train.compile, is_cuda))
+        fused_linear.set_enabled(switch_on(cfg.train.grad_accum_fusion, is_cuda))
+        no_graphs = graphs_unavailable(self.device, self.info.tp_size, cfg.train.cuda_graphs)
+        if no_graphs is None:
+            n_layouts = max(4, len(cfg.sleep.random_passes) + 2)
+            self.graphs = MicroBatchGraphs(self.model, max_graphs=n_layouts, verbose=self.rank0)
+        self._banner(no_graphs)
+        self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
+                               every=cfg.log.every, tty=cfg.log.progress)
+
+    def _restore(self, trust: bool) -> None:
+        """Resumes from the newest complete checkpoint, else starts from train.init_from's
+        weights or from the initialization."""
+        del trust  # checkpoint digests: see sleeptrain.train.checkpoint
+        latest = find_latest_checkpoint(self.run_dir)
+        if latest is None:
+            if self.cfg.train.init_from:
+                _init_from(self.cfg.train.init_from, self.model, self.rank0)
+            return
+        t0 = time.perf_counter()
+        state = load_checkpoint(latest, map_location="cpu")
+        load_train_state(latest, state, self.model, self.opt)
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.data.load_state_dict(state.get("data"))
+        self.resumed_from = latest
+        _log_restore(self.run_dir, self.step, latest, t0, self.rank0, self.device)
+
+    def _banner(self, no_graphs: str | None) -> None:
+        if not self.rank0:
+            return
+        cfg, info = self.cfg, self.info
+        n_params = sum(p.numel() for p in self.model.parameters()) * info.tp_size
+        dtype = "bf16 autocast" if self.amp else cfg.model.params_dtype
+        threads = ""
+        if self.device.type == "cpu":
+            how = "train.threads" if cfg.train.threads else "auto; set train.threads=N"
+            threads = f", {torch.get_num_threads()} CPU thread(s) ({how})"
+        start = (f"resumed from step {self.step} ({self.resumed_from})" if self.resumed_from
+                 else "fresh start" + (f" from the weights of {cfg.train.init_from}"
+                                       if cfg.train.init_from else ""))
+        data = (f"task {cfg.data.task}" if cfg.data.source == "task"
+                else f"shards {list(cfg.data.shards)}")
+        lines = [
+            f"sleeptrain train: {self.source or '(config object)'} -> {self.run_dir} ({start})",
+            f"  model: {cfg.model.pattern} (d_model {cfg.model.d_model}), {n_params:,} "
+            f"parameters; sleep: window {cfg.sleep.window_len}, N={cfg.sleep.passes}"
+            + (f" (random from {list(cfg.sleep.random_passes)})" if cfg.sleep.random_passes
+               else "") + f", {cfg.sleep.eviction} eviction, gradient {cfg.sleep.grad_mode}",
+            f"  device: {self.device} ({dtype}{threads}); layout TP{info.tp_size} x "
+            f"DP{info.dp_size}; data: {data}, batch {cfg.data.batch_size} x accum "
+            f"{cfg.train.grad_accum} x DP{info.dp_size}; {cfg.train.steps} steps",
+        ]
+        if no_graphs and cfg.train.cuda_graphs == "on":
+            lines.append(f"  train.cuda_graphs=on, but CUDA graphs are not used: {no_graphs}")
+        if getattr(self.opt, "sharded", False):
+            params = {id(p): p for g in self.opt.param_groups for p in g["params"]}.values()
+            mine = sum(p.numel() for p in params if self.opt.owns(p))
+            total = sum(p.numel() for p in params)
+            lines.append(f"  optimizer state sharded over {info.dp_size} data-parallel ranks: "
+                         f"rank 0 keeps it for {mine:,} of {total:,} parameter elements")
+        if self.measured_peak:
+            lines.append(f"  measured bf16 matmul peak: {self.measured_peak / 1e12:.0f} "
+                         "TFLOP/s per GPU (perf.jsonl mfu_measured)")
+        lines += [f"  changed since the last start: {c}" for c in self.changes]
+        print("\n".join(lines), flush=True)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _enter_stage(self) -> Any:
+        stage_idx, stage = stage_at(self.cfg, self.step)
+        if stage_idx != self.stage_idx:
+            pred = trainable_predicate(stage.trainable if stage else "all")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(pred(name))
+                if not p.requires_grad:
+                    p.grad = None
+            self.stage_idx = stage_idx
+            if self.graphs is not None:
+                self.graphs.reset()  # captured for the previous trainable set
+        return stage
+
+    def train_step(self, batches: list[Any], sleep_cfg: DictConfig, data_s: float
+                   ) -> StepResult:
+        """Forward and backward of the step's micro-batches, gradient reductions, clip and
+        the optimizer update (skipped when the loss or the gradient is not finite)."""
+        info, device = self.info, self.device
+        # the masks on the host once per step: the loss normalizer and which windows need
+        # the output head (so that no micro-batch syncs with the host)
+        masks = [mk.cpu() for _, mk, _ in batches]
+        n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
+        heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
+        if info.dp_size > 1:
+            t = torch.tensor([n_loss], dtype=torch.float64, device=device)
+            dist.all_reduce(t, group=_dp_group())
+            n_loss = int(t.item())
+        self._zero_grad()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
+            if self.graphs is not None:
+                ls, nc = self.graphs.step(tokens, mask, doc_starts, sleep_cfg, max(n_loss, 1),
+                                          self.amp, hd)
+            else:
+                ls, nc = forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
+                                          max(n_loss, 1), self.amp, hd)
+            loss_sum += ls.double()
+            correct += nc
+        sync_tp_grads(self.model.parameters())
+        _reduce_grads(self.model, info)
+        if info.dp_size > 1:
+            dist.all_reduce(loss_sum, group=_dp_group())
+            dist.all_reduce(correct, group=_dp_group())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        # the step's one host sync: loss, gradient norm and correct count together
+        loss_t, gnorm_f, correct_n = torch.stack(
+            [loss_sum, gnorm.to(device=device, dtype=torch.float64),
+             correct.to(torch.float64)]).tolist()
+        loss_val = loss_t / max(n_loss, 1)
+        finite = math.isfinite(loss_val) and math.isfinite(gnorm_f)
+        if finite:
+            self.opt.step()
+        else:
+            self._zero_grad()
+        return StepResult(loss_val, correct_n / max(n_loss, 1), gnorm_f, finite,
+                          batches[0][0].shape[1] - 1, data_s)
+
+    def _zero_grad(self) -> None:
+        """Clears gradients: in place while CUDA graphs accumulate into the buffers (they
+        must not move), else by dropping them."""
+        if self.graphs is not None and self.graphs.disabled is None:
+            zero_grads(list(self.model.parameters()))
+        else:
+            self.opt.zero_grad(set_to_none=True)
+
+    def log_step(self, res: StepResult, mult: float, stage: Any, sleep_cfg: DictConfig) -> None:
+        """The progress line, metrics.jsonl (deterministic values) and perf.jsonl."""
+        cfg = self.cfg
+        tok_s = self.global_batch * res.seq / res.seconds
+        flops_s = tok_s * train_flops_per_token(cfg, res.seq, sleep=sleep_cfg)
+        world = self.info.world_size
+        self.bar.update(self.step, loss=res.loss, acc=res.acc, tok_s=tok_s)
+        if not (self.step % cfg.log.every == 0 or self.step == cfg.train.steps
+                or not res.finite):
+            return
+        rec = {"loss": round(res.loss, 6), "acc": round(res.acc, 6), "lr_mult": mult,
+               "grad_norm": round(res.grad_norm, 6), "skipped": int(not res.finite),
+               "nonfinite_total": self.nonfinite_total, "tokens": self._tokens(res.seq),
+               "stage": stage.name if stage else "main", "passes": sleep_cfg.passes}
+        skipped = getattr(self.data, "skipped", None)
+        if skipped is not None:
+            rec["shards_skipped"] = len(skipped)
+        self.metrics.log(self.step, rec)
+        perf: dict[str, Any] = {"step": self.step, "step_s": round(res.seconds, 4),
+                                "data_s": round(res.data_s, 5), "tok_s": round(tok_s, 1)}
+        if self.peak:
+            perf["mfu"] = round(flops_s / (self.peak * world), 4)
+        if self.measured_peak:
+            perf["mfu_measured"] = round(flops_s / (self.measured_peak * world), 4)
+        if self.graphs is not None:
+            perf["graph_replays"] = self.graphs.replays
+        if self.device.type == "cuda":
+            perf["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self._perf(perf)
+
+    def _tokens(self, seq: int) -> int:
+        """Training tokens consumed up to the current step (inputs, all ranks)."""
+        return self.step * self.global_batch * seq
+
+    def _perf(self, rec: dict[str, Any]) -> None:
+        if self.rank0:
+            with open(self.run_dir / "perf.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # --- evaluation and checkpoints -------------------------------------------------------------
+
+    def evaluate(self, sleep_cfg: DictConfig, seq: int) -> None:
+        """Held-out task accuracy by depth, or the held-out loss of eval shards; logged to
+        metrics.jsonl and printed."""
+        cfg = self.cfg
+        if self.task is not None:
+            ev = evaluate_task(self.model, self.task, sleep_cfg, cfg.train.eval_examples,
+                               cfg.data.eval_batch_size, cfg.train.seed, self.device,
+                               autocast=self.amp)
+        else:
+            ev = evaluate_shards(self.model, cfg, sleep_cfg, self.info, cfg.train.eval_examples,
+                                 self.amp)
+        self.last_eval = ev
+        self.metrics.log(self.step, {**eval_record(ev), "tokens": self._tokens(seq)})
+        self.say(f"eval at step {self.step}: {_eval_line(ev, cfg)}")
+
+    def save(self) -> None:
+        """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
+        state.pt and finalizes the checkpoint atomically (``save_sharded_checkpoint``)."""
+        cfg, step = self.cfg, self.step
+        data_state = self.data.state_dict()  # a collective with shards: every rank calls it
+        state = {"step": step, "rng": capture_rng_state(), "nonfinite_total":
+                 self.nonfinite_total, "config": to_yaml(cfg), "data": data_state} \
+            if self.rank0 else None
+        info = save_sharded_checkpoint(self.run_dir, step, self.model, self.opt, state,
+                                       cfg.train.keep_last,
+                                       extra_files={"config.yaml": to_yaml(cfg)},
+                                       after_shards=lambda: _fault_point("after_shards", step))
+        if self.rank0:
+            self.say(f"checkpoint step {step}: {info.bytes / 2**30:.3f} GiB in "
+                     f"{info.seconds:.1f} s ({info.path})")
+            self._perf({"step": step, "ckpt_s": round(info.seconds, 3),
+                        "ckpt_bytes": info.bytes})
+
+    def stop_requested(self) -> str | None:
+        """Why the run should stop now (signal, STOP file, time limit), agreed by all ranks."""
+        why = None
+        path = stop_file(self.run_dir)
+        if self.stop.requested:
+            why = f"signal {signal.Signals(self.stop.signal).name}"
+        elif path.exists():
+            why = f"{path}"
+        elif self.cfg.train.exit_after_minutes > 0 and (
+                time.monotonic() - self.started) / 60 > self.cfg.train.exit_after_minutes:
+            why = f"train.exit_after_minutes={self.cfg.train.exit_after_minutes}"
+        if _any_rank(why is not None, self.device):
+            return why or "another rank's stop request"
+        return None
+
+    def consume_stop_file(self) -> None:
+        """A stop request is done once the run has stopped: the signal is forgotten and the
+        STOP file removed (a leftover would stop every later start after one step)."""
+        self.stop.signal = None
+        path = stop_file(self.run_dir)
+        if self.rank0 and path.exists():
+            path.unlink(missing_ok=True)
+            self.say(f"removed {path} (the stop request it made is done)")
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Steps until train.steps, a stop request, max_steps or the end of the data; returns
+        the exit reason."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        self.started = time.monotonic()
+        if self.step >= total:
+            self._report_finished()
+            return "done"
+        why = self.stop_requested()
+        if why is not None and self.step > 0:  # nothing was trained: the checkpoint is it
+            self.say(f"stop requested ({why}) before the first step; the run stays at step "
+                     f"{self.step}")
+            self.consume_stop_file()
+            return "stopped"
+        while self.step < total:
+            stage = self._enter_stage()
+            sleep_cfg = sleep_for_step(cfg, stage, self.step)
+            mult = lr_multiplier(self.step, warmup_steps=min(cfg.optim.warmup_steps, total),
+                                 total_steps=total, schedule=cfg.optim.schedule,
+                                 min_lr_ratio=cfg.optim.min_lr_ratio)
+            apply_lr(self.opt, mult)
+            t0 = time.perf_counter()
+            batches = self.data.step_batches(self.step, cfg.train.grad_accum)
+            if batches is None:  # a finite shard stream ended (on every rank at once)
+                self.save()
+                return "data_exhausted"
+            res = self.train_step(batches, sleep_cfg, time.perf_counter() - t0)
+            self._count(res)
+            self.step += 1
+            self.steps_this_run += 1
+            res.seconds = time.perf_counter() - t0
+            self.log_step(res, mult, stage, sleep_cfg)
+            self._guard(res)
+            if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
+                    self.task is not None or cfg.data.eval_shards):
+                self.evaluate(sleep_cfg, res.seq)
+            exit_reason = self._after_step()
+            if exit_reason is not None:
+                return exit_reason
+        return "done"
+
+    def _count(self, res: StepResult) -> None:
+        if res.finite:
+            self.consecutive_bad = 0
+        else:
+            self.consecutive_bad += 1
+            self.nonfinite_total += 1
+
+    def _guard(self, res: StepResult) -> None:
+        limit = self.cfg.train.max_nonfinite
+        if self.consecutive_bad >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_bad} steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite={limit}); last loss {res.loss}")
+
+    def _after_step(self) -> str | None:
+        """Checkpoint at the cadence, at the end, on a stop request or at max_steps."""
+        cfg = self.cfg
+        why = self.stop_requested()
+        limit_hit = self.max_steps is not None and self.steps_this_run >= self.max_steps
+        at_end = self.step == cfg.train.steps and cfg.train.save_at_end
+        if self.step % cfg.train.ckpt_every == 0 or at_end or why or limit_hit:
+            self.save()
+        if why is not None:
+            self.say(f"stop requested ({why}): saved step {self.step}")
+            self.consume_stop_file()
+            return "stopped"
+        return "max_steps" if limit_hit else None
+
+    def _report_finished(self) -> None:
+        ev_path = self.run_dir / "eval.json"
+        self.say(f"{self.run_dir} already finished: step {self.step} of train.steps="
+                 f"{self.cfg.train.steps} ({self.resumed_from}); raise train.steps to train on"
+                 + (f"; last evaluation in {ev_path}" if ev_path.is_file() else ""))
+        if ev_path.is_file():
+            self.last_eval = json.loads(ev_path.read_text())
+            self.say(f"eval: {_eval_line(self.last_eval, self.cfg)}")
+
+    def finish(self, exit_reason: str) -> None:
+        """Writes eval.json and the final table after a completed run."""
+        if not (self.rank0 and self.last_eval is not None and exit_reason == "done"
+                and self.steps_this_run > 0):
+            return
+        (self.run_dir / "eval.json").write_text(json.dumps(self.last_eval, indent=2))
+        if self.task is not None:
+            print(format_table(self.last_eval, "t" if self.cfg.data.task == "rule110" else "k"),
+                  flush=True)
+        else:
+            print(f"eval: {_eval_line(self.last_eval, self.cfg)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        fused.set_compile(self._switches[0])
+        fused_linear.set_enabled(self._switches[1])
+
+
+def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = None,
+          trust_checkpoint: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run of ``cfg``; returns a summary dict.
 
     ``max_steps`` saves and stops after that many optimizer steps in this process (tests use it
-    to interrupt a run); the schedule still follows ``train.steps``.
+    to interrupt a run); the schedule still follows ``train.steps``. ``source`` names the
+    config file in the start-up banner.
     """
-    import sleeptrain  # local import: the package's API module builds the model
-
-    info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device)
-    device = info.device
-    is_cuda = device.type == "cuda"
-    precision = cfg.train.precision
-    autocast = precision == "bf16" or (precision == "auto" and is_cuda)
-    run_dir = Path(cfg.train.run_dir)
-    rank0 = info.rank == 0
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        cleanup_stale_tmp(run_dir)
-    task = None
-    if cfg.data.source == "task":
-        task = build_task(cfg.data.task, **dict(cfg.data.task_args))
-        if task.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the {cfg.data.task} "
-                f"task's vocabulary ({task.vocab_size} tokens)"
-            )
-    data = build_train_data(cfg, info, task)
-    torch.manual_seed(cfg.train.seed)
-    model = sleeptrain.build_model(cfg, device=device)
-    opt = optimizer_for(cfg, model)
-    if rank0 and getattr(opt, "sharded", False):
-        params = {id(p): p for g in opt.param_groups for p in g["params"]}.values()
-        mine = sum(p.numel() for p in params if opt.owns(p))
-        total = sum(p.numel() for p in params)
-        print(f"optimizer state sharded over {info.dp_size} data-parallel ranks: rank 0 keeps "
-              f"it for {mine:,} of {total:,} parameter elements", flush=True)
-    step = 0
-    nonfinite_total = 0
-    latest = find_latest_checkpoint(run_dir)
-    if latest is not None:
-        t0 = time.perf_counter()
-        state = load_checkpoint(latest, map_location="cpu")
-        load_train_state(latest, state, model, opt)
-        restore_rng_state(state["rng"])
-        step = int(state["step"])
-        nonfinite_total = int(state.get("nonfinite_total", 0))
-        data.load_state_dict(state.get("data"))
-        _log_restore(run_dir, step, latest, t0, rank0, device)
-    elif cfg.train.init_from:
-        _init_from(cfg.train.init_from, model, rank0)
-    metrics = MetricsLogger(run_dir, info.rank, {
-        "mode": cfg.log.wandb, "project": cfg.log.wandb_project,
-        "name": cfg.log.wandb_name, "config": _plain(cfg),
-    })
-    if latest is not None:
-        metrics.truncate_after(step)
-    perf_path = run_dir / "perf.jsonl"
-    total = cfg.train.steps
-    bar = ProgressBar(total, initial=step, enabled=rank0 and cfg.log.progress,
-                      every=cfg.log.every)
-    stop = _StopFlag()
-    stop.install()
-    started = time.monotonic()
-    bs, accum = cfg.data.batch_size, cfg.train.grad_accum
-    global_batch = bs * accum * info.dp_size
-    peak = _peak_flops(cfg, device, rank0)
-    measured_peak = measure_bf16_peak(device) if is_cuda else None
-    if rank0 and measured_peak:
-        print(f"measured bf16 matmul peak: {measured_peak / 1e12:.0f} TFLOP/s per GPU "
-              "(perf.jsonl mfu_measured)", flush=True)
-    compile_before = fused.compile_enabled()
-    fused.set_compile(switch_on(cfg.train.compile, is_cuda))
-    fusion_before = fused_linear.enabled()
-    fused_linear.set_enabled(switch_on(cfg.train.grad_accum_fusion, is_cuda))
-    no_graphs = graphs_unavailable(device, info.tp_size, cfg.train.cuda_graphs)
-    graphs = MicroBatchGraphs(model, verbose=rank0) if no_graphs is None else None
-    if rank0 and no_graphs and cfg.train.cuda_graphs == "on":
-        print(f"train.cuda_graphs=on, but CUDA graphs are not used: {no_graphs}", flush=True)
-    consecutive_bad = 0
-    last_eval: dict[str, Any] | None = None
-    steps_this_run = 0
-    exit_reason = "done"
-    current_stage = None
-
+    stop = process_stop_flag()
+    installed_here = not stop.installed
+    stop.install()  # a signal during start-up is a stop request, not a kill
     try:
-        while step < total:
-            stage_idx, stage = stage_at(cfg, step)
-            if stage_idx != current_stage:
-                pred = trainable_predicate(stage.trainable if stage else "all")
-                for name, p in model.named_parameters():
-                    p.requires_grad_(pred(name))
-                    if not p.requires_grad:
-                        p.grad = None
-                current_stage = stage_idx
-                if graphs is not None:
-                    graphs.reset()  # captured for the previous trainable set
-            sleep_cfg = _sleep_for_stage(cfg, stage)
-            mult = lr_multiplier(step, warmup_steps=min(cfg.optim.warmup_steps, total),
-                                 total_steps=total, schedule=cfg.optim.schedule,
-                                 min_lr_ratio=cfg.optim.min_lr_ratio)
-            apply_lr(opt, mult)
-            t0 = time.perf_counter()
-            batches = data.step_batches(step, accum)
-            data_s = time.perf_counter() - t0
-            if batches is None:  # a finite shard stream ended (on every rank at once)
-                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
-                exit_reason = "data_exhausted"
-                break
-            # the masks on the host once per step: the loss normalizer and which windows
-            # need the output head (so that no micro-batch syncs with the host)
-            masks = [mk.cpu() for _, mk, _ in batches]
-            n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
-            heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
-            if info.dp_size > 1:
-                t = torch.tensor([n_loss], dtype=torch.float64, device=device)
-                dist.all_reduce(t, group=_dp_group())
-                n_loss = int(t.item())
-            _zero_grad(opt, model, graphs)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            amp = autocast and is_cuda
-            for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
-                if graphs is not None:
-                    ls, nc = graphs.step(tokens, mask, doc_starts, sleep_cfg, max(n_loss, 1),
-                                         amp, hd)
-                else:
-                    ls, nc = forward_backward(model, tokens, mask, doc_starts, sleep_cfg,
-                                              max(n_loss, 1), amp, hd)
-                loss_sum += ls.double()
-                correct += nc
-            sync_tp_grads(model.parameters())
-            _reduce_grads(model, info)
-            if info.dp_size > 1:
-                dist.all_reduce(loss_sum, group=_dp_group())
-                dist.all_reduce(correct, group=_dp_group())
-            params = [p for p in model.parameters() if p.grad is not None]
-            gnorm = clip_grad_norm_(params, cfg.optim.grad_clip
-                                    if cfg.optim.grad_clip > 0 else math.inf)
-            # the step's one host sync: loss, gradient norm and correct count together
-            loss_t, gnorm_f, correct_n = torch.stack(
-                [loss_sum, gnorm.to(device=device, dtype=torch.float64),
-                 correct.to(torch.float64)]).tolist()
-            loss_val = loss_t / max(n_loss, 1)
-            finite = math.isfinite(loss_val) and math.isfinite(gnorm_f)
-            if finite:
-                opt.step()
-                consecutive_bad = 0
-            else:
-                _zero_grad(opt, model, graphs)
-                consecutive_bad += 1
-                nonfinite_total += 1
-                if consecutive_bad >= cfg.train.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} steps in a row had a non-finite loss or gradient "
-                        f"(train.max_nonfinite={cfg.train.max_nonfinite}); last loss {loss_val}"
-                    )
-            step += 1
-            steps_this_run += 1
-            dt = time.perf_counter() - t0
-            acc = correct_n / max(n_loss, 1)
-            seq = batches[0][0].shape[1] - 1
-            tok_s = global_batch * seq / dt
-            flops_s = tok_s * train_flops_per_token(cfg, seq, sleep=sleep_cfg)
-            mfu = flops_s / (peak * info.world_size) if peak else None
-            bar.update(step, loss=loss_val, acc=acc, tok_s=tok_s)
-            if step % cfg.log.every == 0 or step == total:
-                rec = {"loss": round(loss_val, 6), "acc": round(acc, 6), "lr_mult": mult,
-                       "grad_norm": round(gnorm_f, 6), "skipped": int(not finite),
-                       "nonfinite_total": nonfinite_total,
-                       "stage": stage.name if stage else "main", "passes": sleep_cfg.passes}
-                metrics.log(step, rec)
-                if rank0:
-                    with open(perf_path, "a") as f:
-                        mfu_s = f', "mfu": {mfu:.4f}' if mfu is not None else ""
-                        if measured_peak:
-                            mfu_m = flops_s / (measured_peak * info.world_size)
-                            mfu_s += f', "mfu_measured": {mfu_m:.4f}'
-                        if graphs is not None:
-                            mfu_s += f', "graph_replays": {graphs.replays}'
-                        if is_cuda:
-                            gib = torch.cuda.max_memory_allocated(device) / 2**30
-                            mfu_s += f', "peak_gib": {gib:.2f}'
-                        f.write(f'{{"step": {step}, "step_s": {dt:.4f}, "data_s": {data_s:.5f}, '
-                                f'"tok_s": {tok_s:.1f}{mfu_s}}}\n')
-            if (step % cfg.train.eval_every == 0 or step == total) and (
-                    task is not None or cfg.data.eval_shards):
-                last_eval = _evaluate(model, task, cfg, sleep_cfg, info, autocast and is_cuda)
-                metrics.log(step, _eval_record(last_eval))
-            want_stop = stop.requested or (run_dir / "STOP").exists()
-            if cfg.train.exit_after_minutes > 0:
-                want_stop |= (time.monotonic() - started) / 60 > cfg.train.exit_after_minutes
-            want_stop = _any_rank(want_stop, device)
-            limit_hit = max_steps is not None and steps_this_run >= max_steps
-            at_end = step == total and cfg.train.save_at_end
-            if step % cfg.train.ckpt_every == 0 or at_end or want_stop or limit_hit:
-                _save(run_dir, step, model, opt, cfg, nonfinite_total, rank0, data)
-            if want_stop:
-                exit_reason = "stopped"
-                break
-            if limit_hit:
-                exit_reason = "max_steps"
-                break
+        info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device)
+        trainer = Trainer(cfg, info, stop, max_steps=max_steps, source=source)
+        try:
+            trainer.setup(trust_checkpoint)
+            exit_reason = trainer.run()
+        finally:
+            trainer.close()
     finally:
-        bar.close()
-        metrics.close()
-        stop.restore()
-        fused.set_compile(compile_before)
-        fused_linear.set_enabled(fusion_before)
-    if rank0 and last_eval is not None and step == total:
-        import json
-
-        (run_dir / "eval.json").write_text(json.dumps(last_eval, indent=2))
-        if task is not None:
-            print(format_table(last_eval, "t" if cfg.data.task == "rule110" else "k"), flush=True)
-        else:
-            print(f"eval: loss {last_eval['loss']:.4f}, token accuracy "
-                  f"{last_eval['token_acc']:.4f} over {last_eval['tokens']} tokens", flush=True)
-    return {"step": step, "exit": exit_reason, "eval": last_eval, "run_dir": str(run_dir)}
+        if installed_here:
+            stop.restore()
+    trainer.finish(exit_reason)
+    return {"step": trainer.step, "exit": exit_reason, "eval": trainer.last_eval,
+            "run_dir": str(trainer.run_dir)}
 
 
-def _evaluate(model: Any, task: Any, cfg: Any, sleep_cfg: Any, info: Any,
-              autocast: bool) -> dict[str, Any]:
-    if task is not None:
-        return evaluate_task(model, task, sleep_cfg, cfg.train.eval_examples,
-                             cfg.data.eval_batch_size, cfg.train.seed, info.device,
-                             autocast=autocast)
-    return evaluate_shards(model, cfg, sleep_cfg, info, cfg.train.eval_examples, autocast)
-
-
-def _eval_record(ev: dict[str, Any]) -> dict[str, Any]:
+def _eval_line(ev: dict[str, Any], cfg: DictConfig) -> str:
     if "by_depth" not in ev:
-        return {"eval_loss": round(ev["loss"], 6), "eval_token_acc": round(ev["token_acc"], 6)}
-    return {"eval_token_acc": round(ev["token_acc"], 6),
-            "eval_example_acc": round(ev["example_acc"], 6),
-            **{f"eval_acc_depth{d}": round(r["token_acc"], 6) for d, r in ev["by_depth"].items()}}
+        return (f"loss {ev['loss']:.4f}, token accuracy {ev['token_acc']:.4f} over "
+                f"{ev['tokens']} tokens")
+    name = "t" if cfg.data.task == "rule110" else "k"
+    depths = ", ".join(f"{name}={d}: {r['example_acc']:.3f}" for d, r in ev["by_depth"].items())
+    return (f"exact {ev['example_acc']:.3f}, token {ev['token_acc']:.3f} "
+            f"(exact by {name}: {depths})")
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
+def _plain(cfg: DictConfig) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def _peak_flops(cfg: Any, device: torch.device, rank0: bool) -> float | None:
+def _peak_flops(cfg: DictConfig, device: torch.device, rank0: bool) -> float | None:
     """Per-GPU bf16 peak FLOP/s for MFU: train.peak_tflops, else by the GPU's name."""
     if cfg.train.peak_tflops > 0:
         return cfg.train.peak_tflops * 1e12
@@ -395,22 +656,13 @@ def _peak_flops(cfg: Any, device: torch.device, rank0: bool) -> float | None:
     return peak
 
 
-def _zero_grad(opt: Any, model: torch.nn.Module, graphs: MicroBatchGraphs | None) -> None:
-    """Clears gradients: in place while CUDA graphs accumulate into the buffers (they must
-    not move), else by dropping them."""
-    if graphs is not None and graphs.disabled is None:
-        zero_grads(list(model.parameters()))
-    else:
-        opt.zero_grad(set_to_none=True)
-
-
 def _dp_group():
     from megatron.core import parallel_state as mpu
 
     return mpu.get_data_parallel_group()
 
 
-def _reduce_grads(model: torch.nn.Module, info: Any) -> None:
+def _reduce_grads(model: torch.nn.Module, info: ParallelInfo) -> None:
     """Sums gradients over data-parallel ranks (the loss is already globally normalized)."""
     if info.dp_size == 1:
         return
@@ -445,28 +697,10 @@ def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) ->
     opt.load_state_dict(state["optimizer"])
 
 
-def _save(run_dir: Path, step: int, model: Any, opt: Any, cfg: Any, nonfinite_total: int,
-          rank0: bool, data: Any) -> None:
-    """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
-    state.pt and finalizes the checkpoint atomically (``save_sharded_checkpoint``)."""
-    data_state = data.state_dict()  # a collective with shards: every rank calls it
-    state = {"step": step, "rng": capture_rng_state(), "nonfinite_total": nonfinite_total,
-             "config": to_yaml(cfg), "data": data_state} if rank0 else None
-    info = save_sharded_checkpoint(run_dir, step, model, opt, state, cfg.train.keep_last,
-                                   extra_files={"config.yaml": to_yaml(cfg)},
-                                   after_shards=lambda: _fault_point("after_shards", step))
-    if rank0:
-        print(f"checkpoint step {step}: {info.bytes / 2**30:.3f} GiB in {info.seconds:.1f} s "
-              f"({info.path})", flush=True)
-        with open(run_dir / "perf.jsonl", "a") as f:
-            f.write(f'{{"step": {step}, "ckpt_s": {info.seconds:.3f}, '
-                    f'"ckpt_bytes": {info.bytes}}}\n')
-
-
 def _log_restore(run_dir: Path, step: int, path: Path, t0: float, rank0: bool,
                  device: torch.device) -> None:
     """Once every rank has loaded checkpoint ``path`` (model, optimizer, RNG and data state):
-    its size and the seconds since ``t0`` to stdout and perf.jsonl, as ``_save`` does."""
+    its size and the seconds since ``t0`` to stdout and perf.jsonl, as ``save`` does."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -476,8 +710,10 @@ def _log_restore(run_dir: Path, step: int, path: Path, t0: float, rank0: bool,
         nbytes = checkpoint_bytes(path)
         print(f"resumed from step {step}: {nbytes / 2**30:.3f} GiB in {secs:.1f} s ({path})",
               flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "perf.jsonl", "a") as f:
-            f.write(f'{{"step": {step}, "restore_s": {secs:.3f}, "restore_bytes": {nbytes}}}\n')
+            f.write(json.dumps({"step": step, "restore_s": round(secs, 3),
+                                "restore_bytes": nbytes}) + "\n")
 
 
 def _fault_point(where: str, step: int) -> None:

@@ -95,9 +95,9 @@ def test_generate_cli_on_a_trained_run(tmp_path, data, capsys):
                  "--max-new-tokens", "5"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["prompt_tokens"] for r in lines] == [9, 3]
-    from sleeptrain.cli import _load_run
+    from sleeptrain.api import load_run
 
-    _, model, _ = _load_run(str(run), [])
+    _, model, _ = load_run(str(run))
     expect = engine_generate(model, [list(range(5, 14)), [2, 3, 4]], 5)
     assert [r["output_ids"] for r in lines] == expect
     prompt.write_text("5 99")

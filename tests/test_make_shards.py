@@ -66,7 +66,8 @@ def check_manifest(out: Path) -> dict:
         with tarfile.open(sh["path"]) as tar:
             names = tar.getnames()
         assert sh["n_samples"] == sh["n_docs"] == len({n.split(".")[0] for n in names})
-        assert all(n.endswith((".tokens.npy", ".mask.npy")) for n in names)
+        assert all(n.endswith((".tokens.npy", ".mask.npy", ".sha256")) for n in names)
+        assert sum(n.endswith(".sha256") for n in names) == sh["n_samples"]  # one per sample
     for key in ("n_samples", "n_docs", "n_tokens", "n_target_tokens"):
         assert man[key] == sum(sh[key] for sh in man["shards"])
     samples = read_samples(out)
@@ -213,8 +214,10 @@ def test_writer_rollover_counts_and_members(tmp_path):
         if m is not None:
             assert s["mask"].tolist() == np.asarray(m, np.uint8).tolist()
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
-        assert tar.getnames() == ["000000000000.tokens.npy", "000000000001.tokens.npy",
-                                  "000000000002.mask.npy", "000000000002.tokens.npy"]
+        assert tar.getnames() == ["000000000000.sha256", "000000000000.tokens.npy",
+                                  "000000000001.sha256", "000000000001.tokens.npy",
+                                  "000000000002.mask.npy", "000000000002.sha256",
+                                  "000000000002.tokens.npy"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     again = write(docs, tmp_path / "again")  # shards are reproducible byte for byte

@@ -184,7 +184,7 @@ def test_shard_cut_at_a_member_boundary_is_caught_by_the_manifest(tmp_path):
     # A tar cut exactly between samples reads as a shorter tar; the manifest's count catches it.
     ds = _dataset(tmp_path / "d", n_docs=20, per_shard=10)
     bad = ds / "shard-000000.tar"
-    _truncate(bad, 5, 0)  # the 6th sample's header (one member per sample here)
+    _truncate(bad, 10, 0)  # the 6th sample's first header (members sha256, tokens.npy here)
     with pytest.raises(ShardError, match=r"shard-000000.tar: 5 samples read but the manifest"):
         for _ in _loader(ds, epochs=1):
             pass
@@ -209,6 +209,7 @@ def test_pipe_urls_are_read(tmp_path):
     ds = _dataset(tmp_path / "d", n_docs=10, per_shard=10)
     direct = list(_loader(ds, epochs=1, batch_size=1))
     piped = list(ShardLoader([f"pipe:cat {ds}/shard-000000.tar"], seq_len=24, window_len=8,
-                             batch_size=1, workers=0, seed=0, shuffle_buffer=4, epochs=1))
+                             batch_size=1, workers=0, seed=0, shuffle_buffer=4, epochs=1,
+                             allow_pipe=True))  # opt-in: a pipe: URL runs a shell command
     assert _same(direct, piped)
     assert os.path.exists(ds / "manifest.json")

@@ -44,7 +44,7 @@ def bench_loader(shards: Path, args) -> dict:
 
     ld = ShardLoader([str(shards)], seq_len=args.seq_len, window_len=args.window_len,
                      batch_size=args.batch_size, workers=args.workers, seed=0,
-                     shuffle_buffer=args.shuffle_buffer)
+                     shuffle_buffer=args.shuffle_buffer, allow_pipe=args.allow_pipe)
     it = iter(ld)
     for _ in itertools.islice(it, args.warmup):
         pass
@@ -84,6 +84,8 @@ def bench_train(shards: Path, args, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", help="an existing dataset directory (default: write one)")
+    ap.add_argument("--allow-pipe", action="store_true",
+                    help="accept a pipe: --shards spec (it runs a shell command)")
     ap.add_argument("--docs", type=int, default=20000, help="synthetic documents to write")
     ap.add_argument("--doc-median", type=int, default=600)
     ap.add_argument("--vocab", type=int, default=32000)

@@ -7,7 +7,9 @@ Modes (one of):
   --task NAME              --n samples of a generator (--task-arg key=value, --split, --seed);
                            its loss masks travel with the samples
 
-Text documents are tokenizer.encode(doc) + [eos]; empty documents are skipped. Examples:
+Text documents are tokenizer.encode(doc) + [eos]; empty documents are skipped. Every sample
+carries its own sha256 member and the manifest the sha256 of every shard; the loader checks
+both while reading (sleeptrain/data/format.py). Examples:
 
     python tools/make_shards.py --text corpus/*.txt --split-blank --out data/corpus
     python tools/make_shards.py --jsonl docs.jsonl --field body --tokenizer tok/ --out data/docs

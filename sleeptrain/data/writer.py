@@ -1,5 +1,9 @@
 """Writes tokenized documents as WebDataset tar shards plus ``manifest.json`` (see ``format``).
 
+Every sample carries its own digest (member ``sha256``, ``format.sample_digest`` of its key and
+members), and the manifest the sha256 of every whole shard file, so that a reader can check each
+sample before using it and each shard once it has been read to the end.
+
 Each shard is written as ``<name>.tmp``; once closed it is fsynced, renamed into place, hashed
 and appended to the manifest, which is rewritten atomically after every shard with
 ``complete: false`` and a last time with ``complete: true``. A crash therefore leaves at most
@@ -25,13 +29,16 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .format import (
+    DIGEST_MEMBER,
     FORMAT_NAME,
     FORMAT_VERSION,
     KEY_FORMAT,
     MANIFEST,
     MASK_MEMBER,
+    SAMPLE_DIGEST,
     SHARD_PATTERN,
     TOKENS_MEMBER,
+    sample_digest,
 )
 
 __all__ = ["existing_outputs", "write_shards"]
@@ -147,9 +154,11 @@ def write_shards(
 ) -> dict[str, Any]:
     """Write ``docs`` (``(tokens, mask or None)`` pairs) as shards ``out_dir/SHARD_PATTERN``.
 
-    One sample per non-empty document, keyed by its index among the written documents; empty
-    documents are skipped and counted as ``skipped_empty``. A shard is closed once it holds
-    ``max_samples_per_shard`` samples or its payload reaches ``max_bytes_per_shard`` bytes.
+    One sample per non-empty document, keyed by its index among the written documents, with
+    members ``tokens.npy``, ``mask.npy`` (when the document has a mask) and ``sha256`` (its
+    digest, ``format.sample_digest``); empty documents are skipped and counted as
+    ``skipped_empty``. A shard is closed once it holds ``max_samples_per_shard`` samples or its
+    payload reaches ``max_bytes_per_shard`` bytes.
     ``tokenizer_info['vocab_size']`` bounds the token ids (ValueError naming the document's
     position in ``docs`` and the id). Refuses (FileExistsError) a directory holding a manifest or
     shard files of ``prefix`` unless ``overwrite``, which deletes them first. ``total`` (the
@@ -174,6 +183,7 @@ def write_shards(
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "sample_digest": SAMPLE_DIGEST,
         "complete": False,
         "prefix": prefix,
         "tokenizer": tokenizer_info,
@@ -230,9 +240,11 @@ def write_shards(
             if arr.size == 0:
                 manifest["skipped_empty"] += 1
                 continue
-            sample = {"__key__": KEY_FORMAT.format(n_written), TOKENS_MEMBER: _npy_bytes(arr)}
+            key = KEY_FORMAT.format(n_written)
+            sample = {"__key__": key, TOKENS_MEMBER: _npy_bytes(arr)}
             if m is not None:
                 sample[MASK_MEMBER] = _npy_bytes(m)
+            sample[DIGEST_MEMBER] = sample_digest(key, sample).encode("ascii")
             writer.write(sample)  # may close the previous shard first (post) and open a new one
             current["n_samples"] += 1
             current["n_docs"] += 1

@@ -24,7 +24,8 @@ def evaluate_shards(model: Any, cfg: Any, sleep_cfg: Any, info: Any, n_rows: int
                          window_len=cfg.sleep.window_len, batch_size=bs,
                          dp_rank=info.dp_rank, dp_size=info.dp_size, workers=0,
                          seed=cfg.train.seed, shuffle_buffer=1, epochs=1,
-                         agree_device=info.device if info.device.type == "cuda" else "cpu")
+                         agree_device=info.device if info.device.type == "cuda" else "cpu",
+                         allow_pipe=cfg.data.allow_pipe)
     device = info.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, tokens
     rows = 0

@@ -294,7 +294,8 @@ def test_checkpoint_round_trip_latest_and_pruning(tmp_path: Path) -> None:
     assert (cdir / "latest").read_text().strip() == "step_00000040"
     meta = json.loads((cdir / "step_00000040" / "meta.json").read_text())
     assert meta["complete"] is True and meta["step"] == 40
-    assert set(meta["files"]) == {"state.pt", "config.yaml"}
+    assert meta["format"] == 2 and meta["digests"]["algo"] == "sha256"
+    assert set(meta["digests"]["files"]) == set(meta["sizes"]) == {"state.pt", "config.yaml"}
     assert (cdir / "step_00000040" / "config.yaml").read_text() == "a: 1\n"
     latest = ck.find_latest_checkpoint(tmp_path)
     assert latest == cdir / "step_00000040" and ck.checkpoint_step(latest) == 40
@@ -356,11 +357,14 @@ class _NotAllowed:
 def test_load_rejects_disallowed_objects(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     torch.save({"obj": _NotAllowed()}, bad)
-    with pytest.raises(ck.CheckpointError, match=r"bad\.pt: cannot load") as ei:
+    # a .pt file outside a checkpoint directory has no digests: refused unless trusted
+    with pytest.raises(ck.UntrustedCheckpointError, match=r"bad\.pt: .*trust=True"):
         ck.load_checkpoint(bad)
+    with pytest.raises(ck.CheckpointError, match=r"bad\.pt: cannot load") as ei:
+        ck.load_checkpoint(bad, trust=True)
     assert "weights_only" in str(ei.value) or "Unsupported" in str(ei.value)
     with pytest.raises(ck.CheckpointError, match="missing.pt"):
-        ck.load_checkpoint(tmp_path / "missing.pt")
+        ck.load_checkpoint(tmp_path / "missing.pt", trust=True)
 
 
 def _draws() -> tuple:

@@ -29,14 +29,16 @@ from sleeptrain.convert.common import ConversionError, save_run
 
 def reshard(src_run: str | Path, out_run: str | Path, overrides: list[str] | None = None,
             logits_out: str | Path | None = None, length: int = 32, seed: int = 0,
-            check: bool = True) -> dict[str, Any]:
+            check: bool = True, *, trust: bool = False) -> dict[str, Any]:
     """Collective (every process of the target layout calls it). Returns a summary dict.
-    ``check=False`` skips the read-back (it builds a second model: twice the memory)."""
+    ``check=False`` skips the read-back (it builds a second model: twice the memory). The
+    source checkpoint is verified against its digests while it is loaded (one without
+    digests needs ``trust``), and so is the written one when it is read back."""
     import torch.distributed as dist
 
     from sleeptrain.api import build_model, load_config
-    from sleeptrain.train.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
-    from sleeptrain.train.dist_ckpt import load_model
+    from sleeptrain.train.checkpoint import CheckpointError, find_latest_checkpoint, load_verified
+    from sleeptrain.train.dist_ckpt import load_model_weights
     from sleeptrain.train.optim import optimizer_for
     from sleeptrain.train.trainer import load_train_state
 
@@ -52,11 +54,17 @@ def reshard(src_run: str | Path, out_run: str | Path, overrides: list[str] | Non
     if latest is None:
         raise CheckpointError(f"no complete checkpoint under {src / 'checkpoints'}")
     cfg = load_config(src / "config.yaml", [*(overrides or []), f"train.run_dir={out}"])
-    state = load_checkpoint(latest, map_location="cpu")
     model = build_model(cfg)
-    has_optim = bool(state.get("optim_layout", {}).get("optim")) or "optimizer" in state
-    opt = optimizer_for(cfg, model) if has_optim else None
-    load_train_state(latest, state, model, opt)
+    opt: Any = None
+
+    def _load(path: Path, state: dict[str, Any]) -> None:
+        nonlocal opt
+        has_optim = bool(state.get("optim_layout", {}).get("optim")) or "optimizer" in state
+        opt = optimizer_for(cfg, model) if has_optim else None
+        load_train_state(path, state, model, opt)
+
+    state = load_verified(latest, _load, trust=trust)
+    has_optim = opt is not None
     carried = {k: state[k] for k in ("step", "rng", "nonfinite_total", "data") if k in state}
     path = save_run(out, cfg, model, {"resharded_from": str(latest),
                                       "parallel": {"tp": cfg.parallel.tp,
@@ -76,7 +84,7 @@ def reshard(src_run: str | Path, out_run: str | Path, overrides: list[str] | Non
         ref = model.eval().forward_parallel(ids.to(device), length).float().cpu()
         fresh = build_model(cfg, seed=cfg.train.seed + 1)  # other weights until loaded
         step_dir = out / "checkpoints" / latest.name
-        load_model(step_dir, fresh)
+        load_model_weights(step_dir, fresh)
         got = fresh.eval().forward_parallel(ids.to(device), length).float().cpu()
     diff = float((got - ref).abs().max())
     if diff != 0.0:

@@ -1,14 +1,36 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, resumable, verified training checkpoints.
 
 Layout under ``RUN_DIR/checkpoints/``::
 
     step_00000123/state.pt     torch.save of the state dict
-    step_00000123/meta.json    {'step', 'time', 'files': {name: sha256}, 'sizes': {name: bytes},
-                                'complete': true, 'format': 1}   (written last)
+    step_00000123/meta.json    {'step', 'time', 'complete': true, 'format': 2,
+                                'sizes': {name: bytes},
+                                'digests': {'algo': 'sha256', 'chunk_bytes': C,
+                                            'files': {name: hex}}}   (written last)
     step_00000123/<extra>      optional extra files (e.g. config.yaml)
     step_00000123/shards/      sharded model/optimizer tensors written by every rank
-                               (sleeptrain.train.dist_ckpt); meta.json records their sizes
+                               (sleeptrain.train.dist_ckpt): ``__<rank>_<i>.distcp`` files and
+                               DCP's ``.metadata``
     latest                     text file holding the name of the newest saved directory
+    corrupt-step_00000123[-k]  a checkpoint that failed verification on resume, kept for
+                               inspection; never loaded, pruned, overwritten or named by latest
+
+Digests. ``meta.json`` records a digest of *every* file of the checkpoint (names relative to
+the checkpoint directory, e.g. ``shards/__0_0.distcp``). A file's digest is
+``H(H(c_0) || H(c_1) || ...)`` over its consecutive ``chunk_bytes`` chunks ``c_i`` (one, empty,
+chunk for an empty file), ``H`` = ``algo`` (sha256: OpenSSL uses the CPU's SHA extensions);
+the chunks are hashed in parallel threads, so one large shard file does not hash at one core's
+speed. Every rank hashes the shard files it wrote right after writing them (still in the page
+cache) and rank 0 gathers the digests into meta.json (:mod:`sleeptrain.train.dist_ckpt`).
+
+Verification. :func:`load_verified` (and :func:`resume_checkpoint`, which walks the run's
+checkpoints newest first and falls back) checks, before anything is unpickled, that the
+checkpoint is complete and that the small files (state.pt, ``shards/.metadata``, extra files)
+match their digests; the ``.distcp`` shard files are hashed in background threads, split over
+the ranks (each rank the files its writer rank wrote, the rest round-robin), while the model and
+optimizer are loaded, and the verdict is gathered so every rank decides the same before training
+continues. A checkpoint without a valid digest record (format 1, written before digests existed,
+or a meta.json without them) is refused unless the caller passes ``trust=True``.
 
 A checkpoint is written into ``.tmp-step_00000123-<pid>/`` (every file fsynced, meta.json last),
 renamed to its final name (atomic on POSIX) and the parent directory fsynced; only then is
@@ -28,7 +50,10 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +63,20 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "CorruptCheckpointError",
+    "DigestRecord",
     "SaveInfo",
+    "UntrustedCheckpointError",
     "capture_rng_state",
     "checkpoint_step",
     "cleanup_stale_tmp",
+    "digest_files",
     "find_latest_checkpoint",
+    "hash_threads",
     "load_checkpoint",
+    "load_verified",
     "restore_rng_state",
+    "resume_checkpoint",
     "save_checkpoint",
     "tmp_dir_for",
     "validate_checkpoint",
@@ -54,17 +86,37 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STALE_TMP_AGE_S = 3600.0
+#: digest algorithm of new checkpoints (measured: docs/design.md, "Checkpoints")
+DIGEST_ALGO = "sha256"
+#: bytes per hashed chunk: the unit of parallelism (threads, ranks)
+DIGEST_CHUNK = 16 << 20
+#: algorithms a digest record may name (collision-resistant ones only)
+DIGEST_ALGOS = frozenset({"sha256", "sha512", "blake2b", "sha3_256"})
+CORRUPT_PREFIX = "corrupt-"
+DCP_METADATA = "shards/.metadata"
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-.*-(\d+)(?:-old)?$")
+_SHARD_FILE_RE = re.compile(r"^shards/__(\d+)_\d+\.distcp$")
 _CHUNK = 1 << 22
+_tls = threading.local()
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, found, validated or loaded; the message names the path
     and the cause."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint is damaged: incomplete (a file missing or of the wrong size, meta.json
+    unreadable) or a file does not match its digest. :func:`resume_checkpoint` falls back."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint has no valid digest record (format 1, or meta.json without digests): its
+    files cannot be verified, so it is loaded only with ``trust=True``."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +126,16 @@ class SaveInfo:
     path: Path
     bytes: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class DigestRecord:
+    """meta.json's ``digests``: algorithm, chunk size and one hex digest per file (names
+    relative to the checkpoint directory)."""
+
+    algo: str
+    chunk_bytes: int
+    files: dict[str, str]
 
 
 def _step_name(step: int) -> str:
@@ -97,6 +159,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
+    """Plain sha256 of a whole file (what format-1 meta.json records for state.pt)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -111,6 +174,253 @@ def _write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+# ----------------------------------------------------------------------------- digests
+
+
+def hash_threads() -> int:
+    """Threads one process hashes with: the CPU cores it may run on divided by the processes of
+    this host (``LOCAL_WORLD_SIZE`` under torchrun), between 1 and 32."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(32, cores // local))
+
+
+def _chunks(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of the chunks a file of ``size`` bytes is hashed in."""
+    if size == 0:
+        return [(0, 0)]
+    return [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
+
+
+def _chunk_digest(path: Path, offset: int, length: int, algo: str) -> bytes:
+    """``algo`` digest of bytes [offset, offset + length) of ``path``, read into this thread's
+    reused buffer (hashlib and preadv release the GIL, so threads hash in parallel)."""
+    buf: bytearray | None = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < length:
+        buf = _tls.buf = bytearray(length)
+    view = memoryview(buf)[:length]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{path}: ends at byte {offset + got}, "
+                                      f"expected at least {offset + length} bytes")
+            got += n
+    finally:
+        os.close(fd)
+    h = hashlib.new(algo)
+    h.update(view)
+    return h.digest()
+
+
+def _compose(algo: str, parts: Iterable[bytes]) -> str:
+    h = hashlib.new(algo)
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+class _Hashing:
+    """Background hashing of whole files: each file's chunks are submitted to a thread pool at
+    construction; :meth:`result` waits and returns ``{name: hex digest or 'error: ...'}``."""
+
+    def __init__(self, root: Path, sizes: dict[str, int], algo: str, chunk_bytes: int,
+                 threads: int | None = None) -> None:
+        self.algo = algo
+        n_chunks = sum(len(_chunks(s, chunk_bytes)) for s in sizes.values())
+        workers = max(1, min(threads or hash_threads(), n_chunks))
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash")
+        self.futures: dict[str, list[Future[bytes]]] = {
+            name: [self.pool.submit(_chunk_digest, root / name, off, n, algo)
+                   for off, n in _chunks(size, chunk_bytes)]
+            for name, size in sizes.items()}
+
+    def result(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            for name, futs in self.futures.items():
+                try:
+                    out[name] = _compose(self.algo, [f.result() for f in futs])
+                except (OSError, CheckpointError) as e:
+                    out[name] = f"error: {type(e).__name__}: {e}"
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def cancel(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def digest_files(root: str | os.PathLike[str], names: Sequence[str], *, algo: str = DIGEST_ALGO,
+                 chunk_bytes: int = DIGEST_CHUNK, threads: int | None = None) -> dict[str, str]:
+    """``{name: hex digest}`` of the files ``root / name`` (the chunked digest of the module
+    docstring), computed in ``threads`` threads (default :func:`hash_threads`). A file that
+    cannot be read raises CheckpointError naming it."""
+    root = Path(root)
+    sizes = {}
+    for n in names:
+        try:
+            sizes[n] = (root / n).stat().st_size
+        except OSError as e:
+            raise CheckpointError(f"{root / n}: cannot hash: {e.strerror or e}") from e
+    out = _Hashing(root, sizes, algo, chunk_bytes, threads).result()
+    for name, d in out.items():
+        if d.startswith("error: "):
+            raise CheckpointError(f"{root / name}: cannot hash: {d.removeprefix('error: ')}")
+    return out
+
+
+def _digest_record(meta: dict[str, Any]) -> DigestRecord | None:
+    """meta.json's digest record if it is valid (a known algorithm, a chunk size, a hex digest
+    of the right length for every file meta.json lists), else None."""
+    rec = meta.get("digests")
+    sizes = meta.get("sizes")
+    if not isinstance(rec, dict) or not isinstance(sizes, dict):
+        return None
+    algo, chunk, files = rec.get("algo"), rec.get("chunk_bytes"), rec.get("files")
+    if algo not in DIGEST_ALGOS or isinstance(chunk, bool) or not isinstance(chunk, int):
+        return None
+    if chunk < 4096 or not isinstance(files, dict) or set(files) != set(sizes):
+        return None
+    width = 2 * hashlib.new(algo).digest_size
+    for d in files.values():
+        if not isinstance(d, str) or len(d) != width or d.strip("0123456789abcdef"):
+            return None
+    return DigestRecord(algo=algo, chunk_bytes=chunk, files=dict(files))
+
+
+def _is_large(name: str) -> bool:
+    """Whether ``name`` is a tensor shard file (verified in the background while loading)
+    rather than a small file verified before anything is unpickled."""
+    return name.startswith("shards/") and name != DCP_METADATA
+
+
+def _mismatches(record: DigestRecord, got: dict[str, str]) -> list[str]:
+    """Reasons, one per file of ``got`` that does not match ``record``, in name order."""
+    out = []
+    for name in sorted(got):
+        d = got[name]
+        if d.startswith("error: "):
+            out.append(f"{name} cannot be read ({d.removeprefix('error: ')})")
+        elif d != record.files[name]:
+            out.append(f"{name} does not match its {record.algo} digest in {META_FILE} "
+                       f"(recorded {record.files[name][:16]}..., found {d[:16]}...)")
+    return out
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _dist() -> tuple[Any, int, int]:
+    """(torch.distributed if several processes run else None, rank, world size)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Collective: every rank's ``obj`` (picklable, produced by this code), in rank order."""
+    dist, _, world = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    """Collective: rank 0's ``obj`` on every rank."""
+    dist, _, _ = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first(values: list[Any]) -> Any:
+    return next((v for v in values if v), None)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _check_save_args(run_dir: Path, step: int, keep_last: int, state: Any,
+                     extra_files: dict[str, bytes | str]) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{run_dir}: step must be an int >= 0, got {step!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise CheckpointError(f"{run_dir}: keep_last must be an int >= 1, got {keep_last!r}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{run_dir}: state must be a dict, got {type(state).__name__}")
+    for name in extra_files:
+        if (name in (STATE_FILE, META_FILE) or not name or name.startswith(".") or "/" in name
+                or os.sep in name):
+            raise CheckpointError(f"{run_dir}: invalid extra file name {name!r}")
+
+
+def _fill_tmp(tmp: Path, step: int, state: dict[str, Any],
+              extra_files: dict[str, bytes | str], digests: dict[str, str] | None,
+              with_digests: bool) -> None:
+    """Fsyncs what other processes wrote into ``tmp``, writes state.pt and the extra files,
+    then meta.json (sizes and digests of every file) last."""
+    sized = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    for f in sized:
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    for d in {(tmp / f).parent for f in sized}:
+        _fsync_dir(d)
+    with open(tmp / STATE_FILE, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    for fname, content in extra_files.items():
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        _write_bytes_synced(tmp / fname, data)
+    files = [*sized, STATE_FILE, *extra_files]
+    meta: dict[str, Any] = {
+        "step": step,
+        "time": time.time(),
+        "sizes": {f: (tmp / f).stat().st_size for f in files},
+        "complete": True,
+        "format": FORMAT_VERSION,
+    }
+    if with_digests:
+        given = {f: d for f, d in (digests or {}).items() if f in meta["sizes"]}
+        todo = [f for f in files if f not in given]
+        meta["digests"] = {"algo": DIGEST_ALGO, "chunk_bytes": DIGEST_CHUNK,
+                           "files": {**given, **digest_files(tmp, todo)}}
+    _write_bytes_synced(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+
+
+def _publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
+    """Renames the finished ``tmp`` to ``ckpt_dir/name`` (replacing a checkpoint of the same
+    step) and points ``latest`` at it, each step fsynced."""
+    final = ckpt_dir / name
+    old = None
+    if final.exists():
+        old = ckpt_dir / f".tmp-{name}-{os.getpid()}-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _write_latest(ckpt_dir, name)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -118,37 +428,29 @@ def save_checkpoint(
     keep_last: int,
     extra_files: dict[str, bytes | str] | None = None,
     prepared: Path | None = None,
+    digests: dict[str, str] | None = None,
+    *,
+    _digests: bool = True,
 ) -> SaveInfo:
     """Atomically write ``state`` (and ``extra_files``) as the checkpoint for ``step``.
 
     After the new checkpoint is complete and ``latest`` points to it, checkpoints with a smaller
     step are deleted except the ``keep_last - 1`` newest complete ones (complete checkpoints
-    with a larger step, left by an abandoned run branch, are not touched). An existing
-    checkpoint for the same step is replaced. Returns a :class:`SaveInfo`.
+    with a larger step, left by an abandoned run branch, and ``corrupt-*`` directories are not
+    touched). An existing checkpoint for the same step is replaced. Returns a
+    :class:`SaveInfo`.
 
     ``prepared``: a temporary directory (from :func:`tmp_dir_for`) that other processes have
-    already filled (the ``shards/`` of a sharded checkpoint); it is finalized with the rest,
-    its files' sizes recorded in meta.json (not their sha256: they can be many GB).
+    already filled (the ``shards/`` of a sharded checkpoint); it is finalized with the rest.
+    ``digests``: the digests (:func:`digest_files`, names relative to ``prepared``) those
+    processes computed of the files they wrote; every file not in it is hashed here. meta.json
+    records the size and digest of every file. ``_digests=False`` (benchmarks and tests only)
+    writes no digest record: such a checkpoint loads only with ``trust=True``.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{run_dir}: step must be an int >= 0, got {step!r}")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise CheckpointError(f"{run_dir}: keep_last must be an int >= 1, got {keep_last!r}")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{run_dir}: state must be a dict, got {type(state).__name__}")
     extra_files = dict(extra_files or {})
-    for name in extra_files:
-        if (
-            name in (STATE_FILE, META_FILE)
-            or not name
-            or name.startswith(".")
-            or "/" in name
-            or os.sep in name
-        ):
-            raise CheckpointError(f"{run_dir}: invalid extra file name {name!r}")
-
+    _check_save_args(run_dir, step, keep_last, state, extra_files)
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     name = _step_name(step)
     final = ckpt_dir / name
@@ -161,46 +463,8 @@ def save_checkpoint(
             tmp.mkdir()
         elif not prepared.is_dir():
             raise CheckpointError(f"{prepared}: prepared checkpoint directory is missing")
-        sized = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-        for f in sized:
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        for d in {(tmp / f).parent for f in sized}:
-            _fsync_dir(d)
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        for fname, content in extra_files.items():
-            data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
-            _write_bytes_synced(tmp / fname, data)
-        files = [STATE_FILE, *extra_files]
-        meta = {
-            "step": step,
-            "time": time.time(),
-            "files": {f: _sha256(tmp / f) for f in files},
-            "sizes": {f: (tmp / f).stat().st_size for f in [*sized, *files]},
-            "complete": True,
-            "format": FORMAT_VERSION,
-        }
-        _write_bytes_synced(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-
-        old = None
-        if final.exists():
-            old = ckpt_dir / f".tmp-{name}-{os.getpid()}-old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-        latest_tmp = ckpt_dir / f".tmp-latest-{os.getpid()}"
-        _write_bytes_synced(latest_tmp, (name + "\n").encode())
-        os.replace(latest_tmp, ckpt_dir / LATEST_FILE)
-        _fsync_dir(ckpt_dir)
+        _fill_tmp(tmp, step, state, extra_files, digests, _digests)
+        _publish(tmp, ckpt_dir, name)
     except CheckpointError:
         raise
     except Exception as e:
@@ -208,6 +472,14 @@ def save_checkpoint(
 
     _prune(ckpt_dir, step, keep_last)
     return SaveInfo(path=final, bytes=checkpoint_bytes(final), seconds=time.perf_counter() - t0)
+
+
+def _write_latest(ckpt_dir: Path, name: str) -> None:
+    """Atomically make ``checkpoints/latest`` name ``name``."""
+    latest_tmp = ckpt_dir / f".tmp-latest-{os.getpid()}"
+    _write_bytes_synced(latest_tmp, (name + "\n").encode())
+    os.replace(latest_tmp, ckpt_dir / LATEST_FILE)
+    _fsync_dir(ckpt_dir)
 
 
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
@@ -235,7 +507,8 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def _prune(ckpt_dir: Path, new_step: int, keep_last: int) -> None:
     """Delete checkpoints older than ``new_step`` beyond the ``keep_last`` newest complete ones
-    (incomplete older directories are deleted too); never the one ``latest`` names."""
+    (incomplete older directories are deleted too); never the one ``latest`` names, never a
+    ``corrupt-*`` directory (only ``step_*`` names are considered)."""
     protected = _read_latest_name(ckpt_dir)
     kept = 1  # the new checkpoint
     for step, path in _step_dirs(ckpt_dir):
@@ -255,51 +528,88 @@ def _read_latest_name(ckpt_dir: Path) -> str | None:
         return None
 
 
-def _problem(path: Path, verify: bool) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None if it is."""
+# ----------------------------------------------------------------------------- validation
+
+
+def _complete(path: Path) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """(meta.json's content, None) if ``path`` is a complete checkpoint -- meta.json marks it
+    complete, names its step, lists state.pt, and every listed file exists with its recorded
+    size -- else (None, why not)."""
     if _STEP_RE.match(path.name) is None:
-        return "directory name is not step_NNNNNNNN"
+        return None, "directory name is not step_NNNNNNNN"
     if not path.is_dir():
-        return "not a directory"
+        return None, "not a directory"
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
-        return f"{META_FILE} is missing"
+        return None, f"{META_FILE} is missing"
     except (OSError, ValueError) as e:
-        return f"{META_FILE} is unreadable: {e}"
+        return None, f"{META_FILE} is unreadable: {e}"
     if not isinstance(meta, dict) or meta.get("complete") is not True:
-        return f"{META_FILE} does not mark the checkpoint complete"
+        return None, f"{META_FILE} does not mark the checkpoint complete"
     if meta.get("step") != checkpoint_step(path):
-        return f"{META_FILE} step {meta.get('step')!r} does not match the directory name"
-    files, sizes = meta.get("files"), meta.get("sizes", {})
-    if not isinstance(files, dict) or STATE_FILE not in files or not isinstance(sizes, dict):
-        return f"{META_FILE} does not list {STATE_FILE}"
+        return None, f"{META_FILE} step {meta.get('step')!r} does not match the directory name"
+    files, sizes = meta.get("files", {}), meta.get("sizes", {})
+    if not isinstance(files, dict) or not isinstance(sizes, dict):
+        return None, f"{META_FILE} has malformed 'files'/'sizes' entries"
+    if STATE_FILE not in files and STATE_FILE not in sizes:
+        return None, f"{META_FILE} does not list {STATE_FILE}"
     for fname in [*files, *(f for f in sizes if f not in files)]:
+        if not isinstance(fname, str) or fname.startswith("/") or ".." in fname.split("/"):
+            return None, f"{META_FILE} lists an invalid file name {fname!r}"
         fpath = path / fname
         if not fpath.is_file():
-            return f"{fname} is missing"
+            return None, f"{fname} is missing"
         if fname in sizes and fpath.stat().st_size != sizes[fname]:
-            return f"{fname} has {fpath.stat().st_size} bytes, expected {sizes[fname]}"
-        if verify and fname in files and _sha256(fpath) != files[fname]:
+            return None, f"{fname} has {fpath.stat().st_size} bytes, expected {sizes[fname]}"
+    return meta, None
+
+
+def _verify_local(path: Path, meta: dict[str, Any], large: bool) -> str | None:
+    """Why the files of complete checkpoint ``path`` do not match meta.json, or None: with a
+    digest record the small files (``large``: every file), else format 1's sha256 of state.pt
+    and the extra files. Hashes in this process only."""
+    record = _digest_record(meta)
+    if record is not None:
+        names = [n for n in sorted(record.files) if large or not _is_large(n)]
+        got = _Hashing(path, {n: (path / n).stat().st_size for n in names}, record.algo,
+                       record.chunk_bytes).result()
+        bad = _mismatches(record, got)
+        return "; ".join(bad) if bad else None
+    for fname, want in meta.get("files", {}).items():
+        if _sha256(path / fname) != want:
             return f"{fname} fails its sha256 check"
     return None
 
 
-def validate_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> None:
+def _problem(path: Path, verify: bool, *, large: bool = False) -> str | None:
+    """Why ``path`` is not a complete (``verify``: and intact) checkpoint, or None if it is."""
+    meta, reason = _complete(path)
+    if meta is None or not verify:
+        return reason
+    return _verify_local(path, meta, large)
+
+
+def validate_checkpoint(path: str | os.PathLike[str], *, verify: bool = True,
+                        shards: bool = True) -> None:
     """Raise CheckpointError (naming ``path`` and the reason) unless ``path`` is a complete
     checkpoint: meta.json marks it complete, every listed file exists with the recorded size,
-    and (``verify=True``) its sha256 matches."""
-    reason = _problem(Path(path), verify)
+    and (``verify=True``) its digests match -- of every file, or with ``shards=False`` of all
+    but the ``.distcp`` shard files. Hashes in this process (threads), not collectively."""
+    reason = _problem(Path(path), verify, large=shards)
     if reason is not None:
-        raise CheckpointError(f"{path}: incomplete or corrupt checkpoint: {reason}")
+        raise CorruptCheckpointError(f"{path}: incomplete or corrupt checkpoint: {reason}")
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> Path | None:
-    """Return the checkpoint to resume from, or None if there is no complete one.
+    """Return the newest complete checkpoint, or None if there is none (no fallback on load
+    errors, no renaming: :func:`resume_checkpoint` does that).
 
     The directory named by ``checkpoints/latest`` is used if it is complete (see
-    :func:`validate_checkpoint`); otherwise ``step_*`` directories are tried by descending step
-    and the first complete one is returned. ``.tmp-*`` directories are never considered.
+    :func:`validate_checkpoint`; ``verify`` checks the digests of its small files, not of the
+    ``.distcp`` shards, which are verified when loaded); otherwise ``step_*`` directories are
+    tried by descending step and the first complete one is returned. ``.tmp-*`` and
+    ``corrupt-*`` directories are never considered.
     """
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
     if not ckpt_dir.is_dir():
@@ -314,13 +624,10 @@ def find_latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = Tr
     return None
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> dict[str, Any]:
-    """Load the state dict of a checkpoint (directory or its ``state.pt``) with
-    ``torch.load(weights_only=True)``; any failure raises CheckpointError naming the file."""
-    p = Path(path)
-    file = p / STATE_FILE if p.is_dir() else p
+# ----------------------------------------------------------------------------- loading
+
+
+def _torch_load(file: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -328,6 +635,233 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: checkpoint holds a {type(state).__name__}, not a dict")
     return state
+
+
+def _untrusted(path: Path, meta: dict[str, Any] | None) -> UntrustedCheckpointError:
+    what = (f"{META_FILE} (format {meta.get('format')!r}) has no valid digest record"
+            if meta is not None else f"there is no {META_FILE} with digests next to it")
+    return UntrustedCheckpointError(
+        f"{path}: {what}, so its files cannot be verified before they are unpickled; refusing "
+        f"to load it (pass trust=True, --trust-checkpoint, if you trust its source)")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,
+    trust: bool = False,
+) -> dict[str, Any]:
+    """Load the state dict of a checkpoint (directory or its ``state.pt``) with
+    ``torch.load(weights_only=True)``, after checking the checkpoint is complete and its small
+    files (state.pt, shard metadata, extra files) match meta.json's digests. A checkpoint
+    without a valid digest record, or a ``.pt`` file outside a checkpoint directory, needs
+    ``trust=True``. Any failure raises CheckpointError naming the file. Not collective; the
+    ``.distcp`` shards are not read (see :func:`load_verified`)."""
+    p = Path(path)
+    ckpt = p if p.is_dir() else (p.parent if p.name == STATE_FILE
+                                 and (p.parent / META_FILE).is_file() else None)
+    file = p / STATE_FILE if p.is_dir() else p
+    if ckpt is None:
+        if not trust:
+            raise _untrusted(file, None)
+        return _torch_load(file, map_location)
+    meta, reason = _complete(ckpt)
+    if meta is not None:
+        if _digest_record(meta) is None and not trust:
+            raise _untrusted(ckpt, meta)
+        reason = _verify_local(ckpt, meta, large=False)
+    if reason is not None:
+        raise CorruptCheckpointError(f"{ckpt}: incomplete or corrupt checkpoint: {reason}")
+    return _torch_load(file, map_location)
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_verified(
+    path: str | os.PathLike[str],
+    load_fn: Callable[[Path, dict[str, Any]], None] | None = None,
+    *,
+    trust: bool = False,
+    map_location: str | torch.device = "cpu",
+    _verify: bool = True,
+) -> dict[str, Any]:
+    """Collective (every rank calls it): verify checkpoint directory ``path``, load its
+    ``state.pt`` (weights_only) and call ``load_fn(path, state)`` (e.g. the collective model and
+    optimizer load); return the state dict.
+
+    Order: completeness and the digests of the small files (state.pt, ``shards/.metadata``,
+    extra files) on every rank before anything is unpickled; then ``state.pt``; then the
+    ``.distcp`` files are hashed in background threads (this rank's share) while ``load_fn``
+    runs; then every rank's digests and load errors are gathered, so all ranks raise the same
+    error or none. Errors name the checkpoint and the file: CorruptCheckpointError when it is
+    incomplete or a file does not match its digest; UntrustedCheckpointError when it has no
+    valid digest record and not ``trust``; plain CheckpointError when its files are intact
+    (or unverifiable) but it cannot be loaded (e.g. into a model of another config).
+    ``_verify=False``: no digest checks (benchmarks only).
+    """
+    path = Path(path)
+    _, rank, world = _dist()
+    meta, reason = _complete(path)
+    untrusted = False
+    record = None
+    if meta is not None:
+        record = _digest_record(meta)
+        if record is None and not trust:
+            untrusted = True
+            reason = str(_untrusted(path, meta))
+        elif _verify:
+            reason = _verify_local(path, meta, large=False)
+    verdict = _first([(r, u) for r, u in _all_gather((reason, untrusted)) if r])
+    if verdict is not None:
+        if verdict[1]:
+            raise UntrustedCheckpointError(verdict[0])
+        raise CorruptCheckpointError(f"{path}: incomplete or corrupt checkpoint: {verdict[0]}")
+
+    state: dict[str, Any] = {}
+    err = None
+    try:
+        state = _torch_load(path / STATE_FILE, map_location)
+    except CheckpointError as e:
+        err = str(e)
+    err = _first(_all_gather(err))
+    if err is not None:
+        raise CheckpointError(err)
+
+    hashing = None
+    if _verify and record is not None:
+        large = [n for n in sorted(record.files) if _is_large(n)]
+        mine = {n: (meta or {})["sizes"][n] for i, n in enumerate(large)
+                if _owner(n, i, world) == rank}
+        hashing = _Hashing(path, mine, record.algo, record.chunk_bytes)
+    err = None
+    try:
+        if load_fn is not None:
+            load_fn(path, state)
+    except CheckpointError as e:
+        err = _one_line(str(e))
+    except BaseException:
+        if hashing is not None:
+            hashing.cancel()
+        raise
+    got = hashing.result() if hashing is not None else {}
+    gathered = _all_gather((got, err))
+    bad = _mismatches(record, {k: v for g, _ in gathered for k, v in g.items()}) if record else []
+    errors = sorted({e for _, e in gathered if e})
+    if bad:
+        detail = "; ".join([*bad, *(f"(the load failed too: {e})" for e in errors)])
+        raise CorruptCheckpointError(f"{path}: corrupt checkpoint: {detail}")
+    if errors:
+        raise CheckpointError(f"{path}: cannot load it: {'; '.join(errors)}")
+    return state
+
+
+def _owner(name: str, index: int, world: int) -> int:
+    """The rank that verifies file ``name`` (``index``-th large file): the rank that wrote a
+    ``shards/__<r>_<i>.distcp`` file (r modulo the world size: its load reads that file, so the
+    pages are shared), any other file round-robin."""
+    m = _SHARD_FILE_RE.match(name)
+    return int(m.group(1)) % world if m else index % world
+
+
+def _candidates(ckpt_dir: Path) -> tuple[list[str], list[str]]:
+    """(checkpoint directory names to try, newest first: the one ``latest`` names, then every
+    ``step_*`` by descending step; what shows the run had checkpoints: ``latest``, step and
+    ``corrupt-*`` directories)."""
+    if not ckpt_dir.is_dir():
+        return [], []
+    latest = _read_latest_name(ckpt_dir)
+    steps = [p.name for _, p in _step_dirs(ckpt_dir)]
+    order = ([latest] if latest in steps else []) + [n for n in steps if n != latest]
+    evidence = sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(CORRUPT_PREFIX))
+    if (ckpt_dir / LATEST_FILE).exists():
+        evidence.insert(0, f"{LATEST_FILE} (naming {latest!r})")
+    return order, [*steps, *evidence]
+
+
+def _quarantine(path: Path) -> Path:
+    """Rename checkpoint ``path`` to ``corrupt-<name>`` (``-1``, ``-2``, ... if taken): kept,
+    never loaded, pruned or overwritten. Returns the new path."""
+    base = path.parent / f"{CORRUPT_PREFIX}{path.name}"
+    target, k = base, 0
+    while target.exists():
+        k += 1
+        target = base.with_name(f"{base.name}-{k}")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
+def resume_checkpoint(
+    run_dir: str | os.PathLike[str],
+    load_fn: Callable[[Path, dict[str, Any]], None],
+    *,
+    trust: bool = False,
+    log: Callable[[str], Any] = print,
+    map_location: str | torch.device = "cpu",
+    quarantine: bool = True,
+) -> tuple[Path, dict[str, Any]] | None:
+    """Collective: load the newest intact checkpoint of ``run_dir`` (:func:`load_verified` with
+    ``load_fn``); return (its path, its state dict), or None when the run has no checkpoint at
+    all.
+
+    Candidates are the directory ``latest`` names, then every ``step_*`` directory by descending
+    step (rank 0 lists them, every rank tries the same ones). A damaged candidate (incomplete, or
+    a file that does not match its digest: CorruptCheckpointError) is skipped with one line to
+    ``log`` (rank 0) and, with ``quarantine``, renamed by rank 0 to ``corrupt-<name>`` so it is
+    kept but never loaded, pruned or overwritten; ``latest`` is then rewritten to name the
+    checkpoint used. If the run had checkpoints but none could be used, raises CheckpointError
+    naming each and why (never a silent start from step 0).
+
+    Raised at once, with nothing renamed (an older checkpoint would fail alike):
+    UntrustedCheckpointError for a checkpoint without digests unless ``trust``; CheckpointError
+    when an intact checkpoint cannot be loaded (``load_fn`` raised CheckpointError while every
+    file matched its digest: e.g. a changed model config, or a ``.metadata`` refused by the
+    restricted unpickler although its digest matches). ``load_fn`` must fully overwrite what it
+    loads (a damaged candidate may have loaded part of its tensors first).
+    ``quarantine=False`` (read-only users such as eval) renames nothing and keeps ``latest``.
+    """
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
+    dist, rank, _ = _dist()
+    order, evidence = _broadcast(_candidates(ckpt_dir) if rank == 0 else None)
+    failures: list[str] = []
+    for name in order:
+        path = ckpt_dir / name
+        try:
+            state = load_verified(path, load_fn, trust=trust, map_location=map_location)
+        except CorruptCheckpointError as e:
+            reason = _one_line(str(e))
+            kept = ""
+            if quarantine and rank == 0:
+                try:
+                    kept = f"; renamed to {_quarantine(path).name} (kept, never loaded again)"
+                except OSError as oe:
+                    kept = f"; could not rename it: {oe}"
+            if rank == 0:
+                log(f"skipping checkpoint {name}: {reason}{kept}")
+            if dist is not None:
+                dist.barrier()
+            failures.append(f"{name}: {reason}")
+            continue
+        except UntrustedCheckpointError:
+            raise
+        except CheckpointError as e:
+            earlier = f" (skipped before it: {'; '.join(failures)})" if failures else ""
+            raise CheckpointError(
+                f"{e}; not renamed and no older checkpoint tried: its files are intact or "
+                f"unverifiable, so the cause is not corruption (a changed config?){earlier}"
+            ) from e
+        if quarantine and rank == 0 and _read_latest_name(ckpt_dir) != name:
+            _write_latest(ckpt_dir, name)
+        if dist is not None:
+            dist.barrier()
+        return path, state
+    if failures or evidence:
+        listing = "; ".join(failures) if failures else "none is left to try"
+        raise CheckpointError(
+            f"{ckpt_dir}: the run has checkpoints ({', '.join(evidence)}) but none could be "
+            f"used, refusing to start from step 0: {listing}")
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

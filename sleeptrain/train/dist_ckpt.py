@@ -16,20 +16,59 @@ CPU and the reverse (docs/design.md, "Checkpoints").
 
 Optimizer state is stored per parameter *name* (``optim.<muon|adamw>.<name>.<key>``), so it
 does not depend on parameter order or on how parameters are split over ranks.
+
+Integrity and trust. After writing, every rank hashes the shard files it wrote (threads, while
+they are in the page cache) and rank 0 records all digests in meta.json
+(:mod:`sleeptrain.train.checkpoint`, which also verifies them on load). DCP's own reader
+unpickles ``shards/.metadata`` with plain ``pickle``; every load here goes through
+:class:`SafeFileSystemReader` instead, whose unpickler resolves only the classes DCP metadata
+consists of (anything else: CheckpointError "refusing to unpickle module.name from file"), and
+through a planner that refuses non-tensor entries (DCP would ``torch.load`` them with
+``weights_only=False``); tensor slices are read by DCP with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from sleeptrain.parallel.tensors import partition_dim, tp_group_and_size
 from sleeptrain.train.checkpoint import CheckpointError
 
 SHARDS_DIR = "shards"
+METADATA_FILE = ".metadata"
+#: (module, name) of every global a DCP ``.metadata`` pickle may reference (checked against the
+#: pickles this code writes: ``pickletools.dis`` lists these; torch dtypes are allowed besides)
+_DCP_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "Path"),
+    ("pathlib._local", "PosixPath"),  # Python >= 3.13 pickles paths from here
+    ("pathlib._local", "PurePosixPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("collections", "OrderedDict"),
+})
+_SHARD_NAME_RE = re.compile(r"^__\d+_\d+\.distcp$")
 _MESH: dict[Any, Any] = {}
 # implementation choices of this process, not training state: never restored from a save
 _IMPL_FLAGS = frozenset({"fused", "foreach", "capturable", "differentiable"})
@@ -113,22 +152,54 @@ def sharded_state(model: torch.nn.Module, opt: Any | None) -> tuple[dict[str, An
 
 
 def save_shards(path: Path, tensors: dict[str, Any]) -> None:
-    """Collective: every rank writes its slices under ``path`` (DCP)."""
+    """Collective: every rank writes its slices under ``path`` (DCP): rank r the files
+    ``__<r>_<i>.distcp``, rank 0 also ``.metadata``."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(tensors, checkpoint_id=str(path))
 
 
+def _own_shard_digests(tmp: Path) -> dict[str, str]:
+    """Collective: digests (names relative to the checkpoint directory ``tmp``) of the shard
+    files every rank wrote, each rank hashing its own ``__<rank>_*.distcp`` files (threads);
+    a rank that cannot hash makes every rank raise CheckpointError."""
+    import torch.distributed as dist
+
+    from sleeptrain.train.checkpoint import digest_files
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if multi else 0
+    mine = re.compile(rf"^__{rank}_\d+\.distcp$")
+    result: dict[str, str] | str
+    try:
+        names = sorted(f"{SHARDS_DIR}/{n}" for n in os.listdir(tmp / SHARDS_DIR)
+                       if mine.match(n))
+        result = digest_files(tmp, names)
+    except (OSError, CheckpointError) as e:
+        result = f"rank {rank}: {type(e).__name__}: {e}"
+    every: list[Any] = [result]
+    if multi:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, result)
+    errors = [r for r in every if isinstance(r, str)]
+    if errors:
+        raise CheckpointError(f"{tmp}: hashing the written shards failed: {'; '.join(errors)}")
+    return {k: v for r in every for k, v in r.items()}
+
+
 def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: Any | None,
                             state: dict[str, Any] | None, keep_last: int,
                             extra_files: dict[str, str] | None = None,
-                            after_shards: Callable[[], None] | None = None) -> Any:
+                            after_shards: Callable[[], None] | None = None, *,
+                            _digests: bool = True) -> Any:
     """Collective: every rank writes its shards of ``model`` (and ``opt``'s state) into rank
-    0's temporary directory, then rank 0 writes ``state`` (its training state; the optimizer
-    layout is added) as state.pt and finalizes the checkpoint atomically (an interrupted write
-    leaves only the temporary directory). ``after_shards`` runs on every rank once its shards
-    are written. Returns rank 0's SaveInfo, its ``seconds`` counted from the start of the
-    shard write; None on the other ranks."""
+    0's temporary directory and hashes the files it wrote; rank 0 gathers the digests, writes
+    ``state`` (its training state; the optimizer layout is added) as state.pt and finalizes
+    the checkpoint atomically with meta.json recording every file's size and digest (an
+    interrupted write leaves only the temporary directory). ``after_shards`` runs on every rank
+    once its shards are written and hashed. Returns rank 0's SaveInfo, its ``seconds`` counted
+    from the start of the shard write; None on the other ranks. ``_digests=False`` (benchmarks
+    and tests only): no digests, a checkpoint that loads only with ``trust=True``."""
     import dataclasses
     import shutil
     import time
@@ -152,41 +223,137 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
         dist.barrier()
     t0 = time.perf_counter()
     save_shards(tmp / SHARDS_DIR, tensors)
+    digests = _own_shard_digests(tmp) if _digests else None
     if after_shards is not None:
         after_shards()
     info = None
     if rank0:
         info = save_checkpoint(run_dir, step, {**(state or {}), "optim_layout": layout},
-                               keep_last, extra_files=extra_files, prepared=tmp)
+                               keep_last, extra_files=extra_files, prepared=tmp,
+                               digests=digests, _digests=_digests)
         info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
     if multi:
         dist.barrier()
     return info
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file resolving only :data:`_DCP_GLOBALS` and torch dtypes;
+    any other global raises CheckpointError before it is called."""
+
+    def __init__(self, data: bytes, file: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self.file = file
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"refusing to unpickle {module}.{name} from {self.file}: not a "
+                              "class of DCP checkpoint metadata (a crafted or foreign file)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"refusing to unpickle a persistent id from {self.file}")
+
+
+def read_dcp_metadata(file: Path) -> Any:
+    """DCP ``Metadata`` of the ``.metadata`` file ``file``, unpickled with the restricted
+    unpickler and checked: tensor entries only (DCP would ``torch.load`` other entries with
+    ``weights_only=False``), storage in plain ``__<r>_<i>.distcp`` files of the same directory,
+    no stream transforms. Anything else raises CheckpointError naming ``file``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{file}: unreadable shard metadata: {e}") from e
+    try:
+        md = _MetadataUnpickler(data, file).load()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{file}: unreadable shard metadata: {type(e).__name__}: "
+                              f"{e}") from e
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{file}: holds a {type(md).__name__}, not DCP Metadata")
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{file}: entry {key!r} is a {type(entry).__name__}, not a "
+                                  "tensor (sleeptrain writes tensors only; refusing to load it)")
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{file}: malformed storage data ({type(storage).__name__})")
+    for info in storage.values():
+        if (not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str)
+                or not _SHARD_NAME_RE.match(info.relative_path)):
+            raise CheckpointError(f"{file}: storage entry {info!r} does not name a shard file "
+                                  "of its directory")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{file}: storage entry {info.relative_path} asks for stream "
+                                  f"transforms {info.transform_descriptors!r}, never written")
+    return md
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file system reader with :func:`read_dcp_metadata` in place of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if kwargs.get("rank") is not None:  # DCP's fallback when .metadata is unreadable
+            raise CheckpointError(f"{self.path}: sleeptrain writes no rank-local metadata")
+        md = read_dcp_metadata(Path(self.path) / METADATA_FILE)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _TensorLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, refusing byte (pickled object) entries."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise CheckpointError(f"refusing to unpickle the non-tensor entry "
+                              f"{read_item.dest_index.fqn!r} of a sharded checkpoint")
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The first rank's exception inside a DCP CheckpointException (which carries every
+    failing rank's exception and traceback), else ``e`` itself."""
+    for failure in (getattr(e, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return e
+
+
 def _load(path: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises CheckpointException with per-rank causes
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(path)),
+                 planner=_TensorLoadPlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        inner = _first_failure(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(f"{path}: {inner}") from e
         raise CheckpointError(f"{path}: cannot load sharded checkpoint: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(inner).__name__}: {inner}") from e
 
 
 def _stored_keys(path: Path) -> set[str]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable shard metadata: {type(e).__name__}: "
-                              f"{e}") from e
+    return set(read_dcp_metadata(Path(path) / METADATA_FILE).state_dict_metadata)
 
 
 def load_model(path: Path, model: torch.nn.Module) -> None:
     """Collective: loads the model weights of a sharded checkpoint directory ``path``
-    (``step_N``) at this process's TP size; a missing or extra tensor is named."""
+    (``step_N``) at this process's TP size; a missing or extra tensor is named. Reads the
+    shard metadata with the restricted unpickler but checks no digests: use
+    :func:`load_model_weights` (or ``checkpoint.load_verified``) for that."""
     shards = Path(path) / SHARDS_DIR
     have = {k.removeprefix("model.") for k in _stored_keys(shards) if k.startswith("model.")}
     ours = _model_tensors(model)
@@ -198,18 +365,27 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     _load(shards, tensors)  # in place: DTensors wrap the local parameters
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Model weights of checkpoint directory ``path``: sharded (:func:`load_model`,
-    collective) or a single-file checkpoint of earlier versions (its ``model`` entry)."""
+def load_model_from(path: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
+    """Collective: the model weights of checkpoint ``path`` whose ``state.pt`` is ``state``:
+    its shards (:func:`load_model`) or, for a single-file checkpoint of earlier versions, its
+    ``model`` entry."""
     if is_sharded(path):
         load_model(path, model)
         return
-    from sleeptrain.train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")
     model.load_state_dict(state["model"])
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, *, trust: bool = False) -> None:
+    """Collective: model weights of checkpoint directory ``path`` (sharded, or a single-file
+    checkpoint of earlier versions), verified first: its small files' digests before anything
+    is unpickled, its shard files' digests while loading (``checkpoint.load_verified``); a
+    mismatch raises CheckpointError naming the file. A checkpoint without digests needs
+    ``trust=True``."""
+    from sleeptrain.train.checkpoint import load_verified
+
+    load_verified(path, lambda p, s: load_model_from(p, s, model), trust=trust)
 
 
 def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
@@ -269,5 +445,6 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / SHARDS_DIR).is_dir()
 
 
-__all__ = ["SHARDS_DIR", "is_sharded", "load_model", "load_model_weights", "load_optimizer",
-           "save_sharded_checkpoint", "save_shards", "sharded_state"]
+__all__ = ["SHARDS_DIR", "SafeFileSystemReader", "is_sharded", "load_model", "load_model_from",
+           "load_model_weights", "load_optimizer", "read_dcp_metadata", "save_sharded_checkpoint",
+           "save_shards", "sharded_state"]

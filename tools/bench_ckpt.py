@@ -1,0 +1,189 @@
+"""Checkpoint save and load time with and without the integrity digests, in one process.
+
+Builds the model of a config (``--config`` plus ``key=value`` overrides) and its optimizer
+state (one optimizer step on zero gradients), writes one untimed checkpoint (first touch of
+the output's pages), then, ``--repeat`` times, in one run (the order alternating):
+
+* ``save``: ``save_sharded_checkpoint`` without the digest step (``_digests=False``) and with
+  it (every shard hashed after writing, digests in meta.json);
+* ``load``: the model and optimizer load of the trainer's resume (``load_train_state``) through
+  ``checkpoint.load_verified``, with verification (small files before, shard files hashed in
+  background threads while loading) and without (``_verify=False``);
+* ``hash``: ``digest_files`` over the whole checkpoint alone (the hash throughput).
+
+Only one checkpoint is on disk at a time; the free space of ``OUT_DIR`` is printed first and the
+run is refused (exit 2) when the checkpoint's estimated size does not fit. Results: a markdown
+table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``, default
+``OUT_DIR/bench_ckpt.json``). Examples:
+
+    python tools/bench_ckpt.py /dev/shm/bench --config configs/7b_sleep.yaml parallel.tp=1
+    python tools/bench_ckpt.py /tmp/bench --device cpu model.d_model=64 model.vocab_size=256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", type=Path, help="directory the checkpoints are written to")
+    ap.add_argument("overrides", nargs="*", help="config keys, e.g. parallel.tp=1")
+    ap.add_argument("--config", default=None, help="config file (default: built-in defaults)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    ap.add_argument("--repeat", type=int, default=1, help="measurements of each kind")
+    ap.add_argument("--json", type=Path, default=None, help="result file")
+    return ap
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The measurements (see the module docstring) as a dict; raises SystemExit(2) when the
+    checkpoint would not fit into ``args.out_dir``."""
+    import torch
+
+    import sleeptrain
+    from sleeptrain.train.checkpoint import (
+        DIGEST_ALGO,
+        checkpoint_bytes,
+        digest_files,
+        hash_threads,
+        load_verified,
+    )
+    from sleeptrain.train.dist_ckpt import save_sharded_checkpoint, sharded_state
+    from sleeptrain.train.optim import optimizer_for
+    from sleeptrain.train.trainer import load_train_state
+
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
+    cfg = sleeptrain.load_config(args.config, [*args.overrides, f"train.device={args.device}"])
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    print(f"{out}: {free / GIB:.2f} GiB free", flush=True)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = sleeptrain.build_model(cfg)
+    device = next(model.parameters()).device
+    opt = optimizer_for(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tensors, _ = sharded_state(model, opt)
+    estimate = sum(t.numel() * t.element_size() for t in tensors.values())
+    del tensors
+    print(f"model + optimizer state: {estimate / GIB:.2f} GiB "
+          f"({sum(p.numel() for p in model.parameters()):,} parameters on {device})", flush=True)
+    if estimate * 1.05 + 64 * 2**20 > free:
+        print(f"error: the checkpoint (~{estimate / GIB:.2f} GiB) does not fit into {out} "
+              f"({free / GIB:.2f} GiB free)", file=sys.stderr)
+        raise SystemExit(2)
+
+    times: dict[str, list[float]] = {k: [] for k in
+                                     ("save_plain", "save_digests", "load_plain",
+                                      "load_verified", "hash_only")}
+    nbytes = 0
+
+    def _load(path: Path, state: dict[str, Any]) -> None:
+        load_train_state(path, state, model, opt)
+
+    # an untimed first write: the first touch of the output's pages (tmpfs, the page cache)
+    warm = save_sharded_checkpoint(out / "warm-up", 1, model, opt, {"step": 1}, keep_last=1)
+    shutil.rmtree(out / "warm-up", ignore_errors=True)
+    del warm
+    for r in range(args.repeat):
+        for digests in ((False, True) if r % 2 == 0 else (True, False)):
+            run_dir = out / f"run-{r}-{'digests' if digests else 'plain'}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            info = save_sharded_checkpoint(run_dir, 1, model, opt, {"step": 1}, keep_last=1,
+                                           _digests=digests)
+            _sync(device)
+            times["save_digests" if digests else "save_plain"].append(time.perf_counter() - t0)
+            nbytes = checkpoint_bytes(info.path)
+            if digests:
+                order = (True, False) if r % 2 == 0 else (False, True)
+                for verify in order:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    load_verified(info.path, _load, _verify=verify)
+                    _sync(device)
+                    times["load_verified" if verify else "load_plain"].append(
+                        time.perf_counter() - t0)
+                names = sorted(str(f.relative_to(info.path)) for f in info.path.rglob("*")
+                               if f.is_file() and f.name != "meta.json")
+                t0 = time.perf_counter()
+                digest_files(info.path, names)
+                times["hash_only"].append(time.perf_counter() - t0)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    med = {k: _median(v) for k, v in times.items()}
+    result = {
+        "bytes": nbytes,
+        "gib": nbytes / GIB,
+        "device": str(device),
+        "algo": DIGEST_ALGO,
+        "hash_threads": hash_threads(),
+        "repeat": args.repeat,
+        "seconds": times,
+        "median_s": med,
+        "gib_per_s": {k: nbytes / GIB / v for k, v in med.items() if v > 0},
+        "ratio": {"save": med["save_digests"] / med["save_plain"],
+                  "load": med["load_verified"] / med["load_plain"]},
+        "config": args.config,
+        "overrides": args.overrides,
+    }
+    return result
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown table of :func:`run`'s result."""
+    med, rate = res["median_s"], res["gib_per_s"]
+    rows = [("save", "save_plain", "save_digests", res["ratio"]["save"]),
+            ("load", "load_plain", "load_verified", res["ratio"]["load"])]
+    lines = [f"checkpoint {res['gib']:.3f} GiB on {res['device']}, {res['algo']} in "
+             f"{res['hash_threads']} threads, median of {res['repeat']}", "",
+             "| | without digests | with digests | ratio |", "|---|---|---|---|"]
+    for what, a, b, ratio in rows:
+        lines.append(f"| {what} | {med[a]:.3f} s ({rate.get(a, 0):.2f} GiB/s) | "
+                     f"{med[b]:.3f} s ({rate.get(b, 0):.2f} GiB/s) | {ratio:.3f} |")
+    lines.append(f"| hash only | | {med['hash_only']:.3f} s ({rate.get('hash_only', 0):.2f} "
+                 "GiB/s) | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    res = run(args)
+    print(table(res))
+    path = args.json or args.out_dir / "bench_ckpt.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

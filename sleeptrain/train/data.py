@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.format import ShardError
@@ -20,16 +21,36 @@ from sleeptrain.eval.tasks import batch_examples
 Micro = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
+def task_example_indices(step: int, accum: int, batch_size: int, global_batch: int,
+                         dp_size: int, dp_rank: int, device: torch.device | str
+                         ) -> torch.Tensor:
+    """The train-stream indices [accum * batch_size] (int64, on ``device``) of one step's
+    micro-batches on this rank, micro-batch after micro-batch: row ``micro * batch_size + j``
+    holds example ``step * global_batch + (micro * dp_size + dp_rank) * batch_size + j``."""
+    micro = torch.arange(accum, dtype=torch.int64, device=device)[:, None] * (dp_size *
+                                                                              batch_size)
+    j = torch.arange(batch_size, dtype=torch.int64, device=device)
+    return (micro + (j + (step * global_batch + dp_rank * batch_size))).view(-1)
+
+
 class TaskData:
     """Example i of the task's train stream, i = step * global_batch + (micro * dp_size +
-    dp_rank) * batch_size + j."""
+    dp_rank) * batch_size + j.
 
-    def __init__(self, task: Any, cfg: Any, info: Any):
+    A task with ``sampler: counter`` is generated on ``info.device`` by
+    ``sleeptrain.data.tasks.device`` (all micro-batches of a step in one call, one host sync);
+    otherwise examples are built on the host with ``example_at`` and copied.
+    """
+
+    def __init__(self, task: Any, cfg: DictConfig, info: Any):
         self.task, self.seed, self.info = task, cfg.train.seed, info
         self.bs = cfg.data.batch_size
         self.global_batch = self.bs * cfg.train.grad_accum * info.dp_size
+        self.on_device = getattr(task, "sampler", "numpy") == "counter"
 
     def step_batches(self, step: int, accum: int) -> list[Micro] | None:
+        if self.on_device:
+            return self._device_batches(step, accum)
         out = []
         for micro in range(accum):
             base = step * self.global_batch + (micro * self.info.dp_size + self.info.dp_rank) \
@@ -38,6 +59,17 @@ class TaskData:
             tokens, mask = batch_examples(exs, self.info.device)
             out.append((tokens, mask, None))
         return out
+
+    def _device_batches(self, step: int, accum: int) -> list[Micro]:
+        """The step's micro-batches generated on the device (rows sliced from one batch)."""
+        from sleeptrain.data.tasks.device import device_batch_at
+
+        info, bs = self.info, self.bs
+        index = task_example_indices(step, accum, bs, self.global_batch, info.dp_size,
+                                     info.dp_rank, info.device)
+        batch = device_batch_at(self.task, "train", self.seed, index)
+        return [(batch.tokens[m * bs:(m + 1) * bs], batch.loss_mask[m * bs:(m + 1) * bs], None)
+                for m in range(accum)]
 
     def state_dict(self) -> None:
         return None
@@ -50,7 +82,7 @@ class ShardData:
     """Packed rows from a ``ShardLoader``; its position is gathered from every data-parallel
     rank into the checkpoint (rank 0 writes it) and each rank takes its own back on resume."""
 
-    def __init__(self, cfg: Any, info: Any):
+    def __init__(self, cfg: DictConfig, info: Any):
         from sleeptrain.data.shards import ShardLoader
 
         self.info = info
@@ -62,7 +94,7 @@ class ShardData:
                 seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                 epochs=cfg.data.epochs, on_corrupt=cfg.data.on_corrupt,
                 agree_device=info.device if dist.is_initialized() and
-                dist.get_backend() == "nccl" else "cpu")
+                dist.get_backend() == "nccl" else "cpu", allow_pipe=cfg.data.allow_pipe)
         except ShardError as e:
             raise ConfigError(str(e)) from e
         if self.loader.vocab_size is not None and self.loader.vocab_size > cfg.model.vocab_size:
@@ -110,8 +142,8 @@ class ShardData:
         return self.loader.skipped
 
 
-def build_train_data(cfg: Any, info: Any, task: Any) -> TaskData | ShardData:
+def build_train_data(cfg: DictConfig, info: Any, task: Any) -> TaskData | ShardData:
     return ShardData(cfg, info) if cfg.data.source == "shards" else TaskData(task, cfg, info)
 
 
-__all__ = ["ShardData", "TaskData", "build_train_data"]
+__all__ = ["ShardData", "TaskData", "build_train_data", "task_example_indices"]

@@ -2,6 +2,8 @@
 
 Use ``build_task(name, **kwargs)`` to get a task; ``task.stream(split, seed, start)`` yields
 ``Example``s. See ``base`` for the common interface and each task module for its token layout.
+With the option ``sampler='counter'`` the samples come from the counter-based hash RNG of
+``counter`` and ``device.device_batch`` builds the same samples as tensors on any device.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import difflib
 from typing import Any
 
-from .base import MAX_TRIES, SPLITS, Example, Task, split_bucket, split_of_key
+from .base import MAX_TRIES, SAMPLERS, SPLITS, Example, Task, split_bucket, split_of_key
 from .depo import DepoConfig, DepoTask
 from .rule110 import Rule110Config, Rule110Task, rule110_evolve
 
@@ -57,6 +59,7 @@ def build_task(name: str, **kwargs: Any) -> Task:
 
 __all__ = [
     "MAX_TRIES",
+    "SAMPLERS",
     "SPLITS",
     "TASKS",
     "DepoConfig",

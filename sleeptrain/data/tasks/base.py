@@ -13,6 +13,14 @@ Every task is a seeded, infinite, deterministic generator of fixed-length token 
   Its bucket ``blake2b(key) % 1000`` is stable across processes and machines; the sample belongs
   to ``'test'`` iff ``bucket < test_permille``. Each split rejects (and redraws) samples of the
   other split, so the two streams never share a sample.
+
+Sampler ``'counter'`` (task option ``sampler``; the default ``'numpy'`` is the above): sample
+``i`` comes from the counter-based hash RNG of ``counter.py`` instead: candidate try ``r`` of
+sample ``i`` reads the words ``draw(stream_key(tag, seed, split_id, i), r * n_slots + slot)``
+for the task's fixed slot layout, and the split bucket is ``bucket(content_hash(...))`` of the
+canonical content (not blake2b). Tries ``0, 1, 2, ...`` are taken in order until one lands in
+the requested split. The scalar pure-Python implementation here is the reference that
+``device.device_batch`` (vectorized torch, any device) reproduces sample for sample.
 """
 
 from __future__ import annotations
@@ -20,17 +28,25 @@ from __future__ import annotations
 import hashlib
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import counter
 
 SPLITS: dict[str, int] = {"train": 0, "test": 1}
 """Split name -> split id used in the per-sample seed."""
 
 MAX_TRIES = 100_000
 """Rejection-loop cap per sample; reaching it means the split is (nearly) empty for the config."""
+
+SAMPLERS = ("numpy", "counter")
+"""Values of the task option ``sampler``."""
+
+Draws = Callable[[int], int]
+"""The counter words of one candidate try: slot -> unsigned 64-bit word."""
 
 
 @dataclass
@@ -108,6 +124,21 @@ def check_token(owner: str, name: str, value: Any, allow_empty: bool = False) ->
     return value
 
 
+def check_sampler(owner: str, value: Any) -> str:
+    """Return the sampler name after checking it is one of ``SAMPLERS``."""
+    if value not in SAMPLERS:
+        raise ValueError(f"{owner}.sampler must be one of {SAMPLERS}, got {value!r}")
+    return str(value)
+
+
+def no_sample_error(name: str, split: str, test_permille: int) -> RuntimeError:
+    """The error of a rejection loop that found no sample of ``split`` in ``MAX_TRIES`` tries."""
+    return RuntimeError(
+        f"{name}: no {split!r} sample found in {MAX_TRIES} draws; the sample space of "
+        f"this config is too small for test_permille={test_permille}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Task base class
 # ----------------------------------------------------------------------------------------------
@@ -116,10 +147,12 @@ def check_token(owner: str, name: str, value: Any, allow_empty: bool = False) ->
 class Task(ABC):
     """Base class of a procedural task: vocabulary, fixed sequence layout, seeded sampling.
 
-    Subclasses set ``name``, ``vocab``, ``seq_len``, ``window_len``, ``test_permille`` and
-    ``sep`` (the separator used by ``text``/``decode``) and implement ``_draw`` (sample the
-    content cheaply), ``_content_key`` (its canonical key), ``_render`` (build the ``Example``)
-    and ``canonical_key`` (the key recomputed from an ``Example``'s fields).
+    Subclasses set ``name``, ``vocab``, ``seq_len``, ``window_len``, ``test_permille``,
+    ``sampler``, ``answer_positions`` and ``sep`` (the separator used by ``text``/``decode``) and
+    implement ``_draw`` (sample the content cheaply), ``_content_key`` (its canonical key),
+    ``_render`` (build the ``Example``) and ``canonical_key`` (the key recomputed from an
+    ``Example``'s fields); for the counter sampler also ``counter_slots``, ``_counter_draw``,
+    ``_counter_words``, ``_counter_render`` and ``_counter_content_of``.
     """
 
     name: str
@@ -127,6 +160,8 @@ class Task(ABC):
     seq_len: int
     window_len: int
     test_permille: int
+    sampler: str = "numpy"
+    answer_positions: list[int]
     sep: str = ""
 
     def _init_vocab(self, vocab: Sequence[str]) -> None:
@@ -176,8 +211,16 @@ class Task(ABC):
         """Return the canonical content key of an example (from its fields)."""
 
     def split_of(self, example: Example) -> str:
-        """Return the split (``'train'`` or ``'test'``) that the example belongs to."""
+        """Return the split (``'train'`` or ``'test'``) that the example belongs to (by the
+        blake2b bucket of its canonical key, or the counter bucket for a counter task)."""
+        if self.sampler == "counter":
+            bucket = self.counter_bucket(self._counter_content_of(example))
+            return "test" if bucket < self.test_permille else "train"
         return split_of_key(self.canonical_key(example), self.test_permille)
+
+    def depth_values(self, split: str) -> tuple[int, ...]:
+        """The sorted answer depths that samples of ``split`` can have."""
+        raise NotImplementedError
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -193,41 +236,105 @@ class Task(ABC):
     def _render(self, content: Any, rng: np.random.Generator) -> Example:
         """Turn accepted content into an ``Example`` (may draw more randomness, e.g. shuffles)."""
 
-    def example(self, rng: np.random.Generator, split: str) -> Example:
-        """Draw one sample of ``split``, redrawing candidates that belong to the other split."""
-        check_split(split)
+    def check_nonempty(self, split: str) -> int:
+        """Return the split id; ``ValueError`` for an unknown or an empty split."""
+        split_id = check_split(split)
         if split == "test" and self.test_permille == 0:
             raise ValueError(f"{self.name}: test split is empty (test_permille=0)")
         if split == "train" and self.test_permille >= 1000:
             raise ValueError(f"{self.name}: train split is empty (test_permille=1000)")
+        return split_id
+
+    def example(self, rng: np.random.Generator, split: str) -> Example:
+        """Draw one sample of ``split``, redrawing candidates that belong to the other split.
+
+        A counter task draws a seed and an index in ``[0, 2**63)`` from ``rng`` and returns
+        ``example_at(split, seed, index)``.
+        """
+        self.check_nonempty(split)
+        if self.sampler == "counter":
+            seed, index = (int(v) for v in rng.integers(0, 1 << 63, size=2))
+            return self.example_at(split, seed, index)
         for _ in range(MAX_TRIES):
             content = self._draw(rng, split)
             if split_of_key(self._content_key(content), self.test_permille) == split:
                 return self._render(content, rng)
-        raise RuntimeError(
-            f"{self.name}: no {split!r} sample found in {MAX_TRIES} draws; the sample space of "
-            f"this config is too small for test_permille={self.test_permille}"
-        )
+        raise no_sample_error(self.name, split, self.test_permille)
 
     def example_at(self, split: str, seed: int, index: int) -> Example:
         """Return sample ``index`` of the stream ``(split, seed)`` (random access, O(1))."""
         split_id = check_split(split)
+        if self.sampler == "counter":
+            seed = check_int(self.name, "seed", seed, 0, counter.MAX_INDEX)
+            index = check_int(self.name, "index", index, 0, counter.MAX_INDEX)
+            return self._counter_example(split, split_id, seed, index)
         seed = check_int(self.name, "seed", seed, 0)
         index = check_int(self.name, "index", index, 0)
         return self.example(np.random.default_rng([seed, split_id, index]), split)
 
+    # -- counter sampler (scalar reference) ------------------------------------------------------
+
+    counter_slots: int
+    """Counter words per candidate try (the task's fixed slot layout)."""
+
+    @property
+    def counter_tag(self) -> int:
+        """The stream tag of this task's counter streams (``counter.task_tag(name)``)."""
+        return counter.task_tag(self.name)
+
+    def _counter_draw(self, draws: Draws, split: str) -> Any:
+        """Counter sampler: the content of one candidate try from its words."""
+        raise NotImplementedError
+
+    def _counter_words(self, content: Any) -> list[tuple[int, int]]:
+        """Counter sampler: the (position, word) pairs that the content hash covers."""
+        raise NotImplementedError
+
+    def _counter_render(self, content: Any, draws: Draws) -> Example:
+        """Counter sampler: the ``Example`` of accepted content (may read more slots)."""
+        raise NotImplementedError
+
+    def _counter_content_of(self, example: Example) -> Any:
+        """Counter sampler: the canonical content recomputed from an example's fields."""
+        raise NotImplementedError
+
+    def counter_bucket(self, content: Any) -> int:
+        """The counter split bucket in ``[0, 1000)`` of content (test iff < test_permille)."""
+        return counter.bucket(counter.content_hash(self._counter_words(content)))
+
+    def _counter_example(self, split: str, split_id: int, seed: int, index: int) -> Example:
+        """The scalar reference of the counter sampler: sample ``index`` of ``(split, seed)``."""
+        self.check_nonempty(split)
+        key = counter.stream_key(self.counter_tag, seed, split_id, index)
+        n_slots = self.counter_slots
+        want_test = split == "test"
+        for attempt in range(MAX_TRIES):
+            base = attempt * n_slots
+
+            def draws(slot: int, base: int = base) -> int:
+                return counter.draw(key, base + slot)
+
+            content = self._counter_draw(draws, split)
+            if (self.counter_bucket(content) < self.test_permille) == want_test:
+                return self._counter_render(content, draws)
+        raise no_sample_error(self.name, split, self.test_permille)
+
     def stream(self, split: str, seed: int, start: int = 0) -> Iterator[Example]:
         """Yield samples ``start, start + 1, ...`` of the infinite deterministic stream."""
         split_id = check_split(split)
-        seed = check_int(self.name, "seed", seed, 0)
-        start = check_int(self.name, "start", start, 0)
+        hi = counter.MAX_INDEX if self.sampler == "counter" else None
+        seed = check_int(self.name, "seed", seed, 0, hi)
+        start = check_int(self.name, "start", start, 0, hi)
         return self._stream(split, split_id, seed, start)
 
     def _stream(self, split: str, split_id: int, seed: int, start: int) -> Iterator[Example]:
         """Generator body of ``stream`` (kept separate so argument errors raise eagerly)."""
         index = start
         while True:
-            yield self.example(np.random.default_rng([seed, split_id, index]), split)
+            if self.sampler == "counter":
+                yield self._counter_example(split, split_id, seed, index)
+            else:
+                yield self.example(np.random.default_rng([seed, split_id, index]), split)
             index += 1
 
     def __repr__(self) -> str:

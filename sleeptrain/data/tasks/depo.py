@@ -27,6 +27,23 @@ Vocabulary (id = index): ``pad_token, '?', '=', names (n_names), 'k1' .. 'k<k_ma
 ``k_max = max(K, max(test_k))``. Default: ``3 + 100 + 16 = 119`` tokens, ``seq_len = 75 + 50``.
 
 Canonical key (split assignment): the edge set (order-free) and the list of (start, k) queries.
+
+Counter sampler (``sampler='counter'``, see ``base``): with ``M = n_names``, ``Q = n_queries``,
+``b = max(1, bit_length(M - 1))`` and ``b2 = max(1, bit_length(n_max - 1))``, a try has
+``n_slots = 1 + M + 2Q + n_max`` words ``u[slot]``:
+
+* ``n = n_min + below(u[0], n_max - n_min + 1)``;
+* name ``v`` gets the key ``((u[1 + v] >> (2 + b)) << b) | v`` (unique, so sorting is exact);
+  the cycle is the ``n`` names of the smallest keys, in ascending key order;
+* query ``q``: start position ``below(u[1 + M + q], n)`` in the cycle, and ``k`` =
+  ``1 + below(u[1 + M + Q + q], K)`` (train) or ``test_k[below(u[1 + M + Q + q], len(test_k))]``;
+* edge order (read only for the accepted try): cycle edge ``i < n`` (``cycle[i] ->
+  cycle[i + 1 mod n]``) gets the key ``((u[1 + M + 2Q + i] >> (2 + b2)) << b2) | i`` and the
+  edges are written in ascending key order.
+
+The content hash covers ``n`` at position 0, the cycle rotated to start at its smallest name id
+at positions ``1 .. n`` (the edge set, order-free), and per query its start name id at
+``1 + n_max + q`` and its ``k`` at ``1 + n_max + Q + q``.
 """
 
 from __future__ import annotations
@@ -38,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Example, Task, check_int, check_int_list, check_token
+from .base import Draws, Example, Task, check_int, check_int_list, check_sampler, check_token
+from .counter import below
 
 MAX_NODES = 75
 MAX_K = 10_000
@@ -65,6 +83,7 @@ class DepoConfig:
     test_k: tuple[int, ...] = (1, 2, 4, 8, 16)  # test k uniform over these (values < 1 dropped)
     pad_token: str = "<pad>"
     test_permille: int = 100  # samples whose key bucket < this (of 1000) form the test split
+    sampler: str = "numpy"  # 'numpy' (per-sample numpy Generator) | 'counter' (hash RNG, GPU)
 
     def __post_init__(self) -> None:
         owner = "DepoConfig"
@@ -95,6 +114,7 @@ class DepoConfig:
         set_("test_k", test_k)
         set_("pad_token", check_token(owner, "pad_token", self.pad_token))
         set_("test_permille", check_int(owner, "test_permille", self.test_permille, 0, 1000))
+        set_("sampler", check_sampler(owner, self.sampler))
 
 
 class DepoTask(Task):
@@ -128,6 +148,20 @@ class DepoTask(Task):
         self._name0 = 3  # id of names[0]
         self._k0 = 3 + c.n_names - 1  # id of the k-token of k is _k0 + k
         self._test_k = np.asarray(c.test_k, dtype=np.int64)
+        self.sampler = c.sampler
+        self.name_bits = max(1, (c.n_names - 1).bit_length())
+        self.order_bits = max(1, (c.n_max - 1).bit_length())
+        q = c.n_queries
+        # counter slot layout: n | name keys | starts | ks | edge-order keys
+        self.slot_names = 1
+        self.slot_starts = 1 + c.n_names
+        self.slot_ks = self.slot_starts + q
+        self.slot_order = self.slot_ks + q
+        self.counter_slots = self.slot_order + c.n_max
+
+    def depth_values(self, split: str) -> tuple[int, ...]:
+        c = self.config
+        return tuple(range(1, c.K + 1)) if split == "train" else tuple(c.test_k)
 
     def k_token(self, k: int) -> str:
         """Return the token string of hop count ``k``."""
@@ -166,10 +200,66 @@ class DepoTask(Task):
         self, content: tuple[list[int], list[int], list[int]], rng: np.random.Generator
     ) -> Example:
         """Shuffle the edges and build the token sequence, loss mask and fields."""
+        return self._build(content, rng.permutation(len(content[0])).tolist())
+
+    # -- counter sampler --------------------------------------------------------------------------
+
+    def _counter_draw(self, draws: Draws, split: str) -> tuple[list[int], list[int], list[int]]:
+        """The cycle, query start positions and hop counts of one try (module docstring)."""
+        c, b = self.config, self.name_bits
+        n = c.n_min + below(draws(0), c.n_max - c.n_min + 1)
+        keys = sorted(((draws(self.slot_names + v) >> (2 + b)) << b) | v
+                      for v in range(c.n_names))
+        cycle = [key & ((1 << b) - 1) for key in keys[:n]]
+        q = c.n_queries
+        starts = [below(draws(self.slot_starts + j), n) for j in range(q)]
+        if split == "train":
+            ks = [1 + below(draws(self.slot_ks + j), c.K) for j in range(q)]
+        else:
+            ks = [c.test_k[below(draws(self.slot_ks + j), len(c.test_k))] for j in range(q)]
+        return cycle, starts, ks
+
+    def _counter_words(self, content: tuple[list[int], list[int], list[int]]
+                       ) -> list[tuple[int, int]]:
+        cycle, starts, ks = content
+        c, n = self.config, len(cycle)
+        first = cycle.index(min(cycle))
+        rotated = cycle[first:] + cycle[:first]
+        q0 = 1 + c.n_max
+        return [
+            (0, n),
+            *((1 + i, v) for i, v in enumerate(rotated)),
+            *((q0 + j, cycle[s]) for j, s in enumerate(starts)),
+            *((q0 + c.n_queries + j, int(k)) for j, k in enumerate(ks)),
+        ]
+
+    def _counter_render(self, content: tuple[list[int], list[int], list[int]], draws: Draws
+                        ) -> Example:
+        b2 = self.order_bits
+        keys = sorted(((draws(self.slot_order + i) >> (2 + b2)) << b2) | i
+                      for i in range(len(content[0])))
+        return self._build(content, [key & ((1 << b2) - 1) for key in keys])
+
+    def _counter_content_of(self, example: Example) -> tuple[list[int], list[int], list[int]]:
+        """(cycle starting at its smallest name id, start positions in it, ks) of an example."""
+        ids = {name: i for i, name in enumerate(self.names)}
+        succ = {ids[a]: ids[b] for a, b in example.fields["edges"]}
+        node = min(succ)
+        cycle = []
+        for _ in range(len(succ)):
+            cycle.append(node)
+            node = succ[node]
+        where = {v: i for i, v in enumerate(cycle)}
+        queries = example.fields["queries"]
+        return cycle, [where[ids[x]] for x, _, _ in queries], [int(k) for _, k, _ in queries]
+
+    def _build(self, content: tuple[list[int], list[int], list[int]], order: list[int]
+               ) -> Example:
+        """The example of content whose cycle edges are written in ``order`` (edge i is
+        ``cycle[i] -> cycle[i + 1 mod n]``)."""
         c = self.config
         cycle, starts, ks = content
         n = len(cycle)
-        order = rng.permutation(n).tolist()
         edge_ids = [(cycle[i], cycle[(i + 1) % n]) for i in order]
         pad = self.token_to_id[c.pad_token]
         q_id, eq_id = self.token_to_id["?"], self.token_to_id["="]

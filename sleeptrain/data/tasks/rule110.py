@@ -28,6 +28,14 @@ once it is 1 it stays 1; the answer is then nearly always 1 (97% at t=4, 100% at
 width 24). Use ``'periodic'`` (the default; answers ~53-56% ones) for a balanced task.
 
 Canonical key (split assignment): the state bit strings and ``t``.
+
+Counter sampler (``sampler='counter'``, see ``base``): with ``nw = ceil(W / 64)`` words per
+state, a try has ``n_slots = S * nw + 1`` words ``u[slot]``. Cell ``i`` of state ``s`` is bit
+``i % 64`` of ``u[s * nw + i // 64]`` (bit 0 = least significant); ``t = ts[below(u[S * nw],
+len(ts))]`` with ``ts`` the split's t list (train: ``t_min .. t_max``; test: ``test_t`` in its
+given order). The content hash covers, at position ``s * nw + c``, word ``c`` of state ``s``
+(its bits as drawn, the unused high bits of a state's last word cleared) and ``t`` at
+position ``S * nw``.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Example, Task, check_int, check_int_list
+from .base import Draws, Example, Task, check_int, check_int_list, check_sampler
+from .counter import below
 
 BOUNDARIES = ("periodic", "zero")
 MAX_T = 9999
@@ -57,6 +66,7 @@ class Rule110Config:
     test_t: tuple[int, ...] | None = None  # test t uniform over these values; None: [t_min, t_max]
     boundary: str = "periodic"  # 'periodic' or 'zero'
     test_permille: int = 100  # samples whose key bucket < this (of 1000) form the test split
+    sampler: str = "numpy"  # 'numpy' (per-sample numpy Generator) | 'counter' (hash RNG, GPU)
 
     def __post_init__(self) -> None:
         owner = "Rule110Config"
@@ -75,6 +85,7 @@ class Rule110Config:
         if self.boundary not in BOUNDARIES:
             raise ValueError(f"{owner}.boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
         set_("test_permille", check_int(owner, "test_permille", self.test_permille, 0, 1000))
+        set_("sampler", check_sampler(owner, self.sampler))
 
 
 def rule110_evolve(state: str | Sequence[int], steps: int, boundary: str = "periodic") -> list[int]:
@@ -119,6 +130,16 @@ class Rule110Task(Task):
         self.seq_len = self.query_start + self.t_digits + 2 + c.n_states
         self.answer_positions = list(range(self.seq_len - c.n_states, self.seq_len))
         self._digit_ids = [self.token_to_id[str(d)] for d in range(10)]
+        self.sampler = c.sampler
+        self.words_per_state = -(-c.width // 64)
+        self.counter_slots = c.n_states * self.words_per_state + 1
+
+    def split_ts(self, split: str) -> tuple[int, ...]:
+        """The t values (in draw order, repeats allowed) of ``split``."""
+        return self.train_t if split == "train" else self.test_t
+
+    def depth_values(self, split: str) -> tuple[int, ...]:
+        return tuple(sorted(set(self.split_ts(split))))
 
     def _draw(self, rng: np.random.Generator, split: str) -> tuple[list[str], int]:
         """Draw the state bit strings and t."""
@@ -126,7 +147,7 @@ class Rule110Task(Task):
         bits = rng.integers(0, 2, size=c.n_states * c.width, dtype=np.uint8)
         flat = (bits + ord("0")).tobytes().decode("ascii")
         states = [flat[i : i + c.width] for i in range(0, len(flat), c.width)]
-        ts = self.train_t if split == "train" else self.test_t
+        ts = self.split_ts(split)
         t = int(ts[int(rng.integers(len(ts)))])
         return states, t
 
@@ -142,6 +163,43 @@ class Rule110Task(Task):
         return self._key(example.fields["states"], example.fields["t"])
 
     def _render(self, content: tuple[list[str], int], rng: np.random.Generator) -> Example:
+        del rng  # the layout draws nothing more
+        return self._build(content)
+
+    # -- counter sampler --------------------------------------------------------------------------
+
+    def _counter_draw(self, draws: Draws, split: str) -> tuple[list[str], int]:
+        """The states (bit strings) and t of one candidate try (layout: module docstring)."""
+        c, nw = self.config, self.words_per_state
+        states = []
+        for s in range(c.n_states):
+            parts = []
+            for w in range(nw):
+                nbits = min(64, c.width - 64 * w)
+                word = draws(s * nw + w) & ((1 << nbits) - 1)
+                parts.append(format(word, f"0{nbits}b")[::-1])  # bit b at string index b
+            states.append("".join(parts))
+        ts = self.split_ts(split)
+        return states, int(ts[below(draws(c.n_states * nw), len(ts))])
+
+    def _counter_words(self, content: tuple[list[str], int]) -> list[tuple[int, int]]:
+        states, t = content
+        nw = self.words_per_state
+        words = [
+            (s * nw + w, int(state[64 * w : 64 * w + 64][::-1], 2))
+            for s, state in enumerate(states)
+            for w in range(nw)
+        ]
+        return [*words, (len(states) * nw, int(t))]
+
+    def _counter_render(self, content: tuple[list[str], int], draws: Draws) -> Example:
+        del draws
+        return self._build(content)
+
+    def _counter_content_of(self, example: Example) -> tuple[list[str], int]:
+        return list(example.fields["states"]), int(example.fields["t"])
+
+    def _build(self, content: tuple[list[str], int]) -> Example:
         """Build the token sequence, loss mask and fields of (states, t)."""
         c = self.config
         states, t = content

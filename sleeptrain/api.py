@@ -6,16 +6,17 @@ import warnings
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
-from sleeptrain.config import load_config
-from sleeptrain.parallel.state import init_parallel
-from sleeptrain.sleep.model import SleepModel
+from sleeptrain.config import SleepConfig, load_config
+from sleeptrain.parallel.state import init_parallel, tp_group
 from sleeptrain.sleep.runner import windowed_loss
+from sleeptrain.sleep.wrapper import SleepModel
 
-__all__ = ["build_model", "load_config", "load_run", "windowed_loss"]
+__all__ = ["build_model", "load_config", "load_run", "sleep_in_force", "windowed_loss"]
 
 
-def build_model(cfg: Any, device: torch.device | str | None = None,
+def build_model(cfg: DictConfig, device: torch.device | str | None = None,
                 seed: int | None = None) -> SleepModel:
     """A SleepModel for ``cfg`` (the full run config), on ``device``.
 
@@ -32,29 +33,64 @@ def build_model(cfg: Any, device: torch.device | str | None = None,
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     try:
         model = SleepModel(cfg.model, cfg.sleep, tp=info.tp_size, tp_rank=info.tp_rank,
-                           sequence_parallel=cfg.parallel.sequence_parallel)
+                           sequence_parallel=cfg.parallel.sequence_parallel,
+                           tp_group=tp_group())
     finally:
         torch.set_rng_state(gen_state)
     return model.to(info.device if device is None else device)
 
 
 def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
-             device: torch.device | str | None = None) -> tuple[Any, SleepModel, Any]:
-    """(config, model in eval mode with the latest checkpoint's weights, checkpoint path) of
-    the run directory ``run_dir``. Raises CheckpointError naming what is missing."""
+             device: torch.device | str | None = None, *,
+             trust: bool = False) -> tuple[Any, SleepModel, Any]:
+    """(config, model in eval mode with the newest intact checkpoint's weights, checkpoint
+    path) of the run directory ``run_dir``.
+
+    Checkpoints are tried newest first (``checkpoint.resume_checkpoint`` without renaming
+    anything): each is verified -- the digests of its small files before anything is
+    unpickled, of its shard files while loading -- and a damaged one (incomplete, a digest
+    mismatch) is skipped with a line on stderr naming it and the file. A checkpoint without
+    digests (format 1) needs ``trust``. Raises CheckpointError naming what is missing or what
+    failed."""
+    import sys
     from pathlib import Path
 
-    from sleeptrain.train.checkpoint import CheckpointError, find_latest_checkpoint
-    from sleeptrain.train.dist_ckpt import load_model_weights
+    from sleeptrain.train.checkpoint import CheckpointError, resume_checkpoint
+    from sleeptrain.train.dist_ckpt import load_model_from
 
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config(cfg_path, list(overrides))
-    ckpt = find_latest_checkpoint(run)
-    if ckpt is None:
-        raise CheckpointError(f"no complete checkpoint under {run / 'checkpoints'}")
+    ckpt_dir = run / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        raise CheckpointError(f"no complete checkpoint under {ckpt_dir}")
     model = build_model(cfg, device=device)
-    load_model_weights(ckpt, model)
-    return cfg, model.eval(), ckpt
+    found = resume_checkpoint(run, lambda p, s: load_model_from(p, s, model), trust=trust,
+                              quarantine=False,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint under {run / 'checkpoints'}")
+    path, state = found
+    cfg.sleep = sleep_in_force(cfg, int(state["step"]), overrides)
+    model.use_sleep(cfg.sleep)
+    return cfg, model.eval(), path
+
+
+def sleep_in_force(cfg: DictConfig, step: int,
+                   overrides: list[str] | tuple[str, ...] = ()) -> SleepConfig:
+    """The sleep settings a run's checkpoint at ``step`` is evaluated and streamed with: the
+    stage's ``passes``/``eviction`` in force at its last step (``train.stages``), unless
+    ``overrides`` set ``sleep.passes`` / ``sleep.eviction`` themselves (an explicit choice,
+    e.g. evaluating a randomized-depth model at another N, wins)."""
+    from sleeptrain.train.stages import sleep_for_eval, stage_at
+
+    stage = stage_at(cfg, max(step - 1, 0))[1]
+    sc = sleep_for_eval(cfg, stage)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if "sleep.passes" in given:
+        sc.passes = cfg.sleep.passes
+    if "sleep.eviction" in given:
+        sc.eviction = cfg.sleep.eviction
+    return sc

@@ -55,6 +55,7 @@ def _step_of(ckpt: Path) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.suite != "tasks":
         return _eval_suite(args)
+    from sleeptrain.config import autocast_on
     from sleeptrain.data.tasks import build_task
     from sleeptrain.eval.tasks import evaluate_task, format_table
 
@@ -64,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dev = next(model.parameters()).device
     res = evaluate_task(model, task, cfg.sleep, args.n or cfg.train.eval_examples,
                         cfg.data.eval_batch_size, cfg.train.seed, dev,
-                        autocast=dev.type == "cuda" and cfg.train.precision != "fp32")
+                        autocast=autocast_on(cfg.train, dev.type))
     res["checkpoint"] = str(ckpt)
     res["passes"] = int(cfg.sleep.passes)
     print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
@@ -176,7 +177,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sleeptrain.config import load_config
-    from sleeptrain.parallel.plan import plan_report, preflight
+    from sleeptrain.plan import plan_report, preflight
 
     cfg = load_config(args.config, args.overrides)
     print(plan_report(cfg, args.gpus, args.seq_len or None, args.gpu_name))
@@ -281,6 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # a checkpoint or shard that cannot be used: its message names it; no traceback
+        from sleeptrain.data.format import ShardError
+        from sleeptrain.train.checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError | ShardError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -59,8 +59,7 @@ def test_compiled_chain_matches_reference(name, dtype):
                 xs.append(t.requires_grad_(a.requires_grad))
             else:
                 xs.append(torch.float64 if to64 and a == torch.float32 else a)
-        with fused.compiled(on):
-            out = fn(*xs)
+        out = fn(*xs, compiled=on)
         outs = out if isinstance(out, tuple) else (out,)
         loss = sum((o.double() * (i + 1)).sin().sum() for i, o in enumerate(outs))
         loss.backward()

@@ -1,4 +1,4 @@
-"""GPU: CUDA-graph replays of micro-batch steps equal the eager steps (sleeptrain.sleep.graphs)."""
+"""GPU: CUDA-graph replays of micro-batch steps equal the eager steps (sleeptrain.train.step)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import sleeptrain
-from sleeptrain.model.kernels import fused
 from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward
 from sleeptrain.sleep.runner import window_heads
 from sleeptrain.train.logging import read_metrics
+from sleeptrain.train.step import MicroBatchGraphs, forward_backward
 
 pytestmark = pytest.mark.gpu
 
@@ -54,16 +53,13 @@ def test_graph_replay_equals_eager(case, autocast):
 
 def test_graph_replay_with_compiled_chains_equals_eager():
     # The same with the layers' elementwise chains compiled (train.compile): Inductor's
-    # kernels are compiled in the eager warm-ups and captured like any other kernel. One
-    # micro-batch runs first on the eager model (its gradient is zeroed before the
-    # comparison): torch.compile's first call of a function compiles a kernel for that window
-    # length, the first call with a second length (the short last window) recompiles with
-    # the length symbolic, and every later call uses that one. Without the warm-up the eager
-    # model's first micro-batch would run other kernels than every later call -- a
-    # difference of bf16 roundings (seen on an H200: 1% of the largest embedding gradient),
-    # not of capture.
-    with fused.compiled(True):
-        _replay_vs_eager("hard-full-ckpt", True, compile_first=True)
+    # kernels are compiled in the eager warm-ups and captured like any other kernel. The
+    # chains are static-shape (one kernel per window length), so the eager model's first
+    # micro-batch runs the kernels every later call runs: no warm-up of the eager model is
+    # needed for the comparison (with dynamic shapes it was: the first call's fixed-length
+    # kernel rounded differently from the later symbolic one, 1% of the largest embedding
+    # gradient on an H200).
+    _replay_vs_eager("hard-full-ckpt", True, compile=True)
 
 
 @pytest.mark.parametrize("case", ["hard-full-ckpt", "neumann"])
@@ -71,12 +67,7 @@ def test_graph_replay_with_fused_linears_equals_eager(case):
     # train.grad_accum_fusion: bf16 weight copies refreshed inside the graph, weight gradients
     # added into .grad by the captured GEMMs (the Neumann backward's plain weight gradients
     # included).
-    before = fused_linear.enabled()
-    fused_linear.set_enabled(True)
-    try:
-        _replay_vs_eager(case, True)
-    finally:
-        fused_linear.set_enabled(before)
+    _replay_vs_eager(case, True, fused_linears=True)
 
 
 def test_mixed_dtype_gradient_accumulation_on_cuda():
@@ -111,12 +102,8 @@ def test_fused_linears_bf16_gradients_are_as_close_to_fp64():
         m = sleeptrain.build_model(c, seed=3)
         m.load_state_dict({k: v.to(m.dtype) if torch.is_tensor(v) and v.is_floating_point()
                            else v for k, v in weights.items()})
-        before = fused_linear.enabled()
-        fused_linear.set_enabled(fusion)
-        try:
-            forward_backward(m, tokens, mask, None, c.sleep, 500.0, autocast, heads)
-        finally:
-            fused_linear.set_enabled(before)
+        forward_backward(m, tokens, mask, None, c.sleep, 500.0, autocast, heads,
+                         fused_linears=fusion)
         return {n: p.grad.double() for n, p in m.named_parameters()}
 
     ref, plain, fusedg = (grads(c64, False, False), grads(cfg, True, False),
@@ -131,17 +118,15 @@ def test_fused_linears_bf16_gradients_are_as_close_to_fp64():
         assert e_fused <= 1.5 * e_plain + 1e-4 * scale, (n, e_fused, e_plain)
 
 
-def _replay_vs_eager(case, autocast, compile_first=False):
+def _replay_vs_eager(case, autocast, compile=False, fused_linears=False):
     cfg = sleeptrain.load_config(None, [*SMALL, *CASES[case]])
     doc = case == "sliding-docs"
     tol = 1e-3 if autocast else 1e-5
     m_e = sleeptrain.build_model(cfg, seed=3)
     m_g = sleeptrain.build_model(cfg, seed=3)
-    graphs = MicroBatchGraphs(m_g, warmup=2, verbose=False)
-    if compile_first:
-        tokens, mask, starts = _batch(99, doc)
-        forward_backward(m_e, tokens, mask, starts, cfg.sleep, 500.0, autocast,
-                         window_heads(mask, cfg.sleep.window_len))
+    for m in (m_e, m_g):
+        m.set_kernels(compile=compile)
+    graphs = MicroBatchGraphs(m_g, warmup=2, verbose=False, fused_linears=fused_linears)
     for step in range(2):
         for m in (m_e, m_g):
             for p in m.parameters():
@@ -151,7 +136,7 @@ def _replay_vs_eager(case, autocast, compile_first=False):
             tokens, mask, starts = _batch(10 * step + micro, doc)
             heads = window_heads(mask, cfg.sleep.window_len)
             le, ce = forward_backward(m_e, tokens, mask, starts, cfg.sleep, 500.0, autocast,
-                                      heads)
+                                      heads, fused_linears=fused_linears)
             lg, cg = graphs.step(tokens, mask, starts, cfg.sleep, 500.0, autocast, heads)
             assert abs(le.item() - lg.item()) <= tol * abs(le.item()), (step, micro)
             assert int(ce) == int(cg)
@@ -186,7 +171,7 @@ def test_graphed_training_follows_eager_for_20_steps(tmp_path):
     curves = {}
     for name, mode in (("eager", "off"), ("eager2", "off"), ("graphs", "on")):
         cfg = sleeptrain.load_config(None, [*base, f"train.cuda_graphs={mode}",
-                                            "train.compile=off",
+                                            "train.compile=off", "train.optimizer_graph=auto",
                                             f"train.run_dir={tmp_path / name}"])
         train(cfg)
         curves[name] = _losses(tmp_path / name)
@@ -194,6 +179,8 @@ def test_graphed_training_follows_eager_for_20_steps(tmp_path):
             perf = [json.loads(x) for x in (tmp_path / name / "perf.jsonl").read_text()
                     .splitlines()]
             assert perf[-1]["graph_replays"] == 2 * 20 - 2  # all but the two warm-ups
+            # the optimizer step too: two eager warm-ups, then one graph replayed each step
+            assert perf[-1]["optimizer_replays"] == 20 - 2
     assert len(curves["graphs"]) == 20
 
     def diff(a, b):

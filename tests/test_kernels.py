@@ -151,33 +151,38 @@ def test_rope_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     # within the byte budget) skips it, because the graph holds its address, not a reference.
     # A table missing during capture is computed and not kept. Capture is simulated
     # (layers._capturing) since CPU tests have no CUDA graphs; the byte count stays exact.
-    from collections import OrderedDict
-
     from sleeptrain.model import layers
 
-    monkeypatch.setattr(layers, "_ROPE_CACHE", OrderedDict())
-    monkeypatch.setattr(layers, "_ROPE_PINNED", set())
-    monkeypatch.setattr(layers, "_ROPE_HELD", [0])
     table_bytes = 2 * 16 * 8 * 8  # cos + sin, 16 positions x 8 dims, fp64
-    monkeypatch.setattr(layers, "_ROPE_CACHE_BYTES", 4 * table_bytes)
+    tables = layers.RopeTables(max_bytes=4 * table_bytes)
 
     def get(start):
-        return layers.rope_cos_sin(start, 16, 8, 10000.0, "cpu", torch.float64)
+        return tables.get(start, 16, 8, 10000.0, "cpu", torch.float64)
 
     first = get(0)
     monkeypatch.setattr(layers, "_capturing", lambda device: True)
     assert get(0)[0] is first[0]  # a hit during capture: pinned
     missing = get(100)  # a miss during capture: computed, not kept
     assert missing[0].shape == (16, 8)
-    assert len(layers._ROPE_CACHE) == 1
+    assert len(tables.cache) == 1
     monkeypatch.setattr(layers, "_capturing", lambda device: False)
     for start in range(16, 16 * 12, 16):  # 11 more tables: the budget holds 4 in all
         get(start)
-    keys = [k[0] for k in layers._ROPE_CACHE]
+    keys = [k[0] for k in tables.cache]
     assert keys == [0, 144, 160, 176]  # the pinned one (oldest), then the 3 most recent
     assert get(0)[0] is first[0]
-    held = sum(2 * c.numel() * c.element_size() for c, _ in layers._ROPE_CACHE.values())
-    assert layers._ROPE_HELD[0] == held == 4 * table_bytes
+    held = sum(2 * c.numel() * c.element_size() for c, _ in tables.cache.values())
+    assert tables.held == held == 4 * table_bytes
+
+
+def test_a_model_shares_one_rope_table_set():
+    import sleeptrain
+    from tests.conftest import TINY
+
+    model = sleeptrain.build_model(sleeptrain.load_config(None, [*TINY, "model.pattern=AGA"]),
+                                   seed=0)
+    attn = [b.mixer for b in model.blocks if b.kind == "attention"]
+    assert len(attn) == 2 and attn[0].rope is attn[1].rope is model.rope
 
 
 def test_gdn_conv_state_and_segments_in_the_layer():
@@ -221,7 +226,7 @@ def test_gdn_conv_state_and_segments_in_the_layer():
 
 def test_qkv_rope_equals_its_parts():
     # fused.qkv_rope against split + reshape + apply_rope (fp64, |diff| <= 1e-12), values and
-    # the projection's gradient; and rope_cos_sin's kept tables equal freshly computed ones.
+    # the projection's gradient; and RopeTables' kept tables equal freshly computed ones.
     from sleeptrain.model import layers
     from sleeptrain.model.kernels import fused
 
@@ -229,8 +234,9 @@ def test_qkv_rope_equals_its_parts():
     b, t, kv, group, hd = 2, 7, 2, 3, 8
     y = torch.randn(b, t, kv, (group + 2) * hd, dtype=torch.float64, generator=g,
                     requires_grad=True)
-    cos, sin = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
-    again = layers.rope_cos_sin(5, t, hd, 10000.0, "cpu", torch.float64)
+    tables = layers.RopeTables()
+    cos, sin = tables.get(5, t, hd, 10000.0, "cpu", torch.float64)
+    again = tables.get(5, t, hd, 10000.0, "cpu", torch.float64)
     assert again[0] is cos and again[1] is sin  # kept
     assert cos.dtype == torch.float64 and not cos.requires_grad
     ang = torch.arange(5, 5 + t, dtype=torch.float64)[:, None] / 10000.0 ** (

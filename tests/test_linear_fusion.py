@@ -12,16 +12,9 @@ import torch
 
 import sleeptrain
 from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.sleep.graphs import forward_backward
 from sleeptrain.sleep.runner import window_heads
+from sleeptrain.train.step import forward_backward
 from tests.conftest import TINY
-
-
-@pytest.fixture(autouse=True)
-def _switch_restored():
-    before = fused_linear.enabled()
-    yield
-    fused_linear.set_enabled(before)
 
 
 def _grads(model):
@@ -48,9 +41,9 @@ def test_fused_linears_give_megatron_core_gradients(sleep):
     heads = window_heads(mask, 8)
 
     def run(flag: bool):
-        fused_linear.set_enabled(flag)
         model.zero_grad(set_to_none=True)
-        loss, correct = forward_backward(model, tokens, mask, None, cfg.sleep, 5.0, False, heads)
+        loss, correct = forward_backward(model, tokens, mask, None, cfg.sleep, 5.0, False, heads,
+                                         fused_linears=flag)
         return loss, correct, _grads(model)
 
     l0, c0, g0 = run(False)
@@ -61,7 +54,8 @@ def test_fused_linears_give_megatron_core_gradients(sleep):
     for name, a in g0.items():
         tol = 1e-10 * (1 + a.abs().max().item())
         assert (a - g1[name]).abs().max().item() <= tol, name
-    assert fused_linear.active() is None  # the context is left after the micro-batch
+    # the context is left after the micro-batch
+    assert all(fused_linear.active(m) is None for m in model.modules())
 
 
 def test_fused_linears_accumulate_into_existing_grads():
@@ -71,11 +65,10 @@ def test_fused_linears_accumulate_into_existing_grads():
                            generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(tokens)
     heads = window_heads(mask, 8)
-    fused_linear.set_enabled(True)
-    forward_backward(model, tokens, mask, None, cfg.sleep, 1.0, False, heads)
+    forward_backward(model, tokens, mask, None, cfg.sleep, 1.0, False, heads, fused_linears=True)
     once = _grads(model)
     buffers = {n: p.grad for n, p in model.named_parameters()}
-    forward_backward(model, tokens, mask, None, cfg.sleep, 1.0, False, heads)
+    forward_backward(model, tokens, mask, None, cfg.sleep, 1.0, False, heads, fused_linears=True)
     for n, p in model.named_parameters():
         assert p.grad is buffers[n], n  # in place (what CUDA-graph replays need)
         assert torch.allclose(p.grad, 2 * once[n], rtol=1e-12, atol=1e-14), n
@@ -89,9 +82,9 @@ def test_plain_weight_grads_return_gradients_for_autograd_grad():
     w = fused_linear.matrix_weights(model)[0]
     x = torch.randn(3, 5, w.shape[1], dtype=w.dtype)
     ref = torch.autograd.grad((x @ w.t()).square().sum(), w)[0]
-    with fused_linear.for_model(model, None):
-        with fused_linear.plain_weight_grads():
-            y = fused_linear.linear(x, w)
+    with fused_linear.for_model(model, None) as ctx:
+        with fused_linear.plain_weight_grads(model):
+            y = fused_linear.linear(ctx, x, w)
         got = torch.autograd.grad(y.square().sum(), w)[0]
         assert torch.count_nonzero(w.grad) == 0  # zero-filled on entry, untouched
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)
@@ -101,8 +94,6 @@ def test_fused_linear_misuse_is_reported():
     cfg = sleeptrain.load_config(None, TINY)
     model = sleeptrain.build_model(cfg, seed=0)
     w = fused_linear.matrix_weights(model)[0]
-    with pytest.raises(RuntimeError, match="outside a FusedLinears context"):
-        fused_linear.linear(torch.zeros(2, w.shape[1], dtype=w.dtype), w)
     ctx = fused_linear.for_model(model, torch.bfloat16)
     assert fused_linear.for_model(model, torch.bfloat16) is ctx  # copies are reused
     with ctx:
@@ -110,10 +101,11 @@ def test_fused_linear_misuse_is_reported():
             fused_linear.for_model(model, None).__enter__()
         stray = torch.zeros_like(w)
         with pytest.raises(KeyError, match="not one of the model's"):
-            fused_linear.linear(torch.zeros(2, w.shape[1], dtype=w.dtype), stray)
+            fused_linear.linear(ctx, torch.zeros(2, w.shape[1], dtype=w.dtype), stray)
         assert ctx.copies[id(w)].dtype == torch.bfloat16
         assert torch.equal(ctx.copies[id(w)], w.detach().to(torch.bfloat16))
-    assert fused_linear.active() is None
+        assert fused_linear.active(model.blocks[0].mixer.qkv) is ctx
+    assert all(fused_linear.active(m) is None for m in model.modules())
 
 
 def test_grad_accum_fusion_switch_is_validated():

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sleeptrain.cli import main
 from sleeptrain.config import ConfigError, load_config
-from sleeptrain.parallel.plan import (
+from sleeptrain.plan import (
     block_cost,
     check_layout,
     memory_estimate,

@@ -250,3 +250,70 @@ def test_heatmap_with_one_length_is_titled_and_readable(tmp_path):
                     "ruler: run, step 10, N=2, L=64")
     h, w = mpimg.imread(path).shape[:2]
     assert w >= 600 and h >= 360  # 5 x 3 inches at 120 dpi at least
+
+
+def test_a_stage_n_reaches_training_evaluation_step_window_and_streaming(tmp_path):
+    import torch
+
+    from sleeptrain.api import load_run
+    from sleeptrain.infer.engine import Stream
+
+    run = tmp_path / "run"
+    train(_cfg(run, "sleep.passes=1", "train.steps=2",
+               "train.stages=[{name: deep, steps: 2, passes: 3}]"))
+    assert [r["passes"] for r in read_metrics(run) if "loss" in r] == [3, 3]
+    cfg, model, _ = load_run(run)
+    assert cfg.sleep.passes == 3 and model.sleep_cfg.passes == 3  # the stage's N, not 1
+    tokens = torch.randint(0, 13, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, by_default = model.step_window(tokens, model.init_state(2))
+        _, three = model.step_window(tokens, model.init_state(2), passes=3)
+        _, one = model.step_window(tokens, model.init_state(2), passes=1)
+    assert all(torch.equal(a, b) for a, b in zip(by_default.fast, three.fast, strict=True)
+               if a is not None)
+    assert any(not torch.equal(a, b) for a, b in zip(by_default.fast, one.fast, strict=True)
+               if a is not None)
+    assert Stream(model, 1).passes == 3  # streaming inference's default
+    cfg2, model2, _ = load_run(run, ["sleep.passes=2"])  # an explicit N wins
+    assert cfg2.sleep.passes == 2 and model2.sleep_cfg.passes == 2
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_stops_with_their_names(tmp_path):
+    # subprocess, as a user meets it: before, training silently started again at step 0
+    # and appended a second copy of the metrics
+    run = tmp_path / "run"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    proc = _cli("train", str(empty), *TINY, f"train.run_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    for state in run.glob("checkpoints/step_*/state.pt"):
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+        state.write_bytes(bytes(data))
+    before = (run / "metrics.jsonl").read_text()
+    proc = _cli("train", str(empty), *TINY, f"train.run_dir={run}")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "step_00000004" in out and "step_00000002" in out and "Traceback" not in out
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_messages_go_above_a_tty_progress_bar():
+    import io
+
+    from sleeptrain.train.logging import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = ProgressBar(10, stream=stream)
+    assert bar.is_tty
+    bar.update(3, loss=1.0)
+    bar.write("checkpoint step 3: saved")
+    bar.close()
+    text = stream.getvalue()
+    assert "checkpoint step 3: saved\n" in text  # a line of its own, not inside the bar
+    quiet = ProgressBar(10, stream=Tty(), tty=False)  # log.progress=false on a terminal
+    assert not quiet.is_tty

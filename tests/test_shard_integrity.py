@@ -306,7 +306,7 @@ def test_pipe_urls_need_the_opt_in(tmp_path):
 
 
 def test_config_allow_pipe_reaches_the_loader_and_preflight(tmp_path):
-    from sleeptrain.parallel.plan import preflight
+    from sleeptrain.plan import preflight
     from sleeptrain.train.data import ShardData
 
     ds = _dataset(tmp_path / "d", n_docs=10, per_shard=10, vocab=64)

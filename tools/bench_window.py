@@ -4,7 +4,7 @@ Measures, for one model and batch (bf16 autocast, fwd+bwd of the masked LM loss 
 token, no optimizer step), in one process:
   1. at each window length L (N=1): the parallel single-call step (block-diagonal attention +
      conv reset, GDN through the whole sequence), the window-sequential step run eagerly and
-     replayed as a CUDA graph (``sleeptrain.sleep.graphs``, what the trainer runs);
+     replayed as a CUDA graph (``sleeptrain.train.step``, what the trainer runs);
   2. at L = --passes-window, N in --passes, with and without window x pass checkpointing:
      tokens/s, peak memory, N x tokens/s(N) / tokens/s(1);
   3. MFU with sleep-aware model FLOPs (``train_flops_per_token``) against this GPU's measured
@@ -129,20 +129,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_window.py needs a CUDA GPU")
 
     import sleeptrain
-    from sleeptrain.model.kernels import fused
     from sleeptrain.model.kernels import linear as fused_linear
-    from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
-    from sleeptrain.sleep.graphs import MicroBatchGraphs, forward_backward, zero_grads
-    from sleeptrain.sleep.runner import token_cross_entropy, window_heads
+    from sleeptrain.plan import measure_bf16_peak, peak_flops, train_flops_per_token
+    from sleeptrain.sleep.runner import window_heads
+    from sleeptrain.train.step import MicroBatchGraphs, forward_backward, zero_grads
 
-    fused.set_compile(args.compile == "on")
-    fused_linear.set_enabled(args.grad_accum_fusion == "on")
+    fusion = args.grad_accum_fusion == "on"
     windows = [int(x) for x in args.windows.split(",") if x]
     ckpt_modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpoint]
     passes = [int(x) for x in args.passes.split(",") if x]
     base = [*PRESETS[args.preset], "train.device=cuda", *args.override]
     cfg = sleeptrain.load_config(None, base)
     model = sleeptrain.build_model(cfg)
+    model.set_kernels(compile=args.compile == "on")
     n_params = sum(p.numel() for p in model.parameters())
     dev = torch.device("cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -164,11 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             zero_grads(params)
             forward_backward(model, tokens, mask, None, sc, float(n_tok), True, heads,
-                             passes=n)
+                             passes=n, fused_linears=fusion)
         return run
 
     def graphed_step(sc, n):
-        graphs = MicroBatchGraphs(model, warmup=1, verbose=False)
+        graphs = MicroBatchGraphs(model, warmup=1, verbose=False, fused_linears=fusion)
         heads = window_heads(mask, sc.window_len)
 
         def run():
@@ -181,10 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     def par_step(window):
         def run():
             zero_grads(params)
-            with fused_linear.micro_batch(model, torch.bfloat16):
+            with fused_linear.micro_batch(model, torch.bfloat16, fusion):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits_local = model.logits(model.parallel_hidden(tokens[:, :-1], window))
-                    loss = token_cross_entropy(logits_local, tokens[:, 1:]).mean()
+                    loss = model.cross_entropy(logits_local, tokens[:, 1:]).mean()
                 loss.backward()
         return run
 

@@ -15,6 +15,13 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sleeptrain.config.derived import (
+    ModelDims,
+    autocast_on,
+    ffn_hidden,
+    loop_range,
+    model_dims,
+)
 from sleeptrain.config.schema import (
     DataConfig,
     LogConfig,
@@ -26,10 +33,14 @@ from sleeptrain.config.schema import (
     StageConfig,
     TrainConfig,
 )
-from sleeptrain.config.validate import ConfigError, loop_range, validate_run
+from sleeptrain.config.validate import ConfigError, validate_run
 
 __all__ = [
     "ConfigError",
+    "ModelDims",
+    "autocast_on",
+    "ffn_hidden",
+    "model_dims",
     "DataConfig",
     "LogConfig",
     "ModelConfig",
@@ -111,13 +122,14 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def switch_on(value: str, cuda: bool) -> bool:
     """Whether a three-way switch (auto|on|off: train.cuda_graphs, train.compile,
-    train.grad_accum_fusion) is on; auto means on for a CUDA run."""
+    train.grad_accum_fusion, train.parallel_n1, train.optimizer_graph) is on; auto means on for
+    a CUDA run."""
     return value == "on" or (value == "auto" and cuda)
 
 
 def _switch_words(cfg: DictConfig) -> None:
     """YAML reads the words on/off as booleans: the three-way switches take them back."""
-    for key in ("cuda_graphs", "compile", "grad_accum_fusion"):
+    for key in ("cuda_graphs", "compile", "grad_accum_fusion", "parallel_n1", "optimizer_graph"):
         if str(cfg.train[key]) in ("True", "False"):
             cfg.train[key] = "on" if str(cfg.train[key]) == "True" else "off"
 

@@ -160,17 +160,26 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU (0: from the GPU's name)
     save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)
     init_from: str = ""  # a run dir or checkpoint dir: its model weights start a new run
-    # micro-batch forward+backward as CUDA graphs (sleeptrain.sleep.graphs): auto (on for
+    # micro-batch forward+backward as CUDA graphs (sleeptrain.train.step): auto (on for
     # CUDA at TP=1) | on | off (docs/design.md, "CUDA graphs and compiled elementwise chains").
     cuda_graphs: str = "auto"
     # torch.compile of the layers' elementwise chains (sleeptrain.model.kernels.fused): auto
-    # (on for CUDA) | on | off. Off by default: a compiled chain's bf16 roundings depend on
-    # which lengths the process compiled first (docs/design.md).
-    compile: str = "off"
+    # (on for CUDA) | on | off. Static shapes and inductor's deterministic mode: a resumed
+    # process compiles the same kernels as the uninterrupted one (docs/design.md).
+    compile: str = "auto"
     # linears with bf16 weight copies made once per micro-batch and weight gradients added
     # into the fp32 .grad by the GEMM (sleeptrain.model.kernels.linear): auto (on for CUDA)
     # | on | off.
     grad_accum_fusion: str = "auto"
+    # the optimizer step (Muon + AdamW on device learning rates) replayed as one CUDA graph
+    # (sleeptrain.train.optim_step): auto (on for CUDA where micro-batch graphs are used) |
+    # on | off. Off by default until its GPU test has passed (docs/benchmarks.md: the first
+    # GPU run found the capture refused by AdamW's capturable check, since fixed, unverified).
+    optimizer_graph: str = "off"
+    # N=1 steps (no window sleeps, no document resets, no state detaching or checkpointing)
+    # as one call per layer over the whole row (sleeptrain.sleep.runner.parallel_loss): auto
+    # (on for CUDA) | on | off. Same loss and gradients up to float rounding.
+    parallel_n1: str = "auto"
     # CPU threads for torch (intra-op) on a CPU run: 0 = auto (OMP_NUM_THREADS if set; else 1
     # for d_model < 1024, else the usable cores, at most 8, shared by the node's ranks);
     # printed at start-up

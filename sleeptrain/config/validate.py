@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from sleeptrain.config.derived import loop_range, model_dims
+from sleeptrain.config.schema import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SleepConfig,
+)
+
 PATTERN_SYMBOLS = {
     "A": ("attention", True),
     "G": ("gdn", True),
@@ -26,14 +35,7 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _need(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
 
 
-def loop_range(model: Any) -> tuple[int, int]:
-    """The loop range [a, b) of the stack with ``loop_end: null`` resolved to the depth."""
-    depth = len(model.pattern)
-    end = depth if model.loop_end is None else model.loop_end
-    return model.loop_start, end
-
-
-def validate_model(model: Any, tp: int = 1) -> None:
+def validate_model(model: ModelConfig, tp: int = 1) -> None:
     """Checks the model section: pattern, loop range, widths, head counts against ``tp``."""
     pat = model.pattern
     _need(isinstance(pat, str) and len(pat) > 0, "model.pattern", "must be a non-empty string")
@@ -57,18 +59,19 @@ def validate_model(model: Any, tp: int = 1) -> None:
         _need(getattr(model, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(model, key)}")
     _need(model.vocab_size % tp == 0, "model.vocab_size",
           f"{model.vocab_size} is not divisible by tensor-parallel size {tp}")
+    dims = model_dims(model)
     if "A" in pat or "a" in pat:
-        kv = model.n_kv_heads or model.n_heads
+        kv = dims.n_kv_heads
         _need(model.n_heads % kv == 0, "model.n_kv_heads",
               f"n_heads {model.n_heads} is not divisible by n_kv_heads {kv}")
         _need(kv % tp == 0, "model.n_kv_heads" if model.n_kv_heads else "model.n_heads",
               f"{kv} key/value heads are not divisible by tensor-parallel size {tp}")
-        hd = model.head_dim or model.d_model // model.n_heads
+        hd = dims.head_dim
         _need(model.head_dim is not None or model.d_model % model.n_heads == 0, "model.head_dim",
               f"d_model {model.d_model} is not divisible by n_heads {model.n_heads}; set head_dim")
         _need(hd % 2 == 0, "model.head_dim", f"must be even for RoPE, got {hd}")
     if "G" in pat or "g" in pat:
-        hv = model.gdn_v_heads or model.gdn_heads
+        hv = dims.gdn_v_heads
         _need(hv % model.gdn_heads == 0, "model.gdn_v_heads",
               f"{hv} value heads are not divisible by gdn_heads {model.gdn_heads}")
         _need(model.gdn_heads % tp == 0, "model.gdn_heads",
@@ -82,7 +85,7 @@ def validate_model(model: Any, tp: int = 1) -> None:
     _need(model.gdn_chunk_size >= 1, "model.gdn_chunk_size", "must be >= 1")
 
 
-def validate_sleep(sleep: Any) -> None:
+def validate_sleep(sleep: SleepConfig) -> None:
     """Checks the sleep section: window, passes, eviction and gradient-mode settings."""
     _need(sleep.window_len >= 1, "sleep.window_len", f"must be >= 1, got {sleep.window_len}")
     _need(sleep.passes >= 1, "sleep.passes", f"must be >= 1, got {sleep.passes}")
@@ -105,7 +108,7 @@ def _in_range(value: Any, key: str, lo: float, hi: float | None = None,
     _need(ok, key, f"must be in {span}, got {value!r}")
 
 
-def validate_optim(optim: Any) -> None:
+def validate_optim(optim: OptimConfig) -> None:
     """Checks the optimizer section: learning rates, betas, decay, warm-up, clipping."""
     _in_range(optim.muon_lr, "optim.muon_lr", 0.0)
     _in_range(optim.adamw_lr, "optim.adamw_lr", 0.0)
@@ -122,7 +125,7 @@ def validate_optim(optim: Any) -> None:
     _choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
 
 
-def validate_task_args(data: Any) -> None:
+def validate_task_args(data: DataConfig) -> None:
     """The task's own schema checks ``data.task`` and ``data.task_args`` (unknown options,
     types and ranges), so a bad option fails before any work."""
     if data.source != "task":
@@ -136,7 +139,7 @@ def validate_task_args(data: Any) -> None:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def validate_run(cfg: Any) -> None:
+def validate_run(cfg: RunConfig) -> None:
     """Checks the whole tree: each section, then combinations across sections."""
     validate_model(cfg.model, tp=cfg.parallel.tp)
     _in_range(cfg.model.init_std, "model.init_std", 0.0, lo_open=True)
@@ -176,6 +179,8 @@ def validate_run(cfg: Any) -> None:
     _choice(cfg.train.cuda_graphs, "train.cuda_graphs", ("auto", "on", "off"))
     _choice(cfg.train.compile, "train.compile", ("auto", "on", "off"))
     _choice(cfg.train.grad_accum_fusion, "train.grad_accum_fusion", ("auto", "on", "off"))
+    _choice(cfg.train.parallel_n1, "train.parallel_n1", ("auto", "on", "off"))
+    _choice(cfg.train.optimizer_graph, "train.optimizer_graph", ("auto", "on", "off"))
     _choice(cfg.log.wandb, "log.wandb", ("disabled", "offline", "online"))
     _choice(cfg.parallel.backend, "parallel.backend", ("auto", "gloo", "nccl"))
     _need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")

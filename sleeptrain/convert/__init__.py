@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from sleeptrain.convert import fla_gdn, hf_llama
 from sleeptrain.convert.common import (
@@ -93,12 +94,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, insert_gdn: list[int] | N
     return cfg, model
 
 
-def hf_config_for(cfg: Any) -> dict[str, Any]:
+def hf_config_for(cfg: DictConfig) -> dict[str, Any]:
     """A Llama (no qkv bias) or Qwen2 (qkv bias) config.json for an attention-only model."""
     m = cfg.model
     if set(m.pattern) != {"A"}:
         raise ConversionError(f"model.pattern {m.pattern!r} is not attention-only")
-    from sleeptrain.model.hybrid import ffn_hidden
+    from sleeptrain.config import ffn_hidden
 
     arch = "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
     out = {"architectures": [arch], "model_type": "qwen2" if m.qkv_bias else "llama",
@@ -117,7 +118,7 @@ def hf_config_for(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def export_format(cfg: Any) -> str:
+def export_format(cfg: DictConfig) -> str:
     """The Hugging Face form a model exports to by default: ``llama`` (attention-only),
     ``fla`` (G and A blocks: FLA's GatedDeltaNetForCausalLM) or ``custom`` (anything else:
     the custom-code model)."""
@@ -131,7 +132,7 @@ def export_format(cfg: Any) -> str:
     return "custom"
 
 
-def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path,
+def export_hf(model: torch.nn.Module, cfg: DictConfig, out_dir: str | Path,
               form: str | None = None) -> Path:
     """Writes a sleeptrain model as a Hugging Face directory. ``form``: ``llama`` (Llama /
     Qwen2 class, attention-only), ``fla`` (FLA GatedDeltaNetForCausalLM), ``custom``
@@ -163,11 +164,12 @@ def export_hf(model: torch.nn.Module, cfg: Any, out_dir: str | Path,
     return out
 
 
-def load_run_model(run_dir: str | Path) -> tuple[Any, torch.nn.Module]:
-    """(config, model) of a sleeptrain run directory's latest checkpoint, on the CPU."""
+def load_run_model(run_dir: str | Path, *, trust: bool = False) -> tuple[Any, torch.nn.Module]:
+    """(config, model) of a sleeptrain run directory's newest intact checkpoint, on the CPU
+    (verified against its digests; one without digests needs ``trust``)."""
     from sleeptrain.api import load_run
 
-    cfg, model, _ = load_run(run_dir, ["train.device=cpu"], device="cpu")
+    cfg, model, _ = load_run(run_dir, ["train.device=cpu"], device="cpu", trust=trust)
     return cfg, model
 
 
@@ -185,12 +187,13 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> dict[str, fl
 @torch.no_grad()
 def verify(hf_dir: str | Path, run_dir: str | Path, tokens: list[int] | None = None,
            length: int = 32, seed: int = 0, trust_remote_code: bool = False,
-           k: int = 5) -> dict[str, float]:
+           k: int = 5, *, trust_checkpoint: bool = False) -> dict[str, float]:
     """Logits of one prompt (``tokens``, or ``length`` seeded random ids) through the Hugging
     Face model and through the sleeptrain run, with one window covering the prompt; a
     custom-code export (which streams with sleep) is compared with sleeptrain's streaming
-    inference over the run's windows instead."""
-    cfg, model = load_run_model(run_dir)
+    inference over the run's windows instead. ``trust_checkpoint``: accept a run checkpoint
+    without digests (see ``load_run_model``)."""
+    cfg, model = load_run_model(run_dir, trust=trust_checkpoint)
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, cfg.model.vocab_size, (length,), generator=gen).tolist()

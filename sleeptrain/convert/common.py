@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 
 class ConversionError(ValueError):
@@ -100,7 +101,7 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     tmp.replace(path)
 
 
-def save_run(out_dir: Path, cfg: Any, model: torch.nn.Module, note: dict[str, Any],
+def save_run(out_dir: Path, cfg: DictConfig, model: torch.nn.Module, note: dict[str, Any],
              opt: Any | None = None, state: dict[str, Any] | None = None) -> Path:
     """``out_dir`` as a sleeptrain run directory: ``config.yaml`` and a sharded checkpoint of
     ``model`` (and ``opt``'s state). ``state``: the training state to carry (step, RNG, data

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from sleeptrain.convert.common import ConversionError, checked_plan, read_plan
 from sleeptrain.convert.hf_llama import _interleave, _qkv, _split_qkv, split_interleaved
@@ -197,9 +198,9 @@ def import_state(read: Any, names: set[str], hf: dict[str, Any],
     return read_plan(read, import_plan(names, hf, source))
 
 
-def config_for(cfg: Any) -> dict[str, Any]:
+def config_for(cfg: DictConfig) -> dict[str, Any]:
     """An FLA ``gated_deltanet`` config.json for a sleeptrain model of ``G`` and ``A`` blocks."""
-    from sleeptrain.model.hybrid import ffn_hidden
+    from sleeptrain.config import ffn_hidden
 
     m = cfg.model
     if not set(m.pattern) <= {"G", "A"} or "G" not in m.pattern:

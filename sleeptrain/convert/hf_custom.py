@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from sleeptrain.convert.common import ConversionError, write_safetensors
 
@@ -55,7 +56,7 @@ def _keys(section: Any) -> list[str]:
     return list(vars(section))
 
 
-def config_fields(cfg: Any, passes: int | None = None) -> dict[str, Any]:
+def config_fields(cfg: DictConfig, passes: int | None = None) -> dict[str, Any]:
     """The ``SleeptrainConfig`` fields of a sleeptrain config; refuses (ConversionError naming
     the key) what the custom-code model does not implement."""
     m, s = cfg.model, cfg.sleep
@@ -77,7 +78,7 @@ def config_fields(cfg: Any, passes: int | None = None) -> dict[str, Any]:
     n_pass = int(s.passes if passes is None else passes)
     if n_pass < 1:
         raise ConversionError(f"sleep.passes: must be >= 1, got {n_pass}")
-    from sleeptrain.model.hybrid import ffn_hidden
+    from sleeptrain.config import ffn_hidden
 
     return {
         "vocab_size": int(m.vocab_size), "d_model": int(m.d_model), "pattern": str(m.pattern),
@@ -137,7 +138,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_custom(model: torch.nn.Module, cfg: Any, out_dir: str | Path,
+def export_custom(model: torch.nn.Module, cfg: DictConfig, out_dir: str | Path,
                   passes: int | None = None, overwrite: bool = False) -> Path:
     """Writes ``model`` (a sleeptrain HybridModel at TP=1) with ``cfg``'s window/sleep settings
     as a custom-code Hugging Face directory (module docstring); returns its path.

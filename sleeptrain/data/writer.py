@@ -140,6 +140,63 @@ def _check_doc(
     return arr, m.astype(np.uint8)
 
 
+def _prepare_dir(out: Path, prefix: str, overwrite: bool) -> None:
+    """Refuses (FileExistsError) a directory holding a dataset of ``prefix`` unless
+    ``overwrite``, which deletes its manifest and shard files; creates the directory."""
+    old = existing_outputs(out, prefix)
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {old[0].name} ({len(old)} files of a "
+                              "dataset); choose another directory or overwrite it")
+    for p in old:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class _ShardSink:
+    """The manifest and the open shard of ``write_shards``: WebDataset's ShardWriter opens
+    shards through ``opener`` (as ``<name>.tmp``) and ``post`` finalizes each (fsync,
+    rename, manifest entry with counts and sha256, manifest replaced atomically)."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], bar: Any):
+        self.out, self.manifest, self.bar = out, manifest, bar
+        self.path = out / MANIFEST
+        self.current: dict[str, Any] = {}  # the open shard: its .tmp file object and counts
+
+    def opener(self, fname: str) -> BinaryIO:
+        self.current.clear()
+        self.current.update(dict.fromkeys(_COUNTS, 0), file=open(fname + ".tmp", "wb"))
+        return self.current["file"]
+
+    def post(self, fname: str) -> None:
+        cur, manifest = self.current, self.manifest
+        f = cur["file"]
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        final = Path(fname)
+        tmp = Path(fname + ".tmp")
+        if cur["n_samples"] == 0:  # only the first shard, when no document was written
+            tmp.unlink()
+            return
+        os.replace(tmp, final)
+        _fsync_dir(self.out)
+        entry = {"name": final.name, **{k: cur[k] for k in _COUNTS},
+                 "bytes": final.stat().st_size, "sha256": _sha256(final)}
+        manifest["shards"].append(entry)
+        manifest["n_shards"] = len(manifest["shards"])
+        for k in _COUNTS:
+            manifest[k] += entry[k]
+        _write_json_atomic(self.path, manifest)
+        self.bar.set_postfix(shards=manifest["n_shards"], refresh=False)
+
+    def count(self, arr: np.ndarray, mask: np.ndarray | None) -> None:
+        cur = self.current
+        cur["n_samples"] += 1
+        cur["n_docs"] += 1
+        cur["n_tokens"] += arr.size
+        cur["n_target_tokens"] += arr.size - 1 if mask is None else int(mask.sum())
+
+
 def write_shards(
     docs: Iterable[tuple[np.ndarray, np.ndarray | None]],
     out_dir: str | Path,
@@ -172,64 +229,20 @@ def write_shards(
         raise ValueError(f"max_samples_per_shard ({max_samples_per_shard}) and "
                          f"max_bytes_per_shard ({max_bytes_per_shard}) must be >= 1")
     vocab_size = int(tokenizer_info["vocab_size"])
-    old = existing_outputs(out, prefix)
-    if old and not overwrite:
-        raise FileExistsError(f"{out} already holds {old[0].name} ({len(old)} files of a "
-                              "dataset); choose another directory or overwrite it")
-    for p in old:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
+    _prepare_dir(out, prefix, overwrite)
     manifest: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "sample_digest": SAMPLE_DIGEST,
-        "complete": False,
-        "prefix": prefix,
-        "tokenizer": tokenizer_info,
-        "source": source_info,
-        "max_samples_per_shard": max_samples_per_shard,
-        "max_bytes_per_shard": max_bytes_per_shard,
-        "n_shards": 0,
-        **dict.fromkeys(_COUNTS, 0),
-        "skipped_empty": 0,
-        "shards": [],
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "sample_digest": SAMPLE_DIGEST,
+        "complete": False, "prefix": prefix, "tokenizer": tokenizer_info,
+        "source": source_info, "max_samples_per_shard": max_samples_per_shard,
+        "max_bytes_per_shard": max_bytes_per_shard, "n_shards": 0,
+        **dict.fromkeys(_COUNTS, 0), "skipped_empty": 0, "shards": [],
     }
-    manifest_path = out / MANIFEST
-    _write_json_atomic(manifest_path, manifest)
-
+    _write_json_atomic(out / MANIFEST, manifest)
     bar = tqdm(total=total, unit="doc", file=sys.stderr, disable=not progress, mininterval=1.0)
-    current: dict[str, Any] = {}  # the open shard: its .tmp file object and counts
-
-    def opener(fname: str) -> BinaryIO:
-        current.clear()
-        current.update(dict.fromkeys(_COUNTS, 0), file=open(fname + ".tmp", "wb"))
-        return current["file"]
-
-    def post(fname: str) -> None:
-        f = current["file"]
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        final = Path(fname)
-        tmp = Path(fname + ".tmp")
-        if current["n_samples"] == 0:  # only the first shard, when no document was written
-            tmp.unlink()
-            return
-        os.replace(tmp, final)
-        _fsync_dir(out)
-        entry = {"name": final.name, **{k: current[k] for k in _COUNTS},
-                 "bytes": final.stat().st_size, "sha256": _sha256(final)}
-        manifest["shards"].append(entry)
-        manifest["n_shards"] = len(manifest["shards"])
-        for k in _COUNTS:
-            manifest[k] += entry[k]
-        _write_json_atomic(manifest_path, manifest)
-        bar.set_postfix(shards=manifest["n_shards"], refresh=False)
-
+    sink = _ShardSink(out, manifest, bar)
     writer = wds.ShardWriter(
         _printf_pattern(out, prefix), maxcount=max_samples_per_shard,
-        maxsize=max_bytes_per_shard, post=post, opener=opener, verbose=0,
+        maxsize=max_bytes_per_shard, post=sink.post, opener=sink.opener, verbose=0,
         encoder=False, mtime=0,
     )
     n_written = 0
@@ -246,22 +259,19 @@ def write_shards(
                 sample[MASK_MEMBER] = _npy_bytes(m)
             sample[DIGEST_MEMBER] = sample_digest(key, sample).encode("ascii")
             writer.write(sample)  # may close the previous shard first (post) and open a new one
-            current["n_samples"] += 1
-            current["n_docs"] += 1
-            current["n_tokens"] += arr.size
-            current["n_target_tokens"] += arr.size - 1 if m is None else int(m.sum())
+            sink.count(arr, m)
             n_written += 1
     except BaseException:  # the unfinished shard stays behind as unlisted <name>.tmp debris
         with contextlib.suppress(Exception):  # end its tar stream now, not at garbage collection
             writer.tarstream.close()
-        current["file"].close()
+        sink.current["file"].close()
         bar.close()
         raise
     writer.close()
     bar.close()
     if n_written == 0:
         raise ValueError(f"no documents to write ({manifest['skipped_empty']} empty documents "
-                         f"skipped); {manifest_path} stays incomplete")
+                         f"skipped); {out / MANIFEST} stays incomplete")
     manifest["complete"] = True
-    _write_json_atomic(manifest_path, manifest)
+    _write_json_atomic(out / MANIFEST, manifest)
     return manifest

@@ -261,6 +261,44 @@ class _Distractors:
         return self.text[j], self.tokens[j]
 
 
+def _fit_length(order: list[str], dis: Any, n_tokens: Any, target_len: int,
+                rng: random.Random) -> tuple[int, list[str]] | None:
+    """Adds and removes distractors (``dis``) in ``order`` until the prompt's token count
+    (``n_tokens(order)``) lies in [0.98 target_len, target_len], at most 24 rounds (token
+    counts need not add up exactly: merges across statements); the best fit found, or None
+    when none fits."""
+    n_tok = n_tokens(order)
+    lower = math.ceil(0.98 * target_len)
+    best: tuple[int, list[str]] | None = None
+    stuck = False  # the last top-up left a gap: make a bigger one before the next
+    for _ in range(24):
+        if n_tok <= target_len and (best is None or n_tok > best[0]):
+            best = (n_tok, list(order))
+        if lower <= n_tok <= target_len:
+            break
+        if n_tok < lower and not stuck:
+            new = dis.top_up(target_len - n_tok)
+            for text in new:
+                order.insert(rng.randrange(len(order) + 1), text)
+            stuck = True
+        else:  # too long, or the gap is one no top-up fills: take some out to refill
+            gap = target_len - n_tok
+            want = rng.uniform(3.0, 5.0) * dis.shortest  # varied, so that retries differ
+            while True:
+                gone = dis.remove_one()
+                if gone is None:
+                    break
+                order.remove(gone[0])
+                gap += gone[1]
+                if gap >= want:
+                    break
+            stuck = False
+            if gone is None and gap < 0:
+                break
+        n_tok = n_tokens(order)
+    return best
+
+
 def _make_gsm(ops: int, index: int, seed: int, target_len: int, tokenizer: Any,
               answer_prefix: str, max_new_tokens: int) -> EvalSample:
     def count(text: str) -> int:
@@ -292,35 +330,7 @@ def _make_gsm(ops: int, index: int, seed: int, target_len: int, tokenizer: Any,
     dis.top_up(budget - used)  # the subset of new candidates that best fills the rest
     order = core_stmts + [dis.text[j] for j in dis.alive]
     rng.shuffle(order)
-    n_tok = count(full(order))
-    lower = math.ceil(0.98 * target_len)
-    best: tuple[int, list[str]] | None = None
-    stuck = False  # the last top-up left a gap: make a bigger one before the next
-    for _ in range(24):  # token counts need not add up exactly (merges across statements)
-        if n_tok <= target_len and (best is None or n_tok > best[0]):
-            best = (n_tok, list(order))
-        if lower <= n_tok <= target_len:
-            break
-        if n_tok < lower and not stuck:
-            new = dis.top_up(target_len - n_tok)
-            for text in new:
-                order.insert(rng.randrange(len(order) + 1), text)
-            stuck = True
-        else:  # too long, or the gap is one no top-up fills: take some out to refill
-            gap = target_len - n_tok
-            want = rng.uniform(3.0, 5.0) * dis.shortest  # varied, so that retries differ
-            while True:
-                gone = dis.remove_one()
-                if gone is None:
-                    break
-                order.remove(gone[0])
-                gap += gone[1]
-                if gap >= want:
-                    break
-            stuck = False
-            if gone is None and gap < 0:
-                break
-        n_tok = count(full(order))
+    best = _fit_length(order, dis, lambda o: count(full(o)), target_len, rng)
     if best is None:
         raise ValueError(f"gsm_ops{ops}: target_len {target_len} is too small")
     n_tok, order = best

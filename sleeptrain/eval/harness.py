@@ -24,6 +24,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from sleeptrain.sleep import SleepModel
+
 SUITES = ("ruler", "babilong", "gsm")
 DEFAULT_TASKS = {
     "ruler": ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
@@ -92,7 +94,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_cell(model: Any, tokenizer: Any, suite: str, task: str, length: int, n: int,
+def run_cell(model: SleepModel, tokenizer: Any, suite: str, task: str, length: int, n: int,
              seed: int, eos_id: int | None) -> dict[str, Any] | None:
     """Answers and scores one cell; returns its record on data-parallel rank 0, else None."""
     from sleeptrain.infer import generate
@@ -122,7 +124,7 @@ def run_cell(model: Any, tokenizer: Any, suite: str, task: str, length: int, n: 
             "references": [s.outputs for s in samples]}
 
 
-def run_suite(model: Any, tokenizer: Any, suite: str, tasks: list[str], lengths: list[int],
+def run_suite(model: SleepModel, tokenizer: Any, suite: str, tasks: list[str], lengths: list[int],
               n: int, out_dir: Path, seed: int = 0, eos_id: int | None = None,
               log: Callable[[str], None] = print, title: str = "") -> list[dict[str, Any]]:
     """Every (task, length) cell not finished yet in ``out_dir``; then the summaries

@@ -7,13 +7,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
+from sleeptrain.config import SleepConfig
+from sleeptrain.sleep import SleepModel
 from sleeptrain.sleep.runner import windowed_loss
 
 
 @torch.no_grad()
-def evaluate_shards(model: Any, cfg: Any, sleep_cfg: Any, info: Any, n_rows: int,
-                    autocast: bool = False) -> dict[str, Any]:
+def evaluate_shards(model: SleepModel, cfg: DictConfig, sleep_cfg: SleepConfig, info: Any,
+                    n_rows: int, autocast: bool = False) -> dict[str, Any]:
     """Loss and next-token accuracy over the first ``n_rows`` packed rows of
     ``data.eval_shards`` on every data-parallel rank (no shuffling, one epoch, summed over ranks).
     Returns {'loss', 'token_acc', 'tokens', 'rows'}."""

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
-from sleeptrain.sleep.runner import _evict, _sleep
+from sleeptrain.model.hybrid import BlockContext, HybridModel
+from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
+from sleeptrain.sleep.state import SleepState, initial_state
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Stream:
         self.sliding = self.cfg.eviction == "sliding"
         self.device = torch.device(device) if device is not None else model.embed.weight.device
         self.batch_size = batch_size
-        st = model.init_state(batch_size, self.device)
+        st = initial_state(model, batch_size, self.device)
         self.win = _Window(start=st, fast=list(st.fast), conv=[None] * model.depth)
         self.windows_slept = 0
 
@@ -91,7 +92,6 @@ class Stream:
     def _advance(self, tokens: torch.Tensor, want_hidden: bool) -> torch.Tensor | None:
         """Runs a chunk that fits in the current window; returns its final hidden states."""
         net, w = self.net, self.win
-        a, b = net.loop_start, net.loop_end
         kv: list[Any] = [None] * net.depth
         for i, blk in enumerate(net.blocks):
             if blk.kind != "attention":
@@ -100,14 +100,11 @@ class Stream:
             parts += w.kv.get(i, [])
             if parts:
                 kv[i] = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
-        ctx = PassContext(pos_start=self.position, window=self.L if self.sliding else None,
-                          kv=kv, conv=list(w.conv))
-        h = net.embed_tokens(tokens)
-        h, fast, ex0 = net.run_blocks(h, 0, a, w.fast, ctx)
-        h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
-        h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
+        ctx = BlockContext(pos_start=self.position, window=self.L if self.sliding else None,
+                           kv=kv, conv=list(w.conv))
+        h_loop, h, fast, extras = wake_blocks(net, net.embed_tokens(tokens), w.fast, ctx)
         for i, blk in enumerate(net.blocks):
-            extra = ex0[i] if i < a else (ex1[i] if i < b else ex2[i])
+            extra = extras[i]
             if blk.kind == "attention":
                 w.kv.setdefault(i, []).append(extra)
             elif blk.kind == "gdn":
@@ -121,10 +118,11 @@ class Stream:
         """The full window sleeps (passes-1 loop-range passes), then eviction."""
         net, w = self.net, self.win
         start = w.start
-        ctx = PassContext(pos_start=start.position, window=self.L if self.sliding else None,
-                          kv=list(start.kv) if self.sliding else [],
-                          conv=list(start.conv) if self.sliding else [])
-        fast = _sleep(net, torch.cat(w.h_loop, 1), w.fast, ctx, self.passes - 1, self.cfg)
+        ctx = BlockContext(pos_start=start.position, window=self.L if self.sliding else None,
+                           kv=list(start.kv) if self.sliding else [],
+                           conv=list(start.conv) if self.sliding else [])
+        fast = _sleep(net, torch.cat(w.h_loop, 1), w.fast, ctx, sleep_passes(self.passes),
+                      self.cfg)
         extras: list[Any] = [None] * net.depth
         for i, blk in enumerate(net.blocks):
             if blk.kind == "attention" and i in w.kv:

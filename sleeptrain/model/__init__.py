@@ -1,5 +1,5 @@
-"""The hybrid model's math: layers, the stack, the state, and kernels."""
+"""The hybrid model's math: layers, the stack and its kernels."""
 
-from sleeptrain.model.hybrid import Block, HybridModel, PassContext, SleepState, ffn_hidden
+from sleeptrain.model.hybrid import Block, BlockContext, HybridModel
 
-__all__ = ["Block", "HybridModel", "PassContext", "SleepState", "ffn_hidden"]
+__all__ = ["Block", "BlockContext", "HybridModel"]

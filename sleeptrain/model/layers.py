@@ -48,26 +48,21 @@ def _plus_bias(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 def column(layer: nn.Module, x: torch.Tensor, sp: bool = False,
            weight: torch.Tensor | None = None) -> torch.Tensor:
-    """A megatron-core column-parallel linear; with ``sp`` its input was all-gathered by
-    sequence parallelism, whose backward reduce-scatters the input gradient, so the layer's
-    own all-reduce of that gradient is switched off for this call. ``weight``: use this
-    weight (the tied output head). Inside a ``FusedLinears`` context (the trainer's
-    micro-batches, :mod:`sleeptrain.model.kernels.linear`) the matmul is the fused one and
-    megatron-core's region mapping all-reduces the input gradient over TP."""
-    if fused_linear.active() is not None:
-        w = layer.weight if weight is None else weight
+    """A megatron-core column-parallel linear. ``weight``: use this weight (the tied output
+    head). Inside a ``FusedLinears`` context (the training step's micro-batches,
+    :mod:`sleeptrain.model.kernels.linear`) the matmul is the fused one, and megatron-core's
+    region mapping all-reduces the input gradient over TP. With ``sp`` the input was
+    all-gathered by sequence parallelism, whose backward reduce-scatters the input gradient:
+    the product is then a plain ``F.linear`` with no communication of its own."""
+    w = layer.weight if weight is None else weight
+    ctx = fused_linear.active(layer)
+    if ctx is not None:
         if not sp and layer.allreduce_dgrad:
             x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
-        return _plus_bias(layer, fused_linear.linear(x, w))
-    kw = {} if weight is None else {"weight": weight}
-    if not sp:
-        return layer(x, **kw)[0]
-    saved = layer.allreduce_dgrad, layer.disable_grad_reduce
-    layer.allreduce_dgrad, layer.disable_grad_reduce = False, True
-    try:
-        return layer(x, **kw)[0]
-    finally:
-        layer.allreduce_dgrad, layer.disable_grad_reduce = saved
+        return _plus_bias(layer, fused_linear.linear(ctx, x, w))
+    if sp:
+        return _plus_bias(layer, F.linear(x, w))
+    return layer(x, **({} if weight is None else {"weight": weight}))[0]
 
 
 def row(layer: nn.Module, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
@@ -75,8 +70,9 @@ def row(layer: nn.Module, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
     partial sums (sequence parallelism reduce-scatters them)."""
     if sp and layer.bias is not None:
         raise ValueError("sequence parallelism: row-parallel biases are not supported")
-    if fused_linear.active() is not None:
-        y = fused_linear.linear(x, layer.weight)
+    ctx = fused_linear.active(layer)
+    if ctx is not None:
+        y = fused_linear.linear(ctx, x, layer.weight)
         if not sp:
             y = reduce_from_tensor_model_parallel_region(y, group=layer.tp_group)
         return _plus_bias(layer, y)
@@ -94,6 +90,8 @@ class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs). Its consumers are
     linears: under CUDA autocast the output is already in the autocast dtype."""
 
+    compiled = False  # torch.compile'd chain on CUDA (HybridModel.set_kernels)
+
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eps = eps
@@ -103,13 +101,7 @@ class RMSNorm(nn.Module):
         out = None  # under CUDA autocast: the autocast dtype (the consumer is a linear)
         if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype == torch.float32:
             out = torch.get_autocast_dtype("cuda")
-        return fused.rms_norm(x, self.weight, self.eps, out)
-
-
-_ROPE_CACHE: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_ROPE_CACHE_BYTES = 64 << 20  # per process, all devices; a table above a quarter: not kept
-_ROPE_HELD = [0]
-_ROPE_PINNED: set[tuple[Any, ...]] = set()  # read by a captured CUDA graph: never evicted
+        return fused.rms_norm(x, self.weight, self.eps, out, compiled=self.compiled)
 
 
 def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.device,
@@ -129,48 +121,60 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def rope_cos_sin(start: int, length: int, dim: int, theta: float, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, dim] for rotate-half RoPE at absolute positions start, start + 1, ...
-    (fp32; fp64 for fp64 ``dtype``).
+class RopeTables:
+    """cos/sin tables of rotate-half RoPE, kept per model (its attention blocks share one).
 
     Every attention block of a window asks for the same positions, and a training run asks
     for the same windows every micro-batch: the tables are kept (least recently used first
-    out, 64 MiB in all, no autograd history) so that a window costs no RoPE kernels after
-    the first. While a CUDA graph is being captured, a kept table it reads is pinned (never
-    evicted: the graph holds its address, not a reference), and a missing table is computed
-    inside the graph and not kept (capture records kernels without running them, so its
-    values would exist only once replayed). Pinned tables are bounded by the windows of the
-    captured layouts.
+    out, ``max_bytes`` in all, no autograd history) so that a window costs no RoPE kernels
+    after the first. While a CUDA graph is being captured, a kept table it reads is pinned
+    (never evicted: the graph holds its address, not a reference), and a missing table is
+    computed inside the graph and not kept (capture records kernels without running them,
+    so its values would exist only once replayed). Pinned tables are bounded by the windows
+    of the captured layouts.
     """
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    dev = torch.device(device)
-    key = (start, length, dim, float(theta), str(dev), cdt)
-    capturing = _capturing(dev)
-    hit = _ROPE_CACHE.get(key)
-    if hit is not None:
-        _ROPE_CACHE.move_to_end(key)
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes  # a table above a quarter of it is not kept
+        self.cache: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = (
+            OrderedDict())
+        self.held = 0
+        self.pinned: set[tuple[Any, ...]] = set()
+
+    def get(self, start: int, length: int, dim: int, theta: float, device: torch.device,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, dim] at absolute positions start, start + 1, ... (fp32; fp64
+        for fp64 ``dtype``)."""
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        dev = torch.device(device)
+        key = (start, length, dim, float(theta), str(dev), cdt)
+        capturing = _capturing(dev)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            if capturing:
+                self.pinned.add(key)
+            return hit
         if capturing:
-            _ROPE_PINNED.add(key)
-        return hit
-    if capturing:
-        return _rope_table(start, length, dim, theta, dev, cdt)
-    with torch.inference_mode(False), torch.no_grad():
-        table = _rope_table(start, length, dim, theta, dev, cdt)
-    size = _table_bytes(table)
-    if 4 * size <= _ROPE_CACHE_BYTES:
-        _ROPE_CACHE[key] = table
-        _ROPE_HELD[0] += size
-        while _ROPE_HELD[0] > _ROPE_CACHE_BYTES:
-            victim = next((k for k in _ROPE_CACHE if k not in _ROPE_PINNED), None)
-            if victim is None:
-                break
-            _ROPE_HELD[0] -= _table_bytes(_ROPE_CACHE.pop(victim))
-    return table
+            return _rope_table(start, length, dim, theta, dev, cdt)
+        with torch.inference_mode(False), torch.no_grad():
+            table = _rope_table(start, length, dim, theta, dev, cdt)
+        size = _table_bytes(table)
+        if 4 * size <= self.max_bytes:
+            self.cache[key] = table
+            self.held += size
+            while self.held > self.max_bytes:
+                victim = next((k for k in self.cache if k not in self.pinned), None)
+                if victim is None:
+                    break
+                self.held -= _table_bytes(self.cache.pop(victim))
+        return table
 
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate/up fused and interleaved per hidden unit."""
+
+    compiled = False  # torch.compile'd chain on CUDA (HybridModel.set_kernels)
 
     def __init__(self, d_model: int, hidden: int, config: ModelParallelConfig, std: float,
                  out_std: float, tp_group: Any = None):
@@ -184,20 +188,24 @@ class SwiGLU(nn.Module):
                                      tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
-        return row(self.fc2, fused.swiglu(column(self.fc1, x, sp)), sp)
+        return row(self.fc2, fused.swiglu(column(self.fc1, x, sp), compiled=self.compiled), sp)
 
 
 class Attention(nn.Module):
     """GQA self-attention with RoPE at global positions and an optional carried KV.
 
-    Fused qkv rows are grouped per key/value head: [q of the group's heads, k, v].
+    Fused qkv rows are grouped per key/value head: [q of the group's heads, k, v]. ``rope``:
+    the RoPE tables (shared by the model's attention blocks; default: this block's own).
     """
+
+    compiled = False  # torch.compile'd chains on CUDA (HybridModel.set_kernels)
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  rope_theta: float, config: ModelParallelConfig, tp: int, std: float,
                  out_std: float, qkv_bias: bool = False, backend: str = "sdpa",
-                 tp_group: Any = None):
+                 tp_group: Any = None, rope: RopeTables | None = None):
         super().__init__()
+        self.rope = rope if rope is not None else RopeTables()
         self.head_dim = head_dim
         self.group = n_heads // n_kv_heads
         self.kv_local = n_kv_heads // tp
@@ -219,8 +227,8 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         hd = self.head_dim
         y = y.view(b, t, self.kv_local, (self.group + 2) * hd)
-        cos, sin = rope_cos_sin(pos_start, t, hd, self.rope_theta, x.device, x.dtype)
-        return fused.qkv_rope(y, cos, sin, self.group)
+        cos, sin = self.rope.get(pos_start, t, hd, self.rope_theta, x.device, x.dtype)
+        return fused.qkv_rope(y, cos, sin, self.group, compiled=self.compiled)
 
     def forward(
         self,
@@ -270,6 +278,8 @@ class GatedDeltaNet(nn.Module):
     g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b); the gated delta rule; the
     output is RMSNorm(o) * silu(z) per value head, then out_proj.
     """
+
+    compiled = False  # torch.compile'd chains on CUDA (HybridModel.set_kernels)
 
     def __init__(self, d_model: int, n_heads: int, n_v_heads: int, head_dim: int,
                  v_head_dim: int, conv_kernel: int, config: ModelParallelConfig, tp: int,
@@ -334,11 +344,12 @@ class GatedDeltaNet(nn.Module):
         if segment is None:
             if conv_state is None:
                 conv_state = y.new_zeros(b, c, km1)
-            return fused.gdn_inputs(y, conv_state, *args)
+            return fused.gdn_inputs(y, conv_state, *args, compiled=self.compiled)
         pad = (-t) % segment
         n = (t + pad) // segment
         ys = F.pad(y, (0, 0, 0, 0, 0, pad)).reshape(b * n, segment, h, gw)
-        outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args)[:-1]
+        outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args,
+                                compiled=self.compiled)[:-1]
         outs = [o.reshape(b, n * segment, *o.shape[2:])[:, :t] for o in outs]
         tail = y[:, max(t - km1, 0):, :, : self.conv_group].reshape(b, -1, c)
         tail = F.pad(tail, (0, 0, km1 - tail.shape[1], 0))
@@ -363,5 +374,6 @@ class GatedDeltaNet(nn.Module):
         q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
         o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
                                     backend=self.backend, chunk_size=self.chunk_size)
-        of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype)
+        of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype,
+                                  compiled=self.compiled)
         return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

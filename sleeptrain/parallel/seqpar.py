@@ -22,29 +22,21 @@ _AG = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _RS = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _group() -> tuple[Any, int, int]:
-    from sleeptrain.parallel.tensors import tp_group_and_size
-
-    return tp_group_and_size()
-
-
-def _all_gather(x: torch.Tensor) -> torch.Tensor:
-    group, tp, _ = _group()
+def _all_gather(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
     out = x.new_empty((x.shape[0] * tp, *x.shape[1:]))
     _AG(out, x.contiguous(), group=group)
     return out
 
 
-def _reduce_scatter(x: torch.Tensor) -> torch.Tensor:
-    group, tp, _ = _group()
+def _reduce_scatter(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // tp, *x.shape[1:]))
     _RS(out, x.contiguous(), group=group)
     return out
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    _, tp, rank = _group()
+def _local(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
     n = x.shape[0] // tp
+    rank = dist.get_rank(group)
     return x[rank * n : (rank + 1) * n].contiguous()
 
 
@@ -52,59 +44,62 @@ class _Split(torch.autograd.Function):
     """Full (replicated) -> local chunk; backward all-gathers."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: ARG004
-        return _local(x)
+    def forward(ctx, x, group, tp):  # type: ignore[override]
+        ctx.group, ctx.tp = group, tp
+        return _local(x, group, tp)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ARG004
-        return _all_gather(g)
+    def backward(ctx, g):  # type: ignore[override]
+        return _all_gather(g, ctx.group, ctx.tp), None, None
 
 
 class _Gather(torch.autograd.Function):
     """Local chunks -> full; backward reduce-scatters (the consumers' partial gradients)."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: ARG004
-        return _all_gather(x)
+    def forward(ctx, x, group, tp):  # type: ignore[override]
+        ctx.group, ctx.tp = group, tp
+        return _all_gather(x, group, tp)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ARG004
-        return _reduce_scatter(g)
+    def backward(ctx, g):  # type: ignore[override]
+        return _reduce_scatter(g, ctx.group, ctx.tp), None, None
 
 
 class _Scatter(torch.autograd.Function):
     """Partial sums (full) -> reduced local chunk; backward all-gathers."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: ARG004
-        return _reduce_scatter(x)
+    def forward(ctx, x, group, tp):  # type: ignore[override]
+        ctx.group, ctx.tp = group, tp
+        return _reduce_scatter(x, group, tp)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: ARG004
-        return _all_gather(g)
+    def backward(ctx, g):  # type: ignore[override]
+        return _all_gather(g, ctx.group, ctx.tp), None, None
 
 
-def _flat_padded(x: torch.Tensor) -> torch.Tensor:
-    _, tp, _ = _group()
+def _flat_padded(x: torch.Tensor, tp: int) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     pad = (-flat.shape[0]) % tp
     return torch.nn.functional.pad(flat, (0, 0, 0, pad)) if pad else flat
 
 
-def split(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, d] replicated on every TP rank -> this rank's [ceil(B*T/tp), d] tokens."""
-    return _Split.apply(_flat_padded(x))
+def split(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
+    """[B, T, d] replicated on every rank of ``group`` (``tp`` ranks) -> this rank's
+    [ceil(B*T/tp), d] tokens."""
+    return _Split.apply(_flat_padded(x, tp), group, tp)
 
 
-def gather(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def gather(x: torch.Tensor, shape: tuple[int, int], group: Any, tp: int) -> torch.Tensor:
     """Local tokens -> the window's [B, T, d] (the inverse of :func:`split`)."""
     b, t = shape
-    return _Gather.apply(x)[: b * t].reshape(b, t, x.shape[-1])
+    return _Gather.apply(x, group, tp)[: b * t].reshape(b, t, x.shape[-1])
 
 
-def scatter(y: torch.Tensor) -> torch.Tensor:
+def scatter(y: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
     """Row-parallel partial sums [B, T, d] -> this rank's reduced local tokens."""
-    return _Scatter.apply(_flat_padded(y))
+    return _Scatter.apply(_flat_padded(y, tp), group, tp)
 
 
 __all__ = ["gather", "scatter", "split"]

@@ -114,3 +114,12 @@ def tp_size() -> int:
     if not mpu.model_parallel_is_initialized():
         return 1
     return mpu.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    """megatron-core's tensor-parallel process group (None before ``init_parallel``)."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        return None
+    return mpu.get_tensor_model_parallel_group()

@@ -79,6 +79,41 @@ def gather_last_dim(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return _GatherLastDim.apply(t, group, size, rank)
 
 
+def vocab_parallel_argmax(logits: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """argmax over the full vocabulary of logits split over the TP group [..., V / size]
+    (ties: the lowest token id, as ``argmax`` over the gathered logits)."""
+    if size == 1:
+        return logits.argmax(-1)
+    local_max, local_idx = logits.float().max(-1)
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    offset = dist.get_rank(group) * logits.shape[-1]
+    big = torch.iinfo(torch.int64).max
+    cand = torch.where(local_max == global_max, local_idx + offset,
+                       torch.full_like(local_idx, big))
+    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+    return cand
+
+
+def vocab_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor,
+                        size: int) -> torch.Tensor:
+    """Per-token cross-entropy [B, l] from vocab-parallel logits [B, l, V / size].
+
+    megatron-core's vocab-parallel cross-entropy (fp32 math, over megatron-core's TP group)
+    when the vocabulary is split; otherwise torch's fused cross-entropy in fp32 (fp64 for
+    fp64 logits, so float64 gradient checks stay exact), which issues no collective calls
+    and no per-window temporaries of the vocabulary's size.
+    """
+    if size == 1:
+        dt = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
+        return torch.nn.functional.cross_entropy(
+            local_logits.flatten(0, -2).to(dt), targets.flatten(), reduction="none"
+        ).view(targets.shape)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(local_logits.float(), targets)
+
+
 def shard_tp(full: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
     """TP rank ``rank``'s slice of ``full`` along ``dim`` (``full`` when dim is None)."""
     if dim is None or size == 1:
@@ -121,23 +156,31 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
         return torch.zeros(())
     group, size, _ = tp_group_and_size()
     dev = params[0].grad.device
-    split = torch.zeros((), dtype=torch.float32, device=dev)
-    rep = torch.zeros((), dtype=torch.float32, device=dev)
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum()
-        if partition_dim(p) is not None:
-            split += sq
-        else:
-            rep += sq
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+
+    def squares(ps: list[torch.Tensor]) -> torch.Tensor:
+        # one multi-tensor norm kernel per dtype instead of three kernels per parameter
+        if not ps:
+            return zero
+        norms = torch._foreach_norm([p.grad.detach() for p in ps])
+        return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+    split = squares([p for p in params if partition_dim(p) is not None])
+    rep = squares([p for p in params if partition_dim(p) is None])
     if size > 1:
+        split = split.clone()
         dist.all_reduce(split, group=group)
     total = (split + rep).sqrt()
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            p.grad.detach().mul_(coef.to(p.grad.dtype))
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
+        for dt, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dt))
     return total
 
 
 __all__ = ["clip_grad_norm_", "full_shape", "gather_last_dim", "gather_tp", "partition_dim",
-           "shard_tp", "sync_tp_grads", "tp_group_and_size"]
+           "shard_tp", "sync_tp_grads", "tp_group_and_size", "vocab_cross_entropy",
+           "vocab_parallel_argmax"]

@@ -37,14 +37,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as mpu
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from sleeptrain.model.hybrid import HybridModel, PassContext, SleepState
+from sleeptrain.config import SleepConfig
+from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.parallel.tensors import gather_last_dim
+from sleeptrain.sleep.state import SleepState, initial_state
 
 
 @dataclass
@@ -54,13 +52,15 @@ class WindowOutput:
     logits: full-vocabulary logits [B, l, V] (only when asked for);
     loss_sum: sum of masked token cross-entropies (fp32 scalar) when targets were given;
     n_correct: number of masked targets predicted exactly (argmax), as a tensor;
-    predictions: argmax token ids [B, l] (when targets were given).
+    predictions: argmax token ids [B, l] (when targets were given);
+    token_loss: the per-token cross-entropy [B, l] (fp32), unmasked (when targets were given).
     """
 
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     n_correct: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,7 +68,8 @@ class LossOutput:
     """windowed_loss's result: the mean masked loss and the sums it came from.
 
     loss = loss_sum / max(n_tokens, 1); n_tokens and n_correct are tensors (no host sync);
-    predictions [B, T-1] are the argmax of the wake-pass logits at every input position.
+    predictions [B, T-1] are the argmax of the wake-pass logits at every input position;
+    token_loss [B, T-1] the cross-entropy of every next token (``return_token_loss``).
     """
 
     loss: torch.Tensor
@@ -77,45 +78,12 @@ class LossOutput:
     n_correct: torch.Tensor
     predictions: torch.Tensor | None = None
     n_windows: int = 0
-
-
-def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the full vocabulary of logits split over the TP group [..., V/tp]."""
-    if not mpu.model_parallel_is_initialized() or mpu.get_tensor_model_parallel_world_size() == 1:
-        return logits.argmax(-1)
-    group = mpu.get_tensor_model_parallel_group()
-    local_max, local_idx = logits.float().max(-1)
-    global_max = local_max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    offset = mpu.get_tensor_model_parallel_rank() * logits.shape[-1]
-    big = torch.iinfo(torch.int64).max
-    cand = torch.where(local_max == global_max, local_idx + offset,
-                       torch.full_like(local_idx, big))
-    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
-    return cand
-
-
-def token_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [B, l] from vocab-parallel logits [B, l, V/tp].
-
-    megatron-core's vocab-parallel cross-entropy (fp32 math) at TP > 1; at TP=1 torch's fused
-    cross-entropy in fp32 (fp64 for fp64 logits, so float64 gradient checks stay exact), which
-    issues no collective calls and no per-window temporaries of the vocabulary's size.
-    """
-    tp1 = (not mpu.model_parallel_is_initialized()
-           or mpu.get_tensor_model_parallel_world_size() == 1)
-    if tp1:
-        # one fused kernel, no collectives: fp32 math (fp64 for fp64 logits)
-        dt = torch.float64 if local_logits.dtype == torch.float64 else torch.float32
-        return torch.nn.functional.cross_entropy(
-            local_logits.flatten(0, -2).to(dt), targets.flatten(), reduction="none"
-        ).view(targets.shape)
-    return vocab_parallel_cross_entropy(local_logits.float(), targets)
+    token_loss: torch.Tensor | None = None
 
 
 def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
     # The model draws no random numbers, so recomputation needs no RNG state: not saving it
-    # keeps the checkpointed passes capturable in CUDA graphs (sleeptrain.sleep.graphs).
+    # keeps the checkpointed passes capturable in CUDA graphs (sleeptrain.train.step).
     if enabled and torch.is_grad_enabled():
         return activation_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
@@ -128,7 +96,7 @@ class _LoopRange:
     blocks and the conv state of GDN blocks in the loop range (sliding eviction).
     """
 
-    def __init__(self, net: HybridModel, ctx: PassContext, fast: list[torch.Tensor | None]):
+    def __init__(self, net: HybridModel, ctx: BlockContext, fast: list[torch.Tensor | None]):
         self.net = net
         self.ctx = ctx
         self.lo, self.hi = net.loop_start, net.loop_end
@@ -157,7 +125,7 @@ class _LoopRange:
             out.append(self.ctx.kv[i][j] if kind == "kv" else self.ctx.conv[i])
         return out
 
-    def with_ctx(self, tensors: Sequence[torch.Tensor]) -> PassContext:
+    def with_ctx(self, tensors: Sequence[torch.Tensor]) -> BlockContext:
         kv = list(self.ctx.kv)
         conv = list(self.ctx.conv)
         pending: dict[int, list[torch.Tensor]] = {}
@@ -168,10 +136,10 @@ class _LoopRange:
                 conv[i] = t
         for i, pair in pending.items():
             kv[i] = (pair[0], pair[1])
-        return PassContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv,
+        return BlockContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv,
                            self.ctx.kv_keep, self.ctx.sp_shape)
 
-    def step(self, z: Sequence[torch.Tensor], ctx: PassContext | None = None
+    def step(self, z: Sequence[torch.Tensor], ctx: BlockContext | None = None
              ) -> list[torch.Tensor]:
         h, fast = self.unpack(z, self.fast_template)
         h, fast, _ = self.net.run_blocks(h, self.lo, self.hi, fast, ctx or self.ctx)
@@ -225,7 +193,7 @@ class _NeumannSleep(torch.autograd.Function):
         params = fctx.params
         # the recomputed graph is differentiated with torch.autograd.grad: its linears must
         # return weight gradients, not add them into .grad (sleeptrain.model.kernels.linear)
-        with torch.enable_grad(), fused_linear.plain_weight_grads():
+        with torch.enable_grad(), fused_linear.plain_weight_grads(fctx.loop.net):
             z_in = [t.detach().requires_grad_(True) for t in z_prev]
             c_in = [t.detach().requires_grad_(t.requires_grad) for t in ctx_t]
             ac = fctx.autocast
@@ -258,7 +226,7 @@ class _NeumannSleep(torch.autograd.Function):
 
 
 def _sleep(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
-           ctx: PassContext, n_sleep: int, sleep_cfg: Any) -> list[torch.Tensor | None]:
+           ctx: BlockContext, n_sleep: int, sleep_cfg: SleepConfig) -> list[torch.Tensor | None]:
     """Runs the N-1 sleep passes of one window; returns the refined fast weights."""
     if n_sleep <= 0:
         return fast
@@ -298,29 +266,39 @@ def _sleep(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
     return fast
 
 
-def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None],
-          ctx: PassContext, targets: torch.Tensor | None, mask: torch.Tensor | None,
-          want_logits: bool, want_head: bool, embedded: torch.Tensor | None = None):
-    """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs).
-    ``embedded``: the window's token embeddings, already looked up (else from ``tokens``)."""
+def wake_blocks(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
+                ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor,
+                                            list[torch.Tensor | None], list[Any]]:
+    """Every block once over embedded tokens h [B, l, d] (the wake pass without its head):
+    (h at the loop range's end -- what sleep passes start from --, the final h, the fast
+    weights after the blocks, per-block extras: conv state or (k, v))."""
     a, b = net.loop_start, net.loop_end
-    h = net.embed_tokens(tokens, ctx.sp_shape) if embedded is None else embedded
     h, fast, ex0 = net.run_blocks(h, 0, a, fast, ctx)
     h_loop, fast, ex1 = net.run_blocks(h, a, b, fast, ctx)
     h, fast, ex2 = net.run_blocks(h_loop, b, net.depth, fast, ctx)
     extras = [x if x is not None else (y if y is not None else w)
               for x, y, w in zip(ex0, ex1, ex2, strict=True)]
-    logits = loss_sum = n_correct = preds = None
+    return h_loop, h, fast, extras
+
+
+def _wake(net: HybridModel, tokens: torch.Tensor, fast: list[torch.Tensor | None],
+          ctx: BlockContext, targets: torch.Tensor | None, mask: torch.Tensor | None,
+          want_logits: bool, want_head: bool, embedded: torch.Tensor | None = None):
+    """The wake pass: every block once; returns (h at the loop end, fast, extras, outputs).
+    ``embedded``: the window's token embeddings, already looked up (else from ``tokens``)."""
+    h = net.embed_tokens(tokens, ctx.sp_shape) if embedded is None else embedded
+    h_loop, h, fast, extras = wake_blocks(net, h, fast, ctx)
+    logits = loss_sum = n_correct = preds = ce = None
     if want_head:
         local = net.logits(h, ctx.sp_shape)
         if targets is not None:
-            ce = token_cross_entropy(local, targets)
+            ce = net.cross_entropy(local, targets)
             loss_sum = (ce * mask).sum()
-            preds = vocab_parallel_argmax(local.detach())
+            preds = net.argmax(local.detach())
             n_correct = ((preds == targets) & (mask > 0)).sum()
         if want_logits:
-            logits = gather_last_dim(local, net.tp_group) if net.tp > 1 else local
-    return h_loop, fast, extras, (logits, loss_sum, n_correct, preds)
+            logits = net.gather_vocab(local)
+    return h_loop, fast, extras, (logits, loss_sum, n_correct, preds, ce)
 
 
 def _evict(net: HybridModel, state: SleepState, fast: list[torch.Tensor | None],
@@ -372,7 +350,7 @@ def run_window(
     tokens: torch.Tensor,
     state: SleepState,
     passes: int,
-    sleep_cfg: Any,
+    sleep_cfg: SleepConfig,
     targets: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
     want_logits: bool = True,
@@ -398,7 +376,7 @@ def run_window(
     kv_keep = None
     if reset is not None:
         state, kv_keep = _reset_state(state, reset, tokens.shape[0], tokens.device)
-    ctx = PassContext(
+    ctx = BlockContext(
         pos_start=state.position,
         window=sleep_cfg.window_len if sliding else None,
         kv=list(state.kv) if sliding else [],
@@ -414,7 +392,7 @@ def run_window(
                          f"{tuple(tokens.shape)}, without sequence parallelism")
 
     def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk, emb):
-        c = PassContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep,
+        c = BlockContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep,
                         ctx.sp_shape)
         return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head, emb)
 
@@ -422,11 +400,11 @@ def run_window(
         bool(sleep_cfg.checkpoint), wake_fn, tokens, state.fast, ctx.kv, ctx.conv, targets, mask,
         embedded,
     )
-    fast = _sleep(net, h_loop, fast, ctx, passes - 1, sleep_cfg)
+    fast = _sleep(net, h_loop, fast, ctx, sleep_passes(passes), sleep_cfg)
     new_state = _evict(net, state, fast, extras, length, sleep_cfg.eviction,
                        sleep_cfg.window_len)
-    logits, loss_sum, n_correct, preds = outs
-    return WindowOutput(logits, loss_sum, n_correct, preds), new_state
+    logits, loss_sum, n_correct, preds, ce = outs
+    return WindowOutput(logits, loss_sum, n_correct, preds, ce), new_state
 
 
 def window_heads(loss_mask: torch.Tensor, window_len: int) -> list[bool]:
@@ -440,13 +418,102 @@ def window_heads(loss_mask: torch.Tensor, window_len: int) -> list[bool]:
     return [bool(has[s : s + window_len].any()) for s in range(0, has.shape[0], window_len)]
 
 
+def parallel_hidden(net: HybridModel, tokens: torch.Tensor, window_len: int,
+                    eviction: str = "hard") -> torch.Tensor:
+    """The N=1 computation over a whole sequence in one call per layer: final hidden states.
+
+    hard: block-diagonal causal attention and conv reset every ``window_len`` tokens;
+    sliding: banded causal attention of width ``window_len`` and a continuous conv. The
+    GDN recurrence runs through the whole sequence in one kernel call in both cases.
+    """
+    ctx = BlockContext(
+        pos_start=0,
+        window=window_len if eviction == "sliding" else None,
+        segment=window_len if eviction == "hard" else None,
+    )
+    state = initial_state(net, tokens.shape[0], tokens.device)
+    h, _, _ = net.run_blocks(net.embed_tokens(tokens), 0, net.depth, state.fast, ctx)
+    return h
+
+
+def parallel_applies(model: HybridModel, sleep_cfg: SleepConfig, passes: int | None,
+                     doc_starts: torch.Tensor | None) -> bool:
+    """Whether ``parallel_loss`` computes exactly what ``windowed_loss`` does (up to float
+    rounding): N=1 (no window sleeps), no document resets, no state detaching, no window x
+    pass checkpointing (the one call keeps every activation) and no sequence parallelism."""
+    n_pass = sleep_cfg.passes if passes is None else passes
+    return (n_pass == 1 and doc_starts is None and not int(sleep_cfg.detach_every)
+            and not bool(sleep_cfg.checkpoint) and not model.sp)
+
+
+def parallel_loss(model: HybridModel, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                  sleep_cfg: SleepConfig) -> LossOutput:
+    """``windowed_loss`` at N=1 in one call per layer: with hard eviction block-diagonal
+    causal attention and a conv reset every ``window_len`` tokens, with sliding eviction a
+    band of ``window_len`` keys and a continuous conv; the GDN recurrence runs through the
+    sequence in one kernel call. Same loss and gradients as the window-by-window form
+    (tests/test_sleep_core.py), far fewer kernel launches. tokens, loss_mask [B, T]."""
+    if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
+        raise ValueError(f"tokens and loss_mask must both be [B, T]; got {tuple(tokens.shape)} "
+                         f"and {tuple(loss_mask.shape)}")
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    ldt = torch.float64 if model.dtype == torch.float64 else torch.float32
+    mask = loss_mask[:, 1:].to(ldt)
+    h = parallel_hidden(model, inputs, sleep_cfg.window_len, sleep_cfg.eviction)
+    local = model.logits(h)
+    loss_sum = (model.cross_entropy(local, targets) * mask).sum()
+    preds = model.argmax(local.detach())
+    n_correct = ((preds == targets) & (mask > 0)).sum()
+    n_tokens = loss_mask[:, 1:].sum().to(torch.int64)
+    loss = loss_sum / n_tokens.clamp(min=1).to(loss_sum.dtype)
+    n_windows = -(-inputs.shape[1] // sleep_cfg.window_len)
+    return LossOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tokens, n_correct=n_correct,
+                      predictions=preds, n_windows=n_windows)
+
+
+def sleep_passes(passes: int, last: bool = False) -> int:
+    """How many sleep passes a window gets at N = ``passes`` (the wake pass included in N):
+    N-1 when another window follows, none for the last window of a sequence (nothing
+    follows it, DESIGN.md section 1). The one place this is decided."""
+    return 0 if last else passes - 1
+
+
+def _check_batch(tokens: torch.Tensor, loss_mask: torch.Tensor) -> None:
+    if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
+        raise ValueError(
+            f"tokens and loss_mask must both be [B, T]; got {tuple(tokens.shape)} and "
+            f"{tuple(loss_mask.shape)}"
+        )
+    if tokens.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 tokens, got T={tokens.shape[1]}")
+
+
+def _window_resets(doc_starts: torch.Tensor | None, batch: int, n_windows: int, t_in: int,
+                   window_len: int, static: bool, device: torch.device
+                   ) -> list[torch.Tensor | None]:
+    """Per window, the [B] bool reset flags ``run_window`` takes (None: no reset there)."""
+    if doc_starts is None:
+        return [None] * n_windows
+    if doc_starts.shape != (batch, n_windows) or doc_starts.dtype != torch.bool:
+        raise ValueError(
+            f"doc_starts must be a bool tensor [B, n_windows] = [{batch}, {n_windows}] for "
+            f"T-1={t_in} inputs and window_len={window_len}; got {doc_starts.dtype} "
+            f"{tuple(doc_starts.shape)}"
+        )
+    any_start = ([True] * n_windows if static
+                 else doc_starts.any(0).tolist())  # free for the loader's CPU tensor
+    ds = doc_starts.to(device)
+    return [ds[:, w] if w > 0 and any_start[w] else None for w in range(n_windows)]
+
+
 def windowed_loss(
     model: HybridModel,
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
-    sleep_cfg: Any,
+    sleep_cfg: SleepConfig,
     passes: int | None = None,
     return_predictions: bool = False,
+    return_token_loss: bool = False,
     doc_starts: torch.Tensor | None = None,
     heads: Sequence[bool] | None = None,
     static_resets: bool = False,
@@ -467,42 +534,23 @@ def windowed_loss(
     same values, ``torch.where`` with an all-keep mask is exact) make the call free of host
     syncs and of data-dependent Python branches, as CUDA-graph capture needs.
     """
-    if tokens.dim() != 2 or tokens.shape != loss_mask.shape:
-        raise ValueError(
-            f"tokens and loss_mask must both be [B, T]; got {tuple(tokens.shape)} and "
-            f"{tuple(loss_mask.shape)}"
-        )
-    if tokens.shape[1] < 2:
-        raise ValueError(f"sequences need at least 2 tokens, got T={tokens.shape[1]}")
+    _check_batch(tokens, loss_mask)
     n_pass = sleep_cfg.passes if passes is None else passes
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mask = loss_mask[:, 1:]
-    t_in = inputs.shape[1]
-    L = sleep_cfg.window_len
+    inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:]
+    t_in, L = inputs.shape[1], sleep_cfg.window_len
     starts = list(range(0, t_in, L))
     # One host sync per batch (not per window) unless the caller knows: which windows hold a
     # target at all.
     window_has = list(heads) if heads is not None else window_heads(loss_mask, L)
     if len(window_has) != len(starts):
         raise ValueError(f"heads has {len(window_has)} entries for {len(starts)} windows")
-    resets: list[torch.Tensor | None] = [None] * len(starts)
-    if doc_starts is not None:
-        if doc_starts.shape != (tokens.shape[0], len(starts)) or doc_starts.dtype != torch.bool:
-            raise ValueError(
-                f"doc_starts must be a bool tensor [B, n_windows] = [{tokens.shape[0]}, "
-                f"{len(starts)}] for T-1={t_in} inputs and window_len={L}; got "
-                f"{doc_starts.dtype} {tuple(doc_starts.shape)}"
-            )
-        any_start = ([True] * len(starts) if static_resets
-                     else doc_starts.any(0).tolist())  # free for the loader's CPU tensor
-        ds = doc_starts.to(tokens.device)
-        resets = [ds[:, w] if w > 0 and any_start[w] else None for w in range(len(starts))]
-    state = model.init_state(tokens.shape[0], tokens.device)
-    device = tokens.device
+    resets = _window_resets(doc_starts, tokens.shape[0], len(starts), t_in, L, static_resets,
+                            tokens.device)
+    state = initial_state(model, tokens.shape[0], tokens.device)
     ldt = torch.float64 if model.dtype == torch.float64 else torch.float32
-    loss_sum = torch.zeros((), dtype=ldt, device=device)
-    n_correct = torch.zeros((), dtype=torch.int64, device=device)
-    preds = []
+    loss_sum = torch.zeros((), dtype=ldt, device=tokens.device)
+    n_correct = torch.zeros((), dtype=torch.int64, device=tokens.device)
+    preds, token_losses = [], []
     detach_every = int(sleep_cfg.detach_every)
     # One embedding lookup for the whole sequence, split into windows: its backward is one
     # dense table gradient and one concatenation, not one table-sized gradient per window.
@@ -513,9 +561,9 @@ def windowed_loss(
     for w, s in enumerate(starts):
         last = w == len(starts) - 1
         e = min(s + L, t_in)
-        head = window_has[w] or return_predictions
+        head = window_has[w] or return_predictions or return_token_loss
         out, state = run_window(
-            model, inputs[:, s:e], state, 1 if last else n_pass, sleep_cfg,
+            model, inputs[:, s:e], state, 1 + sleep_passes(n_pass, last), sleep_cfg,
             targets=targets[:, s:e] if head else None,
             loss_mask=mask[:, s:e] if head else None,
             want_logits=False, want_head=head, reset=resets[w], embedded=embedded[w],
@@ -523,17 +571,17 @@ def windowed_loss(
         if out.loss_sum is not None:
             loss_sum = loss_sum + out.loss_sum
             n_correct = n_correct + out.n_correct
-        if return_predictions:
-            preds.append(out.predictions)
+        preds.append(out.predictions)
+        token_losses.append(out.token_loss)
         if detach_every and (w + 1) % detach_every == 0 and not last:
             state = state.detach()
     n_tokens = mask.sum().to(torch.int64)
-    loss = loss_sum / n_tokens.clamp(min=1).to(loss_sum.dtype)
     return LossOutput(
-        loss=loss,
+        loss=loss_sum / n_tokens.clamp(min=1).to(loss_sum.dtype),
         loss_sum=loss_sum,
         n_tokens=n_tokens,
         n_correct=n_correct,
         predictions=torch.cat(preds, dim=1) if return_predictions else None,
+        token_loss=torch.cat(token_losses, dim=1) if return_token_loss else None,
         n_windows=len(starts),
     )

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from sleeptrain.parallel.tensors import gather_tp, partition_dim, shard_tp, tp_group_and_size
@@ -105,7 +106,9 @@ class TensorParallelMuon(torch.optim.Muon):
     Momentum is elementwise and stays local; the Nesterov update of a split weight is gathered
     over the TP group, orthogonalized whole, and each rank keeps its slice, so the step equals
     the single-device one (up to bf16 rounding of a row/column permutation). The learning-rate
-    factor uses the full shape. Without tensor parallelism it is ``torch.optim.Muon``'s step,
+    factor uses the full shape. A group's ``lr`` may be a 0-dim device tensor
+    (``sleeptrain.train.optim_step``: the step then reads it from memory, as a captured CUDA
+    graph needs). Without tensor parallelism it is ``torch.optim.Muon``'s step,
     operation for operation (tested); hyper-parameters and state (``momentum_buffer``) are its.
     """
 
@@ -133,9 +136,14 @@ class TensorParallelMuon(torch.optim.Muon):
                 ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"],
                                       group["eps"])
                 ortho = shard_tp(ortho, dim, tp_rank, tp)
-                scaled = lr * muon_lr_scale(group["adjust_lr_fn"], tuple(full.shape))
+                scale = muon_lr_scale(group["adjust_lr_fn"], tuple(full.shape))
+                if isinstance(lr, torch.Tensor):  # a device learning rate (CUDA graphs)
+                    if group["weight_decay"]:
+                        p.mul_(1 - lr * group["weight_decay"])
+                    p.addcmul_(ortho, lr, value=-scale)
+                    continue
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(ortho, alpha=-scaled)
+                p.add_(ortho, alpha=-(lr * scale))
         return loss
 
 
@@ -263,6 +271,51 @@ def _validate_part(kind: str, opt: torch.optim.Optimizer | None, saved: Any) -> 
                     )
 
 
+def _check_hyperparameters(muon_lr: float, adamw_lr: float, adamw_eps: float,
+                           weight_decay: float, adamw_betas: tuple[float, float],
+                           muon_momentum: float, muon_ns_steps: int,
+                           muon_adjust_lr: str | None) -> None:
+    """ValueError naming the first hyper-parameter out of its range."""
+    for arg, val in (("muon_lr", muon_lr), ("adamw_lr", adamw_lr), ("adamw_eps", adamw_eps)):
+        if not (math.isfinite(val) and val >= 0):
+            raise ValueError(f"{arg} must be a finite number >= 0, got {val}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if len(adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in adamw_betas):
+        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {adamw_betas}")
+    if not 0.0 <= muon_momentum < 1.0:
+        raise ValueError(f"muon_momentum must be in [0, 1), got {muon_momentum}")
+    if muon_ns_steps < 1:
+        raise ValueError(f"muon_ns_steps must be >= 1, got {muon_ns_steps}")
+    if muon_adjust_lr not in _MUON_ADJUST:
+        raise ValueError(f"muon_adjust_lr must be one of {_MUON_ADJUST}, got {muon_adjust_lr!r}")
+
+
+Named = list[tuple[str, nn.Parameter]]
+
+
+def _split_params(named_params: Iterable[tuple[str, nn.Parameter]], use_muon: bool,
+                  muon_exclude: tuple[str, ...]) -> tuple[Named, Named, Named]:
+    """(Muon's, AdamW's with decay, AdamW's without decay) parameters, each once."""
+    muon_p: Named = []
+    decay_p: Named = []
+    nodecay_p: Named = []
+    seen: set[int] = set()
+    for name, p in named_params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if use_muon and is_muon_param(name, p, muon_exclude):
+            muon_p.append((name, p))
+        elif uses_weight_decay(name, p):
+            decay_p.append((name, p))
+        else:
+            nodecay_p.append((name, p))
+    if not seen:
+        raise ValueError("build_optimizer got no parameters")
+    return muon_p, decay_p, nodecay_p
+
+
 def build_optimizer(
     named_params: Iterable[tuple[str, nn.Parameter]],
     *,
@@ -289,36 +342,9 @@ def build_optimizer(
     ``sqrt(max(1, A/B))``). ``fused=None`` uses the fused AdamW kernel iff every AdamW parameter
     is on CUDA, else the foreach implementation.
     """
-    for arg, val in (("muon_lr", muon_lr), ("adamw_lr", adamw_lr), ("adamw_eps", adamw_eps)):
-        if not (math.isfinite(val) and val >= 0):
-            raise ValueError(f"{arg} must be a finite number >= 0, got {val}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
-    if len(adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in adamw_betas):
-        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {adamw_betas}")
-    if not 0.0 <= muon_momentum < 1.0:
-        raise ValueError(f"muon_momentum must be in [0, 1), got {muon_momentum}")
-    if muon_ns_steps < 1:
-        raise ValueError(f"muon_ns_steps must be >= 1, got {muon_ns_steps}")
-    if muon_adjust_lr not in _MUON_ADJUST:
-        raise ValueError(f"muon_adjust_lr must be one of {_MUON_ADJUST}, got {muon_adjust_lr!r}")
-
-    muon_p: list[tuple[str, nn.Parameter]] = []
-    decay_p: list[tuple[str, nn.Parameter]] = []
-    nodecay_p: list[tuple[str, nn.Parameter]] = []
-    seen: set[int] = set()
-    for name, p in named_params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if use_muon and is_muon_param(name, p, muon_exclude):
-            muon_p.append((name, p))
-        elif uses_weight_decay(name, p):
-            decay_p.append((name, p))
-        else:
-            nodecay_p.append((name, p))
-    if not seen:
-        raise ValueError("build_optimizer got no parameters")
+    _check_hyperparameters(muon_lr, adamw_lr, adamw_eps, weight_decay, adamw_betas,
+                           muon_momentum, muon_ns_steps, muon_adjust_lr)
+    muon_p, decay_p, nodecay_p = _split_params(named_params, use_muon, muon_exclude)
 
     muon = None
     if muon_p:
@@ -349,6 +375,9 @@ def build_optimizer(
             weight_decay=weight_decay,
             fused=use_fused,
             foreach=None if use_fused else True,
+            # graph-safe (device step counters; the fused kernel's math is the same either
+            # way): sleeptrain.train.optim_step may capture the step as a CUDA graph
+            capturable=use_fused,
         )
     return HybridOptimizer(muon, adamw)
 
@@ -431,7 +460,7 @@ def assign_owners(named: list[tuple[str, torch.Tensor]], dp_size: int) -> dict[i
     return owner
 
 
-def optimizer_for(cfg: Any, model: nn.Module) -> HybridOptimizer:
+def optimizer_for(cfg: DictConfig, model: nn.Module) -> HybridOptimizer:
     """The optimizer a run's config (``cfg.optim``, ``cfg.parallel.shard_optimizer``) builds
     for ``model``: the trainer's, and the one a checkpoint's optimizer state is loaded into
     elsewhere (``tools/convert.py reshard``). With ``shard_optimizer`` and more than one

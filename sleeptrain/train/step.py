@@ -1,4 +1,4 @@
-"""CUDA graphs of window-sequential micro-batch steps: forward and backward, one launch.
+"""The training step of one micro-batch: forward and backward, eager or as one CUDA graph.
 
 Window-sequential training launches every kernel of every block, window and pass from Python,
 and at short windows the host cannot keep up with the GPU (docs/benchmarks.md). Once the batch
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from sleeptrain.config import SleepConfig
 from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.sleep.runner import windowed_loss
+from sleeptrain.sleep.runner import parallel_applies, parallel_loss, windowed_loss
 
 
 def forward_backward(
@@ -43,25 +44,32 @@ def forward_backward(
     tokens: torch.Tensor,
     mask: torch.Tensor,
     doc_starts: torch.Tensor | None,
-    sleep_cfg: Any,
+    sleep_cfg: SleepConfig,
     denom: float | torch.Tensor,
     autocast: bool,
     heads: Sequence[bool] | None,
     static: bool = False,
     passes: int | None = None,
+    parallel: bool = False,
+    fused_linears: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: ``windowed_loss``, then backward of ``loss_sum / denom`` into ``.grad``.
 
     Returns (loss_sum, n_correct), detached. ``autocast``: bf16 autocast on CUDA. ``static``:
     the capturable form (document resets at every window; needs ``heads``). With
-    ``sleeptrain.model.kernels.linear.enabled()`` the linears use bf16 weight copies made once
-    per micro-batch and accumulate weight gradients into ``.grad`` inside their GEMMs.
+    ``fused_linears`` (``train.grad_accum_fusion``) the linears use bf16 weight copies made
+    once per micro-batch and accumulate weight gradients into ``.grad`` inside their GEMMs.
+    ``parallel``: ``parallel_loss`` (one call per layer) where ``parallel_applies`` (N=1).
     """
     amp = autocast and tokens.is_cuda
-    with fused_linear.micro_batch(model, torch.bfloat16 if amp else None):
+    one_call = parallel and parallel_applies(model, sleep_cfg, passes, doc_starts)
+    with fused_linear.micro_batch(model, torch.bfloat16 if amp else None, fused_linears):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
-                                doc_starts=doc_starts, heads=heads, static_resets=static)
+            if one_call:
+                out = parallel_loss(model, tokens, mask, sleep_cfg)
+            else:
+                out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
+                                    doc_starts=doc_starts, heads=heads, static_resets=static)
         if out.loss_sum.requires_grad:  # no target anywhere: nothing to differentiate
             (out.loss_sum / denom).backward()
     return out.loss_sum.detach(), out.n_correct
@@ -111,8 +119,10 @@ class MicroBatchGraphs:
     """
 
     def __init__(self, model: torch.nn.Module, warmup: int = 2, max_graphs: int = 4,
-                 verbose: bool = True):
+                 verbose: bool = True, parallel: bool = False, fused_linears: bool = False):
         self.model = model
+        self.parallel = parallel  # forward_backward's one-call form at N=1
+        self.fused_linears = fused_linears  # forward_backward's fused linears
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.verbose = verbose
@@ -141,16 +151,18 @@ class MicroBatchGraphs:
         doc = None if doc_starts is None else (tuple(doc_starts.shape), doc_starts.dtype)
         return (tuple(tokens.shape), tokens.dtype, str(tokens.device), tuple(mask.shape),
                 mask.dtype, doc, repr(sorted(sc.items())), passes, bool(autocast),
-                tuple(bool(h) for h in heads), tuple(id(p) for p in self.trainable()),
-                fused_linear.enabled())
+                self.parallel, tuple(bool(h) for h in heads),
+                tuple(id(p) for p in self.trainable()))
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, doc_starts: torch.Tensor | None,
-             sleep_cfg: Any, denom: float, autocast: bool, heads: Sequence[bool],
+             sleep_cfg: SleepConfig, denom: float, autocast: bool, heads: Sequence[bool],
              passes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of one micro-batch (graph replay once captured)."""
         if self.disabled is not None or not tokens.is_cuda:
             return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg, denom,
-                                    autocast, heads, static=False, passes=passes)
+                                    autocast, heads, static=False, passes=passes,
+                                    parallel=self.parallel,
+                                    fused_linears=self.fused_linears)
         key = self._key(tokens, mask, doc_starts, sleep_cfg, autocast, heads, passes)
         cap = self.graphs.get(key)
         if cap is None:
@@ -163,7 +175,9 @@ class MicroBatchGraphs:
                 self._warned_full = True
             if n < self.warmup or full:
                 return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
-                                        denom, autocast, heads, static=True, passes=passes)
+                                        denom, autocast, heads, static=True, passes=passes,
+                                        parallel=self.parallel,
+                                    fused_linears=self.fused_linears)
             try:
                 cap = self._capture(tokens, mask, doc_starts, sleep_cfg, autocast, heads, passes)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
@@ -179,7 +193,9 @@ class MicroBatchGraphs:
                 if self.verbose:
                     print(msg, flush=True)
                 return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
-                                        denom, autocast, heads, static=False, passes=passes)
+                                        denom, autocast, heads, static=False, passes=passes,
+                                        parallel=self.parallel,
+                                    fused_linears=self.fused_linears)
             self.graphs[key] = cap
         cap.tokens.copy_(tokens)
         cap.mask.copy_(mask)
@@ -212,7 +228,8 @@ class MicroBatchGraphs:
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             loss_sum, n_correct = forward_backward(
                 self.model, st_tokens, st_mask, st_doc, sleep_cfg, st_denom, autocast, heads,
-                static=True, passes=passes)
+                static=True, passes=passes, parallel=self.parallel,
+                fused_linears=self.fused_linears)
         moved = [p for p, q in zip(params, ptrs, strict=True) if p.grad.data_ptr() != q]
         if moved:
             raise CaptureError(f"{len(moved)} gradient buffers were replaced during capture "

@@ -21,34 +21,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from sleeptrain.config import switch_on, to_yaml
+from sleeptrain.config import autocast_on, switch_on, to_yaml
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import eval_record, evaluate_task, format_table
-from sleeptrain.model.kernels import fused
-from sleeptrain.model.kernels import linear as fused_linear
-from sleeptrain.parallel.plan import measure_bf16_peak, peak_flops, train_flops_per_token
 from sleeptrain.parallel.state import ParallelInfo, init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
-from sleeptrain.sleep.graphs import (
-    MicroBatchGraphs,
-    forward_backward,
-    graphs_unavailable,
-    zero_grads,
-)
+from sleeptrain.plan import measure_bf16_peak, peak_flops, train_flops_per_token
 from sleeptrain.sleep.runner import window_heads
 from sleeptrain.train.checkpoint import (
     CheckpointError,
@@ -56,73 +46,35 @@ from sleeptrain.train.checkpoint import (
     checkpoint_bytes,
     cleanup_stale_tmp,
     find_latest_checkpoint,
-    load_checkpoint,
     restore_rng_state,
+    resume_checkpoint,
 )
 from sleeptrain.train.data import build_train_data
 from sleeptrain.train.dist_ckpt import (
     is_sharded,
     load_model,
+    load_model_from,
     load_model_weights,
     load_optimizer,
     save_sharded_checkpoint,
 )
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import optimizer_for
+from sleeptrain.train.optim_step import DeviceLrStep
 from sleeptrain.train.resume import check_resume
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
 from sleeptrain.train.signals import StopFlag, process_stop_flag, stop_file
+from sleeptrain.train.stages import (
+    sleep_for_eval,
+    sleep_for_step,
+    stage_at,
+    trainable_predicate,
+)
+from sleeptrain.train.step import MicroBatchGraphs, forward_backward, graphs_unavailable, zero_grads
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def trainable_predicate(spec: str):
-    """name -> bool for a stage's ``trainable``: all, gdn (GDN mixers only) or a regex."""
-    if spec == "all":
-        return lambda name: True
-    if spec == "gdn":
-        return lambda name: ".mixer." in name and _is_gdn_param(name)
-    try:
-        rx = re.compile(spec)
-    except re.error as e:
-        raise ConfigError(
-            f"train.stages[].trainable: invalid regular expression {spec!r}: {e}") from None
-    return lambda name: rx.search(name) is not None
-
-
-_GDN_NAMES = ("in_proj", "conv_weight", "A_log", "dt_bias", "out_norm_weight", "out_proj")
-
-
-def _is_gdn_param(name: str) -> bool:
-    return any(f".mixer.{n}" in name for n in _GDN_NAMES)
-
-
-def stage_at(cfg: DictConfig, step: int) -> tuple[int, Any]:
-    """(stage index, stage config or None) in force at ``step`` (0-based)."""
-    start = 0
-    for i, st in enumerate(cfg.train.stages):
-        if step < start + st.steps:
-            return i, st
-        start += st.steps
-    return -1, None
-
-
-def sleep_for_step(cfg: DictConfig, stage: Any, step: int) -> DictConfig:
-    """The sleep settings of optimizer step ``step``: ``sleep.*``, with the stage's
-    ``eviction``/``passes`` overrides, and N drawn from ``sleep.random_passes`` (uniformly,
-    seeded by train.seed and the step, so a resumed run draws the same) when that list is set
-    and the stage does not fix ``passes``."""
-    sc = cfg.sleep.copy()
-    if stage is not None and stage.eviction is not None:
-        sc.eviction = stage.eviction
-    if stage is not None and stage.passes is not None:
-        sc.passes = stage.passes
-    elif len(sc.random_passes) > 0:
-        rng = np.random.default_rng([int(cfg.train.seed), 0x51EE9, int(step)])
-        sc.passes = int(sc.random_passes[int(rng.integers(len(sc.random_passes)))])
-    return sc
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -182,6 +134,9 @@ class Trainer:
     metrics: Any = None
     bar: Any = None
     graphs: MicroBatchGraphs | None = None
+    opt_step: DeviceLrStep | None = None
+    parallel: bool = False
+    fused_linears: bool = False
     step: int = 0
     nonfinite_total: int = 0
     consecutive_bad: int = 0
@@ -193,7 +148,6 @@ class Trainer:
     peak: float | None = None
     measured_peak: float | None = None
     started: float = field(default_factory=time.monotonic)
-    _switches: tuple[bool, bool] = (False, False)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -211,8 +165,7 @@ class Trainer:
 
     @property
     def amp(self) -> bool:
-        precision = self.cfg.train.precision
-        return self.device.type == "cuda" and precision in ("auto", "bf16")
+        return autocast_on(self.cfg.train, self.device.type)
 
     @property
     def global_batch(self) -> int:
@@ -261,34 +214,44 @@ class Trainer:
         self.metrics.truncate_after(self.step)  # nothing past the step the run continues from
         self.peak = _peak_flops(cfg, self.device, self.rank0)
         self.measured_peak = measure_bf16_peak(self.device) if self.device.type == "cuda" else None
-        self._switches = (fused.compile_enabled(), fused_linear.enabled())
         is_cuda = self.device.type == "cuda"
-        fused.set_compile(switch_on(cfg.train.compile, is_cuda))
-        fused_linear.set_enabled(switch_on(cfg.train.grad_accum_fusion, is_cuda))
+        self.parallel = switch_on(cfg.train.parallel_n1, is_cuda)
+        self.fused_linears = switch_on(cfg.train.grad_accum_fusion, is_cuda)
+        self.model.set_kernels(compile=switch_on(cfg.train.compile, is_cuda))
         no_graphs = graphs_unavailable(self.device, self.info.tp_size, cfg.train.cuda_graphs)
         if no_graphs is None:
             n_layouts = max(4, len(cfg.sleep.random_passes) + 2)
-            self.graphs = MicroBatchGraphs(self.model, max_graphs=n_layouts, verbose=self.rank0)
+            self.graphs = MicroBatchGraphs(self.model, max_graphs=n_layouts, verbose=self.rank0,
+                                           parallel=self.parallel,
+                                           fused_linears=self.fused_linears)
+        if is_cuda and not getattr(self.opt, "sharded", False):
+            # learning rates on the device; with graphs on, the step is one CUDA graph
+            graph = self.graphs is not None and switch_on(cfg.train.optimizer_graph, is_cuda)
+            self.opt_step = DeviceLrStep(self.opt, self.device, graph=graph, verbose=self.rank0)
         self._banner(no_graphs)
         self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
                                every=cfg.log.every, tty=cfg.log.progress)
 
     def _restore(self, trust: bool) -> None:
-        """Resumes from the newest complete checkpoint, else starts from train.init_from's
-        weights or from the initialization."""
-        del trust  # checkpoint digests: see sleeptrain.train.checkpoint
-        latest = find_latest_checkpoint(self.run_dir)
-        if latest is None:
-            if self.cfg.train.init_from:
-                _init_from(self.cfg.train.init_from, self.model, self.rank0)
-            return
+        """Resumes from the newest intact checkpoint (damaged ones are skipped and renamed
+        corrupt-*, sleeptrain.train.checkpoint.resume_checkpoint), else starts from
+        train.init_from's weights or from the initialization."""
         t0 = time.perf_counter()
-        state = load_checkpoint(latest, map_location="cpu")
-        load_train_state(latest, state, self.model, self.opt)
-        restore_rng_state(state["rng"])
+
+        def load(path: Path, state: dict[str, Any]) -> None:
+            load_train_state(path, state, self.model, self.opt)
+            restore_rng_state(state["rng"])
+            self.data.load_state_dict(state.get("data"))
+
+        found = resume_checkpoint(self.run_dir, load, trust=trust,
+                                  log=lambda m: print(m, flush=True))
+        if found is None:
+            if self.cfg.train.init_from:
+                _init_from(self.cfg.train.init_from, self.model, self.rank0, trust)
+            return
+        latest, state = found
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.data.load_state_dict(state.get("data"))
         self.resumed_from = latest
         _log_restore(self.run_dir, self.step, latest, t0, self.rank0, self.device)
 
@@ -342,8 +305,12 @@ class Trainer:
                 if not p.requires_grad:
                     p.grad = None
             self.stage_idx = stage_idx
+            # the stage's N (and eviction) for evaluation, step_window and streaming
+            self.model.use_sleep(sleep_for_eval(self.cfg, stage))
             if self.graphs is not None:
                 self.graphs.reset()  # captured for the previous trainable set
+            if self.opt_step is not None:
+                self.opt_step.reset()
         return stage
 
     def train_step(self, batches: list[Any], sleep_cfg: DictConfig, data_s: float
@@ -369,7 +336,9 @@ class Trainer:
                                           self.amp, hd)
             else:
                 ls, nc = forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
-                                          max(n_loss, 1), self.amp, hd)
+                                          max(n_loss, 1), self.amp, hd,
+                                          parallel=self.parallel,
+                                          fused_linears=self.fused_linears)
             loss_sum += ls.double()
             correct += nc
         sync_tp_grads(self.model.parameters())
@@ -387,7 +356,10 @@ class Trainer:
         loss_val = loss_t / max(n_loss, 1)
         finite = math.isfinite(loss_val) and math.isfinite(gnorm_f)
         if finite:
-            self.opt.step()
+            if self.opt_step is not None:
+                self.opt_step.step()
+            else:
+                self.opt.step()
         else:
             self._zero_grad()
         return StepResult(loss_val, correct_n / max(n_loss, 1), gnorm_f, finite,
@@ -427,6 +399,8 @@ class Trainer:
             perf["mfu_measured"] = round(flops_s / (self.measured_peak * world), 4)
         if self.graphs is not None:
             perf["graph_replays"] = self.graphs.replays
+        if self.opt_step is not None and self.opt_step.replays:
+            perf["optimizer_replays"] = self.opt_step.replays
         if self.device.type == "cuda":
             perf["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         self._perf(perf)
@@ -442,20 +416,22 @@ class Trainer:
 
     # --- evaluation and checkpoints -------------------------------------------------------------
 
-    def evaluate(self, sleep_cfg: DictConfig, seq: int) -> None:
-        """Held-out task accuracy by depth, or the held-out loss of eval shards; logged to
-        metrics.jsonl and printed."""
-        cfg = self.cfg
+    def _run_eval(self) -> dict[str, Any]:
+        """Held-out task accuracy by depth, or the held-out loss of eval shards, at the
+        model's current sleep setting (the stage's)."""
+        cfg, sleep_cfg = self.cfg, self.model.sleep_cfg
         if self.task is not None:
-            ev = evaluate_task(self.model, self.task, sleep_cfg, cfg.train.eval_examples,
-                               cfg.data.eval_batch_size, cfg.train.seed, self.device,
-                               autocast=self.amp)
-        else:
-            ev = evaluate_shards(self.model, cfg, sleep_cfg, self.info, cfg.train.eval_examples,
-                                 self.amp)
-        self.last_eval = ev
+            return evaluate_task(self.model, self.task, sleep_cfg, cfg.train.eval_examples,
+                                 cfg.data.eval_batch_size, cfg.train.seed, self.device,
+                                 autocast=self.amp)
+        return evaluate_shards(self.model, cfg, sleep_cfg, self.info, cfg.train.eval_examples,
+                               self.amp)
+
+    def evaluate(self, seq: int) -> None:
+        """``_run_eval``, logged to metrics.jsonl and printed."""
+        ev = self.last_eval = self._run_eval()
         self.metrics.log(self.step, {**eval_record(ev), "tokens": self._tokens(seq)})
-        self.say(f"eval at step {self.step}: {_eval_line(ev, cfg)}")
+        self.say(f"eval at step {self.step}: {_eval_line(ev, self.cfg)}")
 
     def save(self) -> None:
         """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
@@ -536,7 +512,7 @@ class Trainer:
             self._guard(res)
             if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
                     self.task is not None or cfg.data.eval_shards):
-                self.evaluate(sleep_cfg, res.seq)
+                self.evaluate(res.seq)
             exit_reason = self._after_step()
             if exit_reason is not None:
                 return exit_reason
@@ -571,13 +547,23 @@ class Trainer:
         return "max_steps" if limit_hit else None
 
     def _report_finished(self) -> None:
+        """A re-run of a finished run: what it holds. A run that stopped between its last
+        checkpoint and writing eval.json gets its final evaluation now."""
         ev_path = self.run_dir / "eval.json"
         self.say(f"{self.run_dir} already finished: step {self.step} of train.steps="
-                 f"{self.cfg.train.steps} ({self.resumed_from}); raise train.steps to train on"
-                 + (f"; last evaluation in {ev_path}" if ev_path.is_file() else ""))
+                 f"{self.cfg.train.steps} ({self.resumed_from}); raise train.steps to train on")
         if ev_path.is_file():
             self.last_eval = json.loads(ev_path.read_text())
-            self.say(f"eval: {_eval_line(self.last_eval, self.cfg)}")
+        elif self.task is not None or self.cfg.data.eval_shards:
+            self._enter_stage_at(self.step - 1)
+            self.last_eval = self._run_eval()
+            if self.rank0:
+                ev_path.write_text(json.dumps(self.last_eval, indent=2))
+        if self.last_eval is not None:
+            self.say(f"eval: {_eval_line(self.last_eval, self.cfg)} ({ev_path})")
+
+    def _enter_stage_at(self, step: int) -> None:
+        self.model.use_sleep(sleep_for_eval(self.cfg, stage_at(self.cfg, max(step, 0))[1]))
 
     def finish(self, exit_reason: str) -> None:
         """Writes eval.json and the final table after a completed run."""
@@ -596,8 +582,6 @@ class Trainer:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
-        fused.set_compile(self._switches[0])
-        fused_linear.set_enabled(self._switches[1])
 
 
 def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = None,
@@ -672,18 +656,25 @@ def _reduce_grads(model: torch.nn.Module, info: ParallelInfo) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def _init_from(source: str, model: Any, rank0: bool) -> None:
-    """Model weights of a run directory's latest checkpoint, or of a checkpoint directory."""
+def _init_from(source: str, model: Any, rank0: bool, trust: bool = False) -> None:
+    """Model weights of a run directory's newest intact checkpoint, or of a checkpoint
+    directory (verified like a resume)."""
     path = Path(source)
-    ckpt = path if (path / "meta.json").is_file() else find_latest_checkpoint(path)
-    if ckpt is None:
-        raise ConfigError(f"train.init_from: no complete checkpoint under {path}")
-    load_model_weights(ckpt, model)
+    if (path / "meta.json").is_file():
+        load_model_weights(path, model, trust=trust)
+        ckpt = path
+    else:
+        found = resume_checkpoint(path, lambda p, s: load_model_from(p, s, model), trust=trust,
+                                  quarantine=False, log=lambda m: print(m, flush=True))
+        if found is None:
+            raise ConfigError(f"train.init_from: no complete checkpoint under {path}")
+        ckpt = found[0]
     if rank0:
         print(f"initialized the model from {ckpt}", flush=True)
 
 
-def load_train_state(path: Path, state: dict[str, Any], model: Any, opt: Any) -> None:
+def load_train_state(path: Path, state: dict[str, Any], model: torch.nn.Module,
+                     opt: Any) -> None:
     """Model weights and optimizer state of checkpoint ``path`` (its ``state.pt`` already
     loaded as ``state``), sharded or (single-file checkpoints of earlier versions) not."""
     if is_sharded(path):

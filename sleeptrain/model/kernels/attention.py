@@ -79,9 +79,6 @@ def _flash(q, k, v, window, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=ws)
 
 
-_warned_flash_mask = False
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,13 +94,11 @@ def attention(
     KV carry at a document boundary). flash-attn has no per-sequence key mask: such calls run
     on SDPA (with a one-time warning).
     """
-    global _warned_flash_mask
     if backend == "flash" and key_keep is not None:
-        if not _warned_flash_mask:
-            warnings.warn("attention with a per-sequence key mask (a document boundary under "
-                          "sliding eviction) runs on SDPA: flash-attn has no such mask",
-                          stacklevel=2)
-            _warned_flash_mask = True
+        # once per call site under Python's default warning filter
+        warnings.warn("attention with a per-sequence key mask (a document boundary under "
+                      "sliding eviction) runs on SDPA: flash-attn has no such mask",
+                      stacklevel=2)
         backend = "sdpa"
     if backend == "sdpa":
         return _sdpa(q, k, v, window, scale, key_keep)

@@ -14,62 +14,60 @@ projection to q, k, v with ``apply_rope``) -- so that the backward writes each p
 gradient once; the parts stay callable on their own (tests compare each compiled part).
 
 Every function here is the PyTorch reference (what runs on CPU, in fp64 and with compilation
-off); ``set_compile(True)`` routes CUDA tensors (below fp64) through ``torch.compile`` of the
-same function (the convolution, alone or inside ``gdn_inputs``, compiles its shifted-sum
-form, equal to the reference in fp64: tests/test_kernels.py). Tests compare the two on GPU
-(tests/test_fused_gpu.py). The switch is process-wide (the trainer sets it from
-``train.compile``; ``compiled()`` scopes it).
+off); called with ``compiled=True`` it routes CUDA tensors (below fp64) through
+``torch.compile`` of the same function (the convolution, alone or inside ``gdn_inputs``,
+compiles its shifted-sum form, equal to the reference in fp64: tests/test_kernels.py). Tests
+compare the two on GPU (tests/test_fused_gpu.py). There is no process-wide switch: each layer
+passes its own ``compiled`` attribute, which ``HybridModel.set_kernels`` sets from
+``train.compile``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-_STATE = {"on": False}
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILED: dict[str, Callable[..., Any]] = {}  # torch.compile wrappers, made once per chain
 
 
-def set_compile(flag: bool) -> None:
-    """Routes CUDA tensors through torch.compile'd chains (True) or the eager code (False)."""
-    if flag:
-        import torch._dynamo
+def configure_compile() -> None:
+    """What compiled chains need from torch.compile (idempotent, called before the first
+    compiled call): a cache large enough for every distinct shape (windows, the last window,
+    eval batches) and inductor's deterministic mode.
 
-        # each distinct window length (and the short last window) is its own specialization
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    _STATE["on"] = bool(flag)
+    Compiled chains are static-shape (``dynamic=False``): every distinct input shape gets its
+    own kernels, generated the same way whatever the process compiled before, and inductor
+    runs no on-device benchmarking that could pick configurations with other roundings. So a
+    resumed process computes exactly what the uninterrupted one did (docs/design.md).
+    """
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
 
-
-def compile_enabled() -> bool:
-    return _STATE["on"]
-
-
-@contextlib.contextmanager
-def compiled(flag: bool) -> Iterator[None]:
-    old = _STATE["on"]
-    set_compile(flag)
-    try:
-        yield
-    finally:
-        _STATE["on"] = old
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    if hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
 
 
 def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None,
              name: str | None = None) -> Callable[..., Any]:
-    """``fn`` eagerly; compiled (``form``, default ``fn`` itself) for CUDA tensors when on.
-    ``name``: the public name, where ``fn`` is a private reference that other chains call."""
+    """``fn`` eagerly; with ``compiled=True`` (the calling layer's ``compiled`` attribute),
+    torch.compile'd (``form``, default ``fn`` itself) for CUDA tensors below fp64. ``name``:
+    the public name, where ``fn`` is a private reference that other chains call."""
 
     @functools.wraps(fn)
-    def dispatch(x: torch.Tensor, *args: Any) -> Any:
-        if _STATE["on"] and x.is_cuda and x.dtype != torch.float64:
+    def dispatch(x: torch.Tensor, *args: Any, compiled: bool = False) -> Any:
+        if compiled and x.is_cuda and x.dtype != torch.float64:
             fast = _COMPILED.get(fn.__name__)
             if fast is None:
-                fast = _COMPILED[fn.__name__] = torch.compile(form or fn, fullgraph=True)
+                configure_compile()
+                fast = _COMPILED[fn.__name__] = torch.compile(form or fn, fullgraph=True,
+                                                              dynamic=False)
             return fast(x, *args)
         return fn(x, *args)
 
@@ -218,5 +216,5 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return (of * weight.to(cdt) * F.silu(z.to(cdt))).to(out)
 
 
-__all__ = ["apply_rope", "causal_conv_silu", "compile_enabled", "compiled", "gated_rms_norm",
-           "gdn_gates", "gdn_inputs", "qkv_rope", "rms_norm", "set_compile", "swiglu"]
+__all__ = ["apply_rope", "causal_conv_silu", "configure_compile", "gated_rms_norm", "gdn_gates",
+           "gdn_inputs", "qkv_rope", "rms_norm", "swiglu"]

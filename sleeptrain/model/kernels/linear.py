@@ -30,9 +30,10 @@ Accumulating into ``.grad`` inside backward is right for ``loss.backward()``, no
 gradients with ``torch.autograd.grad`` through these linears records its graph under
 ``plain_weight_grads()`` (the implicit-gradient sleep's Neumann backward does).
 
-The process-wide switch (``set_enabled``) is off until set; the trainer sets it from
-``train.grad_accum_fusion`` (default auto: on for CUDA), and
-``sleeptrain.sleep.graphs.forward_backward`` enters the context when it is on. Tests:
+There is no process-wide switch: the training step (``sleeptrain.train.step``) enters a
+model's context around each micro-batch when ``train.grad_accum_fusion`` is on (default auto:
+on for CUDA); the context marks the model's linears (a plain attribute on each), which is how
+``sleeptrain.model.layers.column`` / ``row`` find it. Tests:
 tests/test_linear_fusion.py (CPU, exact in fp64 against megatron-core's path),
 tests/test_parallel.py (TP=2), tests/test_graphs_gpu.py (bf16 on GPU).
 """
@@ -45,33 +46,33 @@ from typing import Any
 
 import torch
 
-_STATE: dict[str, object] = {"enabled": False, "active": None, "accumulate": True}
 
-
-def set_enabled(flag: bool) -> None:
-    """Process-wide switch read by ``forward_backward`` (the trainer sets it)."""
-    _STATE["enabled"] = bool(flag)
-
-
-def enabled() -> bool:
-    return bool(_STATE["enabled"])
-
-
-def active() -> FusedLinears | None:
-    """The context of the micro-batch being run, or None (megatron-core's own path)."""
-    return _STATE["active"]  # type: ignore[return-value]
+def active(layer: torch.nn.Module) -> FusedLinears | None:
+    """The FusedLinears context a linear layer is inside (None: megatron-core's own path)."""
+    return getattr(layer, "_fused_linears", None)
 
 
 @contextlib.contextmanager
-def plain_weight_grads() -> Iterator[None]:
-    """Linears recorded inside return their weight gradient to autograd (for
-    ``torch.autograd.grad``) instead of adding it into ``.grad``."""
-    old = _STATE["accumulate"]
-    _STATE["accumulate"] = False
+def plain_weight_grads(model: torch.nn.Module) -> Iterator[None]:
+    """Linears of ``model`` recorded inside return their weight gradient to autograd (for
+    ``torch.autograd.grad``) instead of adding it into ``.grad`` (a no-op outside a
+    FusedLinears context)."""
+    ctx: FusedLinears | None = getattr(model, "_fused_linears_active", None)
+    if ctx is None:
+        yield
+        return
+    old = ctx.accumulate
+    ctx.accumulate = False
     try:
         yield
     finally:
-        _STATE["accumulate"] = old
+        ctx.accumulate = old
+
+
+def _linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
 
 
 def matrix_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -95,9 +96,12 @@ class FusedLinears:
     gradient accumulation."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+        self.model = model
         self.weights = matrix_weights(model)
+        self.layers = _linear_layers(model)
         self.dtype = dtype
         self.copies: dict[int, torch.Tensor] = {}
+        self.accumulate = True  # False under plain_weight_grads
 
     def low_precision(self, weight: torch.Tensor) -> torch.Tensor:
         if self.dtype is None or weight.dtype == self.dtype:
@@ -119,17 +123,22 @@ class FusedLinears:
                 torch._foreach_copy_([self.copies[id(w)] for w in lp], lp)
 
     def __enter__(self) -> FusedLinears:
-        if _STATE["active"] is not None:
+        if getattr(self.model, "_fused_linears_active", None) is not None:
             raise RuntimeError("linear fusion: FusedLinears contexts do not nest")
         self.refresh()
         for w in self.weights:  # the backward accumulates into these in place
             if w.requires_grad and w.grad is None:
                 w.grad = torch.zeros_like(w)
-        _STATE["active"] = self
+        # plain attributes (not submodules): the layers find their context here
+        object.__setattr__(self.model, "_fused_linears_active", self)
+        for layer in self.layers:
+            object.__setattr__(layer, "_fused_linears", self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _STATE["active"] = None
+        object.__setattr__(self.model, "_fused_linears_active", None)
+        for layer in self.layers:
+            object.__setattr__(layer, "_fused_linears", None)
 
 
 def for_model(model: torch.nn.Module, dtype: torch.dtype | None) -> FusedLinears:
@@ -145,11 +154,12 @@ def for_model(model: torch.nn.Module, dtype: torch.dtype | None) -> FusedLinears
     return per_dtype[dtype]
 
 
-def micro_batch(model: torch.nn.Module,
-                dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def micro_batch(model: torch.nn.Module, dtype: torch.dtype | None,
+                fused: bool) -> contextlib.AbstractContextManager[Any]:
     """What a micro-batch's forward and backward run inside: the model's ``FusedLinears``
-    for ``dtype`` while the switch is on, else nothing (megatron-core's own linears)."""
-    return for_model(model, dtype) if enabled() else contextlib.nullcontext()
+    for ``dtype`` when ``fused`` (``train.grad_accum_fusion``), else nothing
+    (megatron-core's own linears)."""
+    return for_model(model, dtype) if fused else contextlib.nullcontext()
 
 
 def _accumulate(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -186,13 +196,10 @@ class _Linear(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T through the active context (its low-precision copy; fused accumulation)."""
-    ctx = active()
-    if ctx is None:
-        raise RuntimeError("linear fusion: linear() called outside a FusedLinears context")
+def linear(ctx: FusedLinears, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T through context ``ctx`` (its low-precision copy; fused accumulation)."""
     w_lp = ctx.low_precision(weight)
     if x.dtype != w_lp.dtype:
         x = x.to(w_lp.dtype)
-    accumulate = bool(_STATE["accumulate"]) and torch.is_grad_enabled()
+    accumulate = ctx.accumulate and torch.is_grad_enabled()
     return _Linear.apply(x, weight, w_lp, accumulate)

@@ -1,0 +1,184 @@
+"""Parameter counts, sleep-aware FLOPs per token and a per-GPU memory estimate.
+
+``sleeptrain plan CONFIG --gpus G`` prints these before any heavy work; the trainer logs MFU
+with :func:`train_flops_per_token`. The formulas (docs/design.md, "FLOPs and MFU"):
+
+Forward FLOPs per token of a block (multiply-add = 2 FLOPs, d = d_model):
+
+* attention: projections ``2 d (Hq + 2 Hkv) D + 2 Hq D d``; scores and values
+  ``4 Hq D k``, with ``k`` the keys a query sees: ``(L + 1) / 2`` on average for hard
+  eviction (causal inside the window), ``L`` for sliding eviction (the band of L keys);
+* GDN: projections ``2 d H w + 2 Hv dv d`` (w: the fused in-projection's rows per head), the
+  short convolution ``2 K C``, and the chunked gated delta rule ``Hv (6 dk dv + 2 c (dk + dv))``
+  with chunk size c: per token the output and the state update through the state
+  (``q S``, ``k S``, ``k^T u``: ``6 dk dv``) and the causal intra-chunk products
+  (``q k^T`` and ``(.) v`` over on average c/2 positions, twice for the WY terms);
+* SwiGLU: ``6 d f``; the output head ``2 d V`` (wake pass only); norms and elementwise ops
+  are not counted.
+
+A training token costs ``3 F_all + (N - 1 + 2 g) F_loop s``: the wake pass over all blocks
+forward and backward (backward = 2 x forward), N - 1 sleep passes over the loop range
+forward, and the backward of the g of them that are differentiated (all N - 1 for full BPTT,
+the last k for truncated and implicit/phantom, the m Neumann vector-Jacobian products for
+implicit/neumann), where ``s`` is the share of windows that sleep (the last window of a row
+never does). Activation
+checkpointing recomputes a forward pass; that is hardware work, not model FLOPs, and MFU
+does not count it (as in Megatron-LM and PaLM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sleeptrain.config import SleepConfig, autocast_on, switch_on
+from sleeptrain.config.validate import PATTERN_SYMBOLS
+from sleeptrain.sleep.runner import sleep_passes
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    params: int
+    matrices: int  # parameters in 2-D hidden matrices (Muon's; the rest is AdamW's)
+    flops: float  # forward FLOPs per token
+    linears: int = 0  # parameters in the block's megatron-core linears (projections, MLP)
+
+
+def _attn(m: Any) -> tuple[int, int, int]:
+    hkv = m.n_kv_heads or m.n_heads
+    hd = m.head_dim or m.d_model // m.n_heads
+    return m.n_heads, hkv, hd
+
+
+def _gdn(m: Any) -> tuple[int, int, int, int]:
+    hv = m.gdn_v_heads or m.gdn_heads
+    return m.gdn_heads, hv, m.gdn_head_dim, m.gdn_v_head_dim or m.gdn_head_dim
+
+
+def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
+    """Parameters and forward FLOPs per token of one block of pattern symbol ``symbol``."""
+    from sleeptrain.config import ffn_hidden
+
+    kind, has_mlp = PATTERN_SYMBOLS[symbol]
+    d = m.d_model
+    params, mats, flops, lin = 0, 0, 0.0, 0
+    if kind == "attention":
+        hq, hkv, hd = _attn(m)
+        proj = d * (hq + 2 * hkv) * hd + hq * hd * d
+        mats += proj
+        lin += proj
+        params += proj + d + ((hq + 2 * hkv) * hd if m.qkv_bias else 0)
+        keys = window if sliding else (window + 1) / 2
+        flops += 2 * proj + 4 * hq * hd * keys
+    elif kind == "gdn":
+        h, hv, dk, dv = _gdn(m)
+        r = hv // h
+        width = 2 * dk + 2 * r * dv + 2 * r
+        conv_ch = h * (2 * dk + r * dv)
+        proj = d * h * width + hv * dv * d
+        mats += proj  # the conv kernel [C, K] goes to AdamW (sleeptrain.train.optim)
+        lin += proj
+        params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
+        c = m.gdn_chunk_size
+        flops += 2 * proj + 2 * m.conv_kernel * conv_ch + hv * (6 * dk * dv + 2 * c * (dk + dv))
+    if has_mlp:
+        f = ffn_hidden(m)
+        mats += 3 * d * f
+        lin += 3 * d * f
+        params += 3 * d * f + d
+        flops += 6 * d * f
+    return BlockCost(params, mats, flops, lin)
+
+
+def param_count(m: Any) -> int:
+    """Parameters of the full (unsharded) model."""
+    n = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    return n + sum(block_cost(m, s, 1, False).params for s in m.pattern)
+
+
+def linear_weight_count(m: Any) -> int:
+    """Entries of the weights the fused linears copy to bf16 (full model): every block's
+    projection and MLP matrices and the output head (the embedding when tied)."""
+    blocks = sum(block_cost(m, sym, 1, False).linears for sym in m.pattern)
+    return blocks + m.vocab_size * m.d_model
+
+
+def _windows(seq_len: int, window: int) -> int:
+    return max(1, math.ceil(seq_len / window))
+
+
+def train_flops_per_token(cfg: DictConfig, seq_len: int | None = None, passes: int | None = None,
+                          sleep: Any | None = None) -> float:
+    """Sleep-aware model FLOPs per trained token (module docstring) for rows of ``seq_len``
+    input tokens (default ``data.seq_len``) and ``sleep`` (default ``cfg.sleep``)."""
+    from sleeptrain.config import loop_range
+
+    m, s = cfg.model, (sleep if sleep is not None else cfg.sleep)
+    n = int(s.passes if passes is None else passes)
+    L, sliding = int(s.window_len), s.eviction == "sliding"
+    costs = [block_cost(m, sym, L, sliding).flops for sym in m.pattern]
+    a, b = loop_range(m)
+    f_all = sum(costs) + 2 * m.d_model * m.vocab_size
+    w = _windows(int(seq_len or cfg.data.seq_len), L)
+    sleep_units = (n - 1) + 2 * backward_passes(s, n)  # forwards + 2 x passes with backward
+    return 3 * f_all + sleep_units * sum(costs[a:b]) * (w - 1) / w
+
+
+def backward_passes(sleep: SleepConfig, passes: int) -> int:
+    """Sleep passes of a window that are differentiated: all N-1 (full), the last k
+    (truncated, implicit/phantom), or the m vector-Jacobian products of implicit/neumann."""
+    n_sleep = sleep_passes(max(passes, 1))
+    if sleep.grad_mode == "full":
+        return n_sleep
+    if sleep.grad_mode == "implicit" and sleep.implicit_method == "neumann":
+        return min(int(sleep.neumann_terms), n_sleep)
+    return min(int(sleep.grad_passes), n_sleep)
+
+
+def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
+                    dp: int = 1) -> dict[str, float]:
+    """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
+    (weights and gradients in ``model.params_dtype``, AdamW two moments, Muon one momentum, in
+    the same dtype; split by TP, replicated over DP, or for the optimizer state split over DP
+    with ``parallel.shard_optimizer``: the average share). Activations are a rough estimate for one
+    micro-batch: the window in backward holds ~(8 + 16 / tp) d values per token per block in
+    the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
+    token per pass boundary. ``weight_copies``: the fused linears' bf16 weight copies
+    (``train.grad_accum_fusion`` on, or auto off CPU, with bf16 autocast and non-bf16
+    weights; exact). Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes,
+    and their gradient), framework buffers and fragmentation."""
+    from sleeptrain.config import loop_range
+
+    m, s = cfg.model, cfg.sleep
+    p = param_count(m)
+    mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
+    if not cfg.optim.use_muon:
+        mats = 0
+    size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    weights = grads = size * p / tp
+    optimizer = size * (mats + 2 * (p - mats)) / tp  # state in the parameters' dtype
+    if cfg.parallel.shard_optimizer:
+        optimizer /= dp
+    B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
+    T = int(seq_len or cfg.data.seq_len)
+    a, b = loop_range(m)
+    depth = len(m.pattern)
+    nbytes = 4 if cfg.train.precision == "fp32" else 2
+    window = B * L * depth * nbytes * (8 + 16 / tp) * d
+    if s.checkpoint:
+        acts = window + B * T * d * 4 * (1 + sleep_passes(s.passes))
+    else:
+        acts = window * _windows(T, L) * (1 + sleep_passes(s.passes) * (b - a) / depth)
+    t = cfg.train
+    fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
+    amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
+    copies = 2 * linear_weight_count(m) / tp if fusion and amp and size != 2 else 0.0
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": acts,
+            "weight_copies": copies, "total": weights + grads + optimizer + acts + copies}
+
+
+__all__ = ["BlockCost", "backward_passes", "block_cost", "linear_weight_count",
+           "memory_estimate", "param_count", "train_flops_per_token"]

@@ -1,0 +1,107 @@
+"""``sleeptrain plan``: the layout check, the report (parameters, FLOPs, memory, throughput)
+and the pre-launch checks of a run (shards vs readers, a writable run directory)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from sleeptrain.config import ConfigError
+from sleeptrain.config.validate import validate_model
+from sleeptrain.plan.costs import memory_estimate, param_count, train_flops_per_token
+from sleeptrain.plan.hardware import peak_flops
+
+
+def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
+    """(tp, dp) for ``gpus`` ranks; ConfigError naming the numbers when impossible."""
+    tp = int(cfg.parallel.tp)
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if tp < 1:
+        raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    if gpus % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the {gpus} GPUs "
+                          f"(world size = tp x dp must hold)")
+    validate_model(cfg.model, tp)
+    return tp, gpus // tp
+
+
+def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
+                device_name: str = "H100") -> str:
+    """The text ``sleeptrain plan`` prints."""
+    tp, dp = check_layout(cfg, gpus)
+    T = int(seq_len or cfg.data.seq_len)
+    p = param_count(cfg.model)
+    f = train_flops_per_token(cfg, T)
+    f1 = train_flops_per_token(cfg, T, passes=1)
+    mem = memory_estimate(cfg, tp, T, dp)
+    gb = cfg.data.batch_size * cfg.train.grad_accum * dp
+    peak = peak_flops(device_name)
+    gib = 1024 ** 3
+    copies = (f", bf16 weight copies {mem['weight_copies'] / gib:.1f}"
+              if mem["weight_copies"] else "")
+    lines = [
+        f"layout: {gpus} GPUs = TP {tp} x DP {dp}; global batch {gb} rows x {T} tokens "
+        f"({cfg.data.batch_size} per rank x {cfg.train.grad_accum} accumulation x {dp})",
+        f"parameters: {p / 1e9:.3f} B ({p:,})",
+        f"window {cfg.sleep.window_len}, passes N={cfg.sleep.passes}, eviction "
+        f"{cfg.sleep.eviction}, loop blocks {_loop_text(cfg)}",
+        f"train FLOPs per token: {f / 1e9:.2f} GFLOP (N=1: {f1 / 1e9:.2f}; sleep adds "
+        f"{100 * (f / f1 - 1):.0f}%)",
+        f"per-GPU memory estimate: weights {mem['weights'] / gib:.1f} GiB, grads "
+        f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}"
+        f"{' (sharded over DP)' if cfg.parallel.shard_optimizer and dp > 1 else ''}"
+        f"{copies}, activations "
+        f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
+        f"~{mem['total'] / gib:.1f} GiB",
+    ]
+    if peak:
+        tok = 0.4 * peak * gpus / f
+        lines.append(f"at 40% MFU on {gpus} x {device_name} ({peak / 1e12:.0f} TFLOP/s bf16): "
+                     f"{tok:,.0f} tokens/s, {tok * 3600 / 1e9:.2f} B tokens/hour")
+    return "\n".join(lines)
+
+
+def preflight(cfg: DictConfig, gpus: int) -> list[str]:
+    """Checks to run before a job starts its GPUs; ConfigError naming the problem. Returns
+    what was checked. Layout and divisibility (check_layout), shards vs readers (every
+    data-parallel rank x loader worker needs a shard), a writable run directory."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    tp, dp = check_layout(cfg, gpus)
+    done = [f"layout TP {tp} x DP {dp} = {gpus}"]
+    if cfg.data.source == "shards":
+        from sleeptrain.data.format import ShardError
+        from sleeptrain.data.shards import resolve_shards
+
+        try:
+            n = len(resolve_shards(list(cfg.data.shards), allow_pipe=cfg.data.allow_pipe).urls)
+        except (ShardError, OSError, ValueError) as e:
+            raise ConfigError(f"data.shards: {e}") from e
+        readers = dp * max(1, int(cfg.data.workers))
+        if n < readers:
+            raise ConfigError(f"data.shards: {n} shards for {dp} data-parallel ranks x "
+                              f"{max(1, int(cfg.data.workers))} workers = {readers} readers; "
+                              "every reader needs a shard")
+        done.append(f"{n} shards for {readers} readers")
+    run = Path(cfg.train.run_dir)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run, prefix=".preflight-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir: {run} is not writable: {e}") from e
+    done.append(f"run directory {run} writable")
+    return done
+
+
+def _loop_text(cfg: DictConfig) -> str:
+    from sleeptrain.config import loop_range
+
+    a, b = loop_range(cfg.model)
+    return f"[{a}, {b}) of {len(cfg.model.pattern)}"
+
+
+__all__ = ["check_layout", "plan_report", "preflight"]

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from sleeptrain.config import SleepConfig, load_config
-from sleeptrain.parallel.state import init_parallel, tp_group
+from sleeptrain.parallel.state import context_parallel, init_parallel, tp_group
 from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.sleep.wrapper import SleepModel
 
@@ -22,11 +22,12 @@ def build_model(cfg: DictConfig, device: torch.device | str | None = None,
 
     Initializes the process groups first if needed (a one-process gloo group on a CPU, see
     ``sleeptrain.parallel.init_parallel``). Weights are drawn from ``seed`` (default
-    ``cfg.train.seed``) identically at every tensor-parallel size.
+    ``cfg.train.seed``) identically at every tensor-parallel size; they are replicated over
+    the context-parallel group, which the model gets for splitting training windows.
     """
     info = init_parallel(cfg.parallel.tp, cfg.parallel.backend,
                          "cpu" if device is not None and str(device) == "cpu" else
-                         cfg.train.device)
+                         cfg.train.device, cp=cfg.parallel.cp)
     if cfg.parallel.sequence_parallel and info.tp_size == 1:
         warnings.warn("parallel.sequence_parallel has no effect at parallel.tp=1", stacklevel=2)
     gen_state = torch.get_rng_state()
@@ -34,7 +35,7 @@ def build_model(cfg: DictConfig, device: torch.device | str | None = None,
     try:
         model = SleepModel(cfg.model, cfg.sleep, tp=info.tp_size, tp_rank=info.tp_rank,
                            sequence_parallel=cfg.parallel.sequence_parallel,
-                           tp_group=tp_group())
+                           tp_group=tp_group(), cp=context_parallel())
     finally:
         torch.set_rng_state(gen_state)
     return model.to(info.device if device is None else device)

@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "sleeptrain"
 
 # package -> the sleeptrain packages its modules may import (docs/architecture.md). The comm
-# layer (parallel.tensors, parallel.seqpar, parallel.state) sits below the model: it takes
-# process groups as arguments; launchers and engines above it import the model.
+# layer (parallel.tensors, parallel.seqpar, parallel.context, parallel.state) sits below the
+# model: it takes process groups as arguments; launchers and engines above it import the model.
 ALLOWED = {
     "config": {"config", "data.tasks"},  # task options are validated by the task's schema
     "data": {"config", "data"},
     "parallel": {"config", "parallel"},
-    "model": {"config", "model", "parallel.tensors", "parallel.seqpar"},
+    "model": {"config", "model", "parallel.tensors", "parallel.seqpar", "parallel.context"},
     "sleep": {"config", "model", "sleep"},
     "infer": {"config", "model", "sleep", "infer"},
     "plan": {"config", "model", "sleep", "data", "plan", "parallel"},

@@ -199,9 +199,11 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    """Process-group layout. TP is tensor parallelism over megatron-core's parallel layers."""
+    """Process-group layout. TP is tensor parallelism over megatron-core's parallel layers;
+    CP (context parallelism) splits every training window's tokens over ``cp`` ranks."""
 
     tp: int = 1
+    cp: int = 1  # context parallelism: world = tp x cp x dp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     sequence_parallel: bool = False  # split training windows' residual stream over TP ranks
     # ZeRO-1: each data-parallel rank keeps the optimizer state of its share of the parameters

@@ -184,6 +184,10 @@ def validate_run(cfg: RunConfig) -> None:
     _choice(cfg.log.wandb, "log.wandb", ("disabled", "offline", "online"))
     _choice(cfg.parallel.backend, "parallel.backend", ("auto", "gloo", "nccl"))
     _need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")
+    _need(cfg.parallel.cp >= 1, "parallel.cp", f"must be >= 1, got {cfg.parallel.cp}")
+    _need(cfg.parallel.cp <= cfg.sleep.window_len, "parallel.cp",
+          f"{cfg.parallel.cp} context-parallel ranks need windows of at least as many tokens "
+          f"(sleep.window_len={cfg.sleep.window_len})")
     total = 0
     for i, st in enumerate(cfg.train.stages):
         key = f"train.stages[{i}]"

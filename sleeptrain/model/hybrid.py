@@ -3,8 +3,10 @@
 This module is the math only: it runs a range of blocks over one window with the inputs given
 to it (``BlockContext``). Process groups come in as arguments: ``tp_group`` (megatron-core's
 tensor-parallel group, or None for megatron-core's own default) is handed to the layers and
-to the collective helpers of ``sleeptrain.parallel.tensors`` / ``seqpar``; nothing here
-looks a group up. Windows, state, eviction and sleep passes live in ``sleeptrain.sleep``.
+to the collective helpers of ``sleeptrain.parallel.tensors`` / ``seqpar``; ``cp`` (a
+``sleeptrain.parallel.context.ContextParallel``: the context-parallel group, rank and size)
+splits windows when the runner asks for it (``window_chunks``, ``BlockContext.cp``); nothing
+here looks a group up. Windows, state, eviction and sleep passes live in ``sleeptrain.sleep``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sleeptrain.model.layers import (
     normal_init,
 )
 from sleeptrain.parallel import seqpar
+from sleeptrain.parallel.context import ContextParallel, WindowChunks
 from sleeptrain.parallel.tensors import gather_last_dim, vocab_cross_entropy, vocab_parallel_argmax
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -48,6 +51,7 @@ class BlockContext:
     conv: list[torch.Tensor | None] = field(default_factory=list)
     kv_keep: torch.Tensor | None = None  # [B] bool: False drops the KV carry (document start)
     sp_shape: tuple[int, int] | None = None  # (B, T): h is sequence-parallel local tokens
+    cp: WindowChunks | None = None  # context parallelism: h is this rank's chunk of the window
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +111,12 @@ class Block(nn.Module):
         if self.kind == "attention":
             carry = ctx.kv[index] if ctx.kv else None
             y, extra = self.mixer(into(self.norm1(h)), ctx.pos_start, carry, ctx.window,
-                                  ctx.segment, ctx.kv_keep, sp=sp)
+                                  ctx.segment, ctx.kv_keep, sp=sp, chunks=ctx.cp)
             h = h + back(y)
         elif self.kind == "gdn":
             conv = ctx.conv[index] if ctx.conv else None
-            y, s_out, extra = self.mixer(into(self.norm1(h)), fast, conv, ctx.segment, sp=sp)
+            y, s_out, extra = self.mixer(into(self.norm1(h)), fast, conv, ctx.segment, sp=sp,
+                                         chunks=ctx.cp)
             h = h + back(y)
         if self.mlp is not None:
             h = h + back(self.mlp(into(self.norm2(h)), sp=sp))
@@ -138,16 +143,19 @@ class HybridModel(nn.Module):
     """Embedding -> blocks (pattern) -> final RMSNorm -> vocab-parallel head (tied or not).
 
     ``tp``/``tp_rank``/``tp_group``: the tensor-parallel layout this process holds a shard
-    of; ``sequence_parallel`` splits training windows' residual stream over the TP group.
+    of; ``sequence_parallel`` splits training windows' residual stream over the TP group;
+    ``cp``: the context-parallel group training windows are split over (None: no CP).
     """
 
     def __init__(self, cfg: ModelConfig, tp: int = 1, tp_rank: int = 0,
-                 sequence_parallel: bool = False, tp_group: Any = None):
+                 sequence_parallel: bool = False, tp_group: Any = None,
+                 cp: ContextParallel | None = None):
         super().__init__()
         validate_model(cfg, tp)
         self.cfg = cfg
         self.tp = tp
         self.tp_group = tp_group
+        self.cp = cp if cp is not None and cp.size > 1 else None
         # sequence parallelism of training windows (sleeptrain.parallel.seqpar); TP>1 only
         self.sp = bool(sequence_parallel) and tp > 1
         self.loop_start, self.loop_end = loop_range(cfg)
@@ -179,6 +187,21 @@ class HybridModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    @property
+    def cp_size(self) -> int:
+        """Ranks of the context-parallel group (1 without CP)."""
+        return 1 if self.cp is None else self.cp.size
+
+    @property
+    def cp_rank(self) -> int:
+        """This process's rank in the context-parallel group (0 without CP)."""
+        return 0 if self.cp is None else self.cp.rank
+
+    def window_chunks(self, length: int) -> WindowChunks | None:
+        """How a window of ``length`` tokens splits over the CP group (None: it does not,
+        without CP or when the window is shorter than the group)."""
+        return None if self.cp is None else self.cp.split(length)
 
     def gdn_blocks(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.kind == "gdn"]

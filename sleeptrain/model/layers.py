@@ -7,6 +7,10 @@ shards whole groups. So a checkpoint's full tensors are the same at every TP siz
 r holds the contiguous slice r of each.
 
 All layers take and return [B, T, d_model] hidden states; head counts below are per TP rank.
+Under context parallelism (``chunks``, a ``sleeptrain.parallel.context.WindowChunks``) T is
+this rank's chunk of the window and the mixers exchange what crosses chunk boundaries over
+the CP group given in it (attention: the window's keys/values; GDN: each chunk's state map
+and its last K-1 conv inputs).
 """
 
 from __future__ import annotations
@@ -26,10 +30,22 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.model.kernels import attention as attention_op
-from sleeptrain.model.kernels import fused, gated_delta_rule
+from sleeptrain.model.kernels import (
+    chunk_transition,
+    compose_chunk_states,
+    fused,
+    gated_delta_rule,
+)
 from sleeptrain.model.kernels import linear as fused_linear
+from sleeptrain.parallel.context import (
+    WindowChunks,
+    all_gather_stacked,
+    gather_tails,
+    gather_window,
+)
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -239,6 +255,7 @@ class Attention(nn.Module):
         segment: int | None = None,
         carry_keep: torch.Tensor | None = None,
         sp: bool = False,
+        chunks: WindowChunks | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Returns (output [B, T, d], (k, v) of this call's tokens, post-RoPE).
 
@@ -246,10 +263,17 @@ class Attention(nn.Module):
         ``carry_keep`` [B] bool: False hides the carry from that sequence (a document starts);
         ``window``: band width L (query sees L tokens including itself), None = causal;
         ``segment``: block-diagonal causal attention over segments of this length
-        (the parallel form of hard eviction); ``sp``: sequence parallelism (partial output).
+        (the parallel form of hard eviction); ``sp``: sequence parallelism (partial output);
+        ``chunks``: context parallelism: x is this rank's chunk of the window starting at
+        ``pos_start``; the window's keys/values are all-gathered, the queries attend over
+        those up to the chunk's end, and the returned (k, v) are the whole window's.
         """
-        q, k, v = self.project(x, pos_start, sp)
+        if chunks is not None and segment is not None:
+            raise ValueError("context parallelism splits windows; it has no segment form")
+        q, k, v = self.project(x, pos_start + (chunks.start if chunks is not None else 0), sp)
         b, t = x.shape[:2]
+        if chunks is not None:  # the window's keys/values; this chunk sees those up to its end
+            k, v = gather_window(torch.stack([k, v]), chunks, dim=2).unbind(0)
         if segment is not None:
             pad = (-t) % segment
             qs, ks, vs = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (q, k, v))
@@ -259,12 +283,15 @@ class Attention(nn.Module):
             o = o.reshape(b, n * segment, *o.shape[2:])[:, :t]
         else:
             kk, vv, key_keep = k, v, None
+            if chunks is not None:
+                kk, vv = k[:, : chunks.end], v[:, : chunks.end]
             if carry is not None:
-                kk = torch.cat([carry[0].to(k.dtype), k], dim=1)
-                vv = torch.cat([carry[1].to(v.dtype), v], dim=1)
+                kk = torch.cat([carry[0].to(k.dtype), kk], dim=1)
+                vv = torch.cat([carry[1].to(v.dtype), vv], dim=1)
                 if carry_keep is not None:
                     key_keep = torch.cat([carry_keep[:, None].expand(b, carry[0].shape[1]),
-                                          carry_keep.new_ones(b, t)], dim=1)
+                                          carry_keep.new_ones(b, kk.shape[1] - carry[0].shape[1])],
+                                         dim=1)
             o = attention_op(q, kk, vv, window, None, self.backend, key_keep)
         return row(self.out, o.reshape(b, t, -1), sp), (k, v)
 
@@ -355,6 +382,62 @@ class GatedDeltaNet(nn.Module):
         tail = F.pad(tail, (0, 0, km1 - tail.shape[1], 0))
         return (*outs, tail.transpose(1, 2).contiguous())
 
+    def _conv_contexts(self, y: torch.Tensor, conv_state: torch.Tensor | None,
+                       chunks: WindowChunks) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the K-1 conv inputs before this rank's chunk, the window's last K-1 inputs),
+        both [B, C, K-1]: the last K-1 of (conv state or zeros, chunk 0, ..., chunk r-1),
+        resp. of all chunks, from every chunk's last K-1 inputs (gathered). Both are slices
+        of one concatenation of everything gathered, so that every rank's backward depends
+        on the gather alike (the CP ranks' autograd graphs must run the collectives' backward
+        in the same order)."""
+        b, t = y.shape[:2]
+        km1, c = self.kernel - 1, self.conv_channels
+        x = y[..., : self.conv_group].reshape(b, t, c)
+        tails = gather_tails(x, chunks, km1)  # [size, B, K-1, C], left-padded
+        real = [min(n, km1) for n in chunks.lengths]
+        seq = torch.cat([x.new_zeros(b, km1, c) if conv_state is None
+                         else conv_state.transpose(1, 2).to(x.dtype)]
+                        + [tails[j][:, km1 - n:] for j, n in enumerate(real)], dim=1)
+        end = km1 + sum(real[: chunks.rank])  # where this rank's chunk would start in seq
+        left = seq[:, end - km1 : end]
+        return left.transpose(1, 2), seq[:, seq.shape[1] - km1:].transpose(1, 2).contiguous()
+
+    def _chunk_rule(self, y: torch.Tensor, state: torch.Tensor | None,
+                    conv_state: torch.Tensor | None, chunks: WindowChunks
+                    ) -> tuple[torch.Tensor, ...]:
+        """Context parallelism: the GDN over this rank's chunk y [B, n, H, G] of the window.
+
+        The rule is affine in the incoming state per chunk (S_out = M_r S_in + E_r,
+        ``chunk_transition``); every rank's (M_r, E_r) is all-gathered and composed from the
+        window's incoming state S_0 (``compose_chunk_states``): this chunk runs from its exact
+        incoming state, and the window's outgoing state is composed identically on every
+        rank. Returns z, o (this chunk's), S out and the conv state (the window's).
+        """
+        left, window_conv = self._conv_contexts(y, conv_state, chunks)
+        q, k, v, g, beta, z, _ = self._inputs(y, left, None)
+
+        def transition(*x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return chunk_transition(*x, backend=self.backend, chunk_size=self.chunk_size)
+
+        # recomputed in backward: its kernel's activations (d_k + d_v wide) are not kept,
+        # so that a rank's memory falls with its chunk (q..beta are kept for the output pass)
+        if torch.is_grad_enabled():
+            m, e = activation_checkpoint(transition, q, k, v, g, beta, use_reentrant=False,
+                                         preserve_rng_state=False)
+        else:
+            m, e = transition(q, k, v, g, beta)
+        maps = all_gather_stacked(torch.cat([e, m], dim=-1), chunks.group, chunks.size)
+        if state is None:
+            state = e.new_zeros(e.shape)
+        dv = self.dv
+        states = compose_chunk_states(maps[..., dv:], maps[..., :dv], state.to(e.dtype))
+        # this chunk's incoming state picked from all of them: every rank's output then
+        # depends on the gathered maps alike (same backward order of the collectives)
+        s_in = torch.stack(states)[chunks.rank]
+        o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s_in, backend=self.backend,
+                                chunk_size=self.chunk_size)
+        return z, o, states[-1], window_conv
+
     def forward(
         self,
         x: torch.Tensor,
@@ -362,18 +445,26 @@ class GatedDeltaNet(nn.Module):
         conv_state: torch.Tensor | None = None,
         segment: int | None = None,
         sp: bool = False,
+        chunks: WindowChunks | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output [B, T, d], S out [B, HV, dk, dv] fp32, conv state [B, C, K-1]).
 
         ``state`` None means zeros. ``segment``: reset the conv every ``segment`` tokens
         (the parallel form of hard eviction); the delta rule itself always runs through.
+        ``chunks``: context parallelism (``_chunk_rule``): x is this rank's chunk of the
+        window; S out and the conv state are the whole window's (the same on every rank).
         """
         y = column(self.in_proj, x, sp)
         b, t = x.shape[:2]
         y = y.view(b, t, self.h_local, self.group_width)
-        q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
-        o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                    backend=self.backend, chunk_size=self.chunk_size)
+        if chunks is not None:
+            if segment is not None:
+                raise ValueError("context parallelism splits windows; it has no segment form")
+            z, o, s_new, new_conv = self._chunk_rule(y, state, conv_state, chunks)
+        else:
+            q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
+            o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                        backend=self.backend, chunk_size=self.chunk_size)
         of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype,
                                   compiled=self.compiled)
         return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

@@ -1,6 +1,6 @@
 """Process groups: ``torch.distributed`` plus megatron-core's parallel state, set up by one helper.
 
-``init_parallel(tp)`` works in every setting the project runs in: a single process on a CPU
+``init_parallel(tp, cp=...)`` works in every setting the project runs in: a single process on a CPU
 (gloo over a private file store), torchrun on CPUs (gloo) and torchrun on GPUs (NCCL). It is
 idempotent: a second call with the same layout returns the existing one.
 """
@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sleeptrain.parallel.context import ContextParallel
+
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """Where this process sits: global rank/world, TP rank/size and DP rank/size."""
+    """Where this process sits: global rank/world, TP rank/size, DP rank/size and CP
+    rank/size. Data-parallel ranks read different data; the TP and CP peers of a rank read
+    the same batch (world = TP x CP x DP)."""
 
     rank: int
     world_size: int
@@ -28,6 +33,8 @@ class ParallelInfo:
     dp_size: int
     backend: str
     device: torch.device
+    cp_rank: int = 0
+    cp_size: int = 1
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -51,11 +58,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto") -> ParallelInfo:
-    """Initializes torch.distributed and megatron-core's model-parallel groups (TP, DP).
+def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
+                  cp: int = 1) -> ParallelInfo:
+    """Initializes torch.distributed and megatron-core's model-parallel groups (TP, CP, DP;
+    megatron-core's rank order tp-cp-dp: TP peers are adjacent ranks, then CP).
 
     Under torchrun the env:// rendezvous is used; otherwise a one-process group on a private
-    file store. Raises ValueError naming the numbers when the world size is not divisible by tp.
+    file store. Raises ValueError naming the numbers when the world size is not divisible by
+    tp x cp.
     """
     from megatron.core import parallel_state as mpu
 
@@ -70,20 +80,22 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto") -> P
             os.unlink(path)
             dist.init_process_group(backend=be, init_method=f"file://{path}", rank=0, world_size=1)
     world = dist.get_world_size()
-    if world % tp != 0:
+    if world % (tp * cp) != 0:
         raise ValueError(
-            f"parallel.tp={tp} does not divide the world size {world} "
-            f"(world = tp x dp must hold)"
+            f"parallel.tp={tp} x parallel.cp={cp} does not divide the world size {world} "
+            f"(world = tp x cp x dp must hold)"
         )
     if mpu.model_parallel_is_initialized():
-        have = mpu.get_tensor_model_parallel_world_size()
-        if have != tp:
+        have = (mpu.get_tensor_model_parallel_world_size(),
+                mpu.get_context_parallel_world_size())
+        if have != (tp, cp):
             raise ValueError(
-                f"parallel.tp={tp} but megatron-core is already initialized with TP={have}; "
-                "call sleeptrain.parallel.destroy_parallel() first"
+                f"parallel.tp={tp}, parallel.cp={cp} but megatron-core is already initialized "
+                f"with TP={have[0]}, CP={have[1]}; call sleeptrain.parallel.destroy_parallel() "
+                "first"
             )
     else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     return ParallelInfo(
         rank=dist.get_rank(),
         world_size=world,
@@ -94,6 +106,8 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto") -> P
         dp_size=mpu.get_data_parallel_world_size(),
         backend=dist.get_backend(),
         device=dev,
+        cp_rank=mpu.get_context_parallel_rank(),
+        cp_size=mpu.get_context_parallel_world_size(),
     )
 
 
@@ -114,6 +128,26 @@ def tp_size() -> int:
     if not mpu.model_parallel_is_initialized():
         return 1
     return mpu.get_tensor_model_parallel_world_size()
+
+
+def context_parallel() -> ContextParallel | None:
+    """The context-parallel group, rank and size for the model
+    (``sleeptrain.parallel.context.ContextParallel``); None without CP (size 1 or before
+    ``init_parallel``)."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized() or mpu.get_context_parallel_world_size() == 1:
+        return None
+    return ContextParallel(mpu.get_context_parallel_group(), mpu.get_context_parallel_rank(),
+                           mpu.get_context_parallel_world_size())
+
+
+def grad_group() -> Any:
+    """The group gradients of replicated parameters are summed over: megatron-core's
+    data-parallel group with the context-parallel ranks (DP x CP)."""
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_group(with_context_parallel=True)
 
 
 def tp_group():

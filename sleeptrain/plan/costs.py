@@ -148,8 +148,11 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
     the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
     token per pass boundary. ``weight_copies``: the fused linears' bf16 weight copies
     (``train.grad_accum_fusion`` on, or auto off CPU, with bf16 autocast and non-bf16
-    weights; exact). Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes,
-    and their gradient), framework buffers and fragmentation."""
+    weights; exact). With context parallelism (``parallel.cp`` = C) a rank holds a chunk of
+    ceil(L / C) tokens of every window (and of every row for the checkpointed boundaries);
+    the gathered keys/values of a window (2 L Hkv D per attention block) are not counted.
+    Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes, and their
+    gradient), framework buffers and fragmentation."""
     from sleeptrain.config import loop_range
 
     m, s = cfg.model, cfg.sleep
@@ -164,12 +167,13 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
         optimizer /= dp
     B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
     T = int(seq_len or cfg.data.seq_len)
+    cp = int(cfg.parallel.cp)  # context parallelism: a rank holds ceil(L / cp) per window
     a, b = loop_range(m)
     depth = len(m.pattern)
     nbytes = 4 if cfg.train.precision == "fp32" else 2
-    window = B * L * depth * nbytes * (8 + 16 / tp) * d
+    window = B * math.ceil(L / cp) * depth * nbytes * (8 + 16 / tp) * d
     if s.checkpoint:
-        acts = window + B * T * d * 4 * (1 + sleep_passes(s.passes))
+        acts = window + B * math.ceil(T / cp) * d * 4 * (1 + sleep_passes(s.passes))
     else:
         acts = window * _windows(T, L) * (1 + sleep_passes(s.passes) * (b - a) / depth)
     t = cfg.train

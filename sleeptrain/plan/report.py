@@ -12,23 +12,30 @@ from sleeptrain.plan.hardware import peak_flops
 
 
 def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
-    """(tp, dp) for ``gpus`` ranks; ConfigError naming the numbers when impossible."""
-    tp = int(cfg.parallel.tp)
+    """(tp, dp) for ``gpus`` ranks (world = tp x cp x dp, ``parallel.cp`` context-parallel
+    ranks); ConfigError naming the numbers when impossible."""
+    tp, cp = int(cfg.parallel.tp), int(cfg.parallel.cp)
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if tp < 1:
         raise ConfigError(f"parallel.tp must be >= 1, got {tp}")
+    if cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1, got {cp}")
     if gpus % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the {gpus} GPUs "
                           f"(world size = tp x dp must hold)")
+    if gpus % (tp * cp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.cp={cp} does not divide the {gpus} "
+                          f"GPUs (world size = tp x cp x dp must hold)")
     validate_model(cfg.model, tp)
-    return tp, gpus // tp
+    return tp, gpus // (tp * cp)
 
 
 def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
                 device_name: str = "H100") -> str:
     """The text ``sleeptrain plan`` prints."""
     tp, dp = check_layout(cfg, gpus)
+    cp = int(cfg.parallel.cp)
     T = int(seq_len or cfg.data.seq_len)
     p = param_count(cfg.model)
     f = train_flops_per_token(cfg, T)
@@ -39,11 +46,13 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
     gib = 1024 ** 3
     copies = (f", bf16 weight copies {mem['weight_copies'] / gib:.1f}"
               if mem["weight_copies"] else "")
+    L = int(cfg.sleep.window_len)
     lines = [
-        f"layout: {gpus} GPUs = TP {tp} x DP {dp}; global batch {gb} rows x {T} tokens "
-        f"({cfg.data.batch_size} per rank x {cfg.train.grad_accum} accumulation x {dp})",
+        f"layout: {gpus} GPUs = TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}DP {dp}; global "
+        f"batch {gb} rows x {T} tokens ({cfg.data.batch_size} per rank x "
+        f"{cfg.train.grad_accum} accumulation x {dp})",
         f"parameters: {p / 1e9:.3f} B ({p:,})",
-        f"window {cfg.sleep.window_len}, passes N={cfg.sleep.passes}, eviction "
+        f"window {L}{_per_rank(L, cp)}, passes N={cfg.sleep.passes}, eviction "
         f"{cfg.sleep.eviction}, loop blocks {_loop_text(cfg)}",
         f"train FLOPs per token: {f / 1e9:.2f} GFLOP (N=1: {f1 / 1e9:.2f}; sleep adds "
         f"{100 * (f / f1 - 1):.0f}%)",
@@ -70,7 +79,8 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
     from pathlib import Path
 
     tp, dp = check_layout(cfg, gpus)
-    done = [f"layout TP {tp} x DP {dp} = {gpus}"]
+    cp = int(cfg.parallel.cp)
+    done = [f"layout TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}DP {dp} = {gpus}"]
     if cfg.data.source == "shards":
         from sleeptrain.data.format import ShardError
         from sleeptrain.data.shards import resolve_shards
@@ -95,6 +105,14 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
         raise ConfigError(f"train.run_dir: {run} is not writable: {e}") from e
     done.append(f"run directory {run} writable")
     return done
+
+
+def _per_rank(window: int, cp: int) -> str:
+    """The tokens of a window each context-parallel rank holds (empty without CP)."""
+    if cp == 1:
+        return ""
+    lo, hi = window // cp, -(-window // cp)
+    return f" ({lo if lo == hi else f'{lo}-{hi}'} tokens per context-parallel rank)"
 
 
 def _loop_text(cfg: DictConfig) -> str:

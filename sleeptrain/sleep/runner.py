@@ -28,6 +28,14 @@ Gradient modes for the sleep passes (the wake pass always carries gradient):
 ``detach_every`` K > 0 detaches the state after every K-th window in any mode.
 With ``checkpoint`` on, each window-pass keeps only its boundary tensors (hidden states
 entering the pass, the state, the KV carry) and is recomputed in backward.
+
+Context parallelism (``context_parallel=True`` with a model built with a CP group of C > 1
+ranks): every window (every pass) runs on this rank's contiguous chunk of its tokens
+(``HybridModel.window_chunks``); the mixers exchange what crosses chunks, the state after the
+window is the whole window's and the same on every rank, and the loss sums are this rank's
+chunk's (the caller sums them, and the gradients, over the CP group). A window shorter than
+C runs whole on every rank, its targets counted on CP rank 0 only. Every mode above works
+unchanged: all ranks run the same collectives in the same order.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.config import SleepConfig
-from sleeptrain.model.hybrid import BlockContext, HybridModel
+from sleeptrain.model.hybrid import BlockContext, HybridModel, WindowChunks
 from sleeptrain.model.kernels import linear as fused_linear
 from sleeptrain.sleep.state import SleepState, initial_state
 
@@ -137,7 +145,7 @@ class _LoopRange:
         for i, pair in pending.items():
             kv[i] = (pair[0], pair[1])
         return BlockContext(self.ctx.pos_start, self.ctx.window, self.ctx.segment, kv, conv,
-                           self.ctx.kv_keep, self.ctx.sp_shape)
+                           self.ctx.kv_keep, self.ctx.sp_shape, self.ctx.cp)
 
     def step(self, z: Sequence[torch.Tensor], ctx: BlockContext | None = None
              ) -> list[torch.Tensor]:
@@ -345,6 +353,23 @@ def _reset_state(state: SleepState, reset: torch.Tensor, batch: int, device: tor
                       kv=state.kv, position=state.position), kv_keep
 
 
+def _context_split(net: HybridModel, length: int, tokens: torch.Tensor,
+                   targets: torch.Tensor | None, loss_mask: torch.Tensor | None,
+                   embedded: torch.Tensor | None) -> tuple[WindowChunks | None, ...]:
+    """Context parallelism: (the window's split, this rank's chunk of tokens, targets,
+    loss_mask, embedded [B, l, ...]). A window shorter than the CP group is not split (None):
+    every rank runs it whole and only CP rank 0 keeps its targets' mask."""
+    chunks = net.window_chunks(length)
+    if chunks is None:
+        if net.cp_rank > 0 and loss_mask is not None:
+            loss_mask = torch.zeros_like(loss_mask)
+        return None, tokens, targets, loss_mask, embedded
+    a, b = chunks.start, chunks.end
+    return (chunks, tokens[:, a:b], None if targets is None else targets[:, a:b],
+            None if loss_mask is None else loss_mask[:, a:b],
+            None if embedded is None else embedded[:, a:b])
+
+
 def run_window(
     net: HybridModel,
     tokens: torch.Tensor,
@@ -357,6 +382,7 @@ def run_window(
     want_head: bool = True,
     reset: torch.Tensor | None = None,
     embedded: torch.Tensor | None = None,
+    context_parallel: bool = False,
 ) -> tuple[WindowOutput, SleepState]:
     """One window [B, l] (l <= window_len): wake pass, passes-1 sleep passes, eviction.
 
@@ -365,13 +391,19 @@ def run_window(
     ``reset`` [B] bool: sequences where a new document starts with this window; their state
     (fast weights, conv state, KV carry) is cleared first, as if the window began a sequence.
     ``embedded`` [B, l, d]: the embeddings of ``tokens`` (``windowed_loss`` looks up a whole
-    sequence at once); not with sequence parallelism.
+    sequence at once); not with sequence parallelism. ``context_parallel``: split the window
+    over the model's CP group (module docstring); the outputs (logits, sums, predictions)
+    are then this rank's chunk's.
     """
     length = tokens.shape[1]
     if length > sleep_cfg.window_len:
         raise ValueError(
             f"window of {length} tokens is longer than sleep.window_len={sleep_cfg.window_len}"
         )
+    chunks = None
+    if context_parallel and net.cp_size > 1:
+        chunks, tokens, targets, loss_mask, embedded = _context_split(
+            net, length, tokens, targets, loss_mask, embedded)
     sliding = sleep_cfg.eviction == "sliding"
     kv_keep = None
     if reset is not None:
@@ -382,7 +414,8 @@ def run_window(
         kv=list(state.kv) if sliding else [],
         conv=list(state.conv) if sliding else [],
         kv_keep=kv_keep if sliding else None,
-        sp_shape=(tokens.shape[0], length) if net.sp else None,
+        sp_shape=tuple(tokens.shape) if net.sp else None,
+        cp=chunks,
     )
     ldt = torch.float64 if net.dtype == torch.float64 else torch.float32
     mask = None if loss_mask is None else loss_mask.to(ldt)
@@ -393,7 +426,7 @@ def run_window(
 
     def wake_fn(tok, fast_in, ctx_kv, ctx_conv, tgt, msk, emb):
         c = BlockContext(ctx.pos_start, ctx.window, None, ctx_kv, ctx_conv, ctx.kv_keep,
-                        ctx.sp_shape)
+                        ctx.sp_shape, ctx.cp)
         return _wake(net, tok, fast_in, c, tgt, msk, want_logits, want_head, emb)
 
     h_loop, fast, extras, outs = _maybe_checkpoint(
@@ -440,10 +473,11 @@ def parallel_applies(model: HybridModel, sleep_cfg: SleepConfig, passes: int | N
                      doc_starts: torch.Tensor | None) -> bool:
     """Whether ``parallel_loss`` computes exactly what ``windowed_loss`` does (up to float
     rounding): N=1 (no window sleeps), no document resets, no state detaching, no window x
-    pass checkpointing (the one call keeps every activation) and no sequence parallelism."""
+    pass checkpointing (the one call keeps every activation), no sequence parallelism and no
+    context parallelism (the one call does not split windows)."""
     n_pass = sleep_cfg.passes if passes is None else passes
     return (n_pass == 1 and doc_starts is None and not int(sleep_cfg.detach_every)
-            and not bool(sleep_cfg.checkpoint) and not model.sp)
+            and not bool(sleep_cfg.checkpoint) and not model.sp and model.cp_size == 1)
 
 
 def parallel_loss(model: HybridModel, tokens: torch.Tensor, loss_mask: torch.Tensor,
@@ -506,6 +540,27 @@ def _window_resets(doc_starts: torch.Tensor | None, batch: int, n_windows: int, 
     return [ds[:, w] if w > 0 and any_start[w] else None for w in range(n_windows)]
 
 
+def _window_has(heads: Sequence[bool] | None, loss_mask: torch.Tensor, window_len: int,
+                n_windows: int) -> list[bool]:
+    """Which windows hold a target at all: ``heads`` as given (checked), else one host sync
+    per batch (not per window) in ``window_heads``."""
+    window_has = list(heads) if heads is not None else window_heads(loss_mask, window_len)
+    if len(window_has) != n_windows:
+        raise ValueError(f"heads has {len(window_has)} entries for {n_windows} windows")
+    return window_has
+
+
+def _window_embeddings(model: HybridModel, inputs: torch.Tensor, window_len: int,
+                       n_windows: int) -> Sequence[torch.Tensor | None]:
+    """Per window, its token embeddings [B, l, d] from one lookup of the whole sequence: its
+    backward is one dense table gradient and one concatenation, not one table-sized gradient
+    per window. (Under sequence parallelism each window's lookup is split over the TP ranks
+    instead: None per window.)"""
+    if model.sp:
+        return [None] * n_windows
+    return torch.split(model.embed_tokens(inputs), window_len, dim=1)
+
+
 def windowed_loss(
     model: HybridModel,
     tokens: torch.Tensor,
@@ -517,6 +572,7 @@ def windowed_loss(
     doc_starts: torch.Tensor | None = None,
     heads: Sequence[bool] | None = None,
     static_resets: bool = False,
+    context_parallel: bool = False,
 ) -> LossOutput:
     """Masked next-token cross-entropy of a batch processed window by window with sleep.
 
@@ -533,17 +589,20 @@ def windowed_loss(
     (apply ``doc_starts`` at every window, not only where some sequence starts a document: the
     same values, ``torch.where`` with an all-keep mask is exact) make the call free of host
     syncs and of data-dependent Python branches, as CUDA-graph capture needs.
+
+    ``context_parallel`` (a model with a CP group of C > 1): every window is split over the
+    group (module docstring); loss_sum and n_correct are then this rank's share (n_tokens
+    still counts the whole batch), to be summed over the group with the gradients.
     """
     _check_batch(tokens, loss_mask)
+    if context_parallel and model.cp_size > 1 and (return_predictions or return_token_loss):
+        raise ValueError("windowed_loss(context_parallel=True) returns this rank's sums only; "
+                         "predictions and token losses are not gathered over the CP group")
     n_pass = sleep_cfg.passes if passes is None else passes
     inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:]
     t_in, L = inputs.shape[1], sleep_cfg.window_len
     starts = list(range(0, t_in, L))
-    # One host sync per batch (not per window) unless the caller knows: which windows hold a
-    # target at all.
-    window_has = list(heads) if heads is not None else window_heads(loss_mask, L)
-    if len(window_has) != len(starts):
-        raise ValueError(f"heads has {len(window_has)} entries for {len(starts)} windows")
+    window_has = _window_has(heads, loss_mask, L, len(starts))
     resets = _window_resets(doc_starts, tokens.shape[0], len(starts), t_in, L, static_resets,
                             tokens.device)
     state = initial_state(model, tokens.shape[0], tokens.device)
@@ -552,12 +611,7 @@ def windowed_loss(
     n_correct = torch.zeros((), dtype=torch.int64, device=tokens.device)
     preds, token_losses = [], []
     detach_every = int(sleep_cfg.detach_every)
-    # One embedding lookup for the whole sequence, split into windows: its backward is one
-    # dense table gradient and one concatenation, not one table-sized gradient per window.
-    # (Under sequence parallelism each window's lookup is split over the TP ranks instead.)
-    embedded: Sequence[torch.Tensor | None] = [None] * len(starts)
-    if not model.sp:
-        embedded = torch.split(model.embed_tokens(inputs), L, dim=1)
+    embedded = _window_embeddings(model, inputs, L, len(starts))
     for w, s in enumerate(starts):
         last = w == len(starts) - 1
         e = min(s + L, t_in)
@@ -567,6 +621,7 @@ def windowed_loss(
             targets=targets[:, s:e] if head else None,
             loss_mask=mask[:, s:e] if head else None,
             want_logits=False, want_head=head, reset=resets[w], embedded=embedded[w],
+            context_parallel=context_parallel,
         )
         if out.loss_sum is not None:
             loss_sum = loss_sum + out.loss_sum

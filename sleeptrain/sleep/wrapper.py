@@ -6,7 +6,7 @@ import torch
 
 from sleeptrain.config import ModelConfig, SleepConfig
 from sleeptrain.config.validate import validate_sleep
-from sleeptrain.model.hybrid import HybridModel
+from sleeptrain.model.hybrid import ContextParallel, HybridModel
 from sleeptrain.sleep.runner import parallel_hidden, run_window
 from sleeptrain.sleep.state import SleepState, initial_state
 
@@ -22,10 +22,11 @@ class SleepModel(HybridModel):
     """
 
     def __init__(self, model_cfg: ModelConfig, sleep_cfg: SleepConfig, tp: int = 1,
-                 tp_rank: int = 0, sequence_parallel: bool = False, tp_group: object = None):
+                 tp_rank: int = 0, sequence_parallel: bool = False, tp_group: object = None,
+                 cp: ContextParallel | None = None):
         validate_sleep(sleep_cfg)
         super().__init__(model_cfg, tp=tp, tp_rank=tp_rank, sequence_parallel=sequence_parallel,
-                         tp_group=tp_group)
+                         tp_group=tp_group, cp=cp)
         self.sleep_cfg = sleep_cfg
 
     def use_sleep(self, sleep_cfg: SleepConfig) -> None:

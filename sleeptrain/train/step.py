@@ -52,6 +52,7 @@ def forward_backward(
     passes: int | None = None,
     parallel: bool = False,
     fused_linears: bool = False,
+    context_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: ``windowed_loss``, then backward of ``loss_sum / denom`` into ``.grad``.
 
@@ -60,6 +61,8 @@ def forward_backward(
     ``fused_linears`` (``train.grad_accum_fusion``) the linears use bf16 weight copies made
     once per micro-batch and accumulate weight gradients into ``.grad`` inside their GEMMs.
     ``parallel``: ``parallel_loss`` (one call per layer) where ``parallel_applies`` (N=1).
+    ``context_parallel``: windows split over the model's CP group (``windowed_loss``); the
+    returned sums and the gradients are then this rank's share (the caller sums them over CP).
     """
     amp = autocast and tokens.is_cuda
     one_call = parallel and parallel_applies(model, sleep_cfg, passes, doc_starts)
@@ -69,20 +72,26 @@ def forward_backward(
                 out = parallel_loss(model, tokens, mask, sleep_cfg)
             else:
                 out = windowed_loss(model, tokens, mask, sleep_cfg, passes=passes,
-                                    doc_starts=doc_starts, heads=heads, static_resets=static)
+                                    doc_starts=doc_starts, heads=heads, static_resets=static,
+                                    context_parallel=context_parallel)
         if out.loss_sum.requires_grad:  # no target anywhere: nothing to differentiate
             (out.loss_sum / denom).backward()
     return out.loss_sum.detach(), out.n_correct
 
 
-def graphs_unavailable(device: torch.device, tp: int, setting: str) -> str | None:
-    """Why CUDA graphs cannot be used (None: they can) for ``train.cuda_graphs=setting``."""
+def graphs_unavailable(device: torch.device, tp: int, setting: str,
+                       cp: int = 1) -> str | None:
+    """Why CUDA graphs cannot be used (None: they can) for ``train.cuda_graphs=setting`` at
+    tensor-parallel size ``tp`` and context-parallel size ``cp``."""
     if setting == "off":
         return "train.cuda_graphs=off"
     if device.type != "cuda":
         return f"training runs on {device.type}, CUDA graphs need a CUDA device"
     if tp > 1 and setting == "auto":
         return ("tensor parallelism: its collectives inside the graph are not tested; "
+                "set train.cuda_graphs=on to try")
+    if cp > 1 and setting == "auto":
+        return ("context parallelism: its collectives inside the graph are not tested; "
                 "set train.cuda_graphs=on to try")
     return None
 
@@ -119,8 +128,10 @@ class MicroBatchGraphs:
     """
 
     def __init__(self, model: torch.nn.Module, warmup: int = 2, max_graphs: int = 4,
-                 verbose: bool = True, parallel: bool = False, fused_linears: bool = False):
+                 verbose: bool = True, parallel: bool = False, fused_linears: bool = False,
+                 context_parallel: bool = False):
         self.model = model
+        self.context_parallel = context_parallel  # forward_backward's CP split of windows
         self.parallel = parallel  # forward_backward's one-call form at N=1
         self.fused_linears = fused_linears  # forward_backward's fused linears
         self.warmup = warmup
@@ -162,7 +173,8 @@ class MicroBatchGraphs:
             return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg, denom,
                                     autocast, heads, static=False, passes=passes,
                                     parallel=self.parallel,
-                                    fused_linears=self.fused_linears)
+                                    fused_linears=self.fused_linears,
+                                    context_parallel=self.context_parallel)
         key = self._key(tokens, mask, doc_starts, sleep_cfg, autocast, heads, passes)
         cap = self.graphs.get(key)
         if cap is None:
@@ -177,7 +189,8 @@ class MicroBatchGraphs:
                 return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
                                         denom, autocast, heads, static=True, passes=passes,
                                         parallel=self.parallel,
-                                    fused_linears=self.fused_linears)
+                                        fused_linears=self.fused_linears,
+                                        context_parallel=self.context_parallel)
             try:
                 cap = self._capture(tokens, mask, doc_starts, sleep_cfg, autocast, heads, passes)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
@@ -195,7 +208,8 @@ class MicroBatchGraphs:
                 return forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
                                         denom, autocast, heads, static=False, passes=passes,
                                         parallel=self.parallel,
-                                    fused_linears=self.fused_linears)
+                                        fused_linears=self.fused_linears,
+                                        context_parallel=self.context_parallel)
             self.graphs[key] = cap
         cap.tokens.copy_(tokens)
         cap.mask.copy_(mask)
@@ -229,7 +243,7 @@ class MicroBatchGraphs:
             loss_sum, n_correct = forward_backward(
                 self.model, st_tokens, st_mask, st_doc, sleep_cfg, st_denom, autocast, heads,
                 static=True, passes=passes, parallel=self.parallel,
-                fused_linears=self.fused_linears)
+                fused_linears=self.fused_linears, context_parallel=self.context_parallel)
         moved = [p for p, q in zip(params, ptrs, strict=True) if p.grad.data_ptr() != q]
         if moved:
             raise CaptureError(f"{len(moved)} gradient buffers were replaced during capture "

@@ -13,7 +13,9 @@ cadence or on a stop request.
 Data (``sleeptrain.train.data``): with a task source the order is a pure function of the step;
 with shards, every data-parallel rank's loader position is saved in the checkpoint and restored
 exactly. Loss normalization: the summed masked cross-entropy of every micro-batch on every
-data-parallel rank, divided by the number of loss tokens of the whole global batch.
+data-parallel rank, divided by the number of loss tokens of the whole global batch. With
+context parallelism (``parallel.cp``) the CP peers of a rank read the same batch and each
+sums its chunks' share: loss sums and gradients are summed over DP x CP, the count over DP.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import eval_record, evaluate_task, format_table
-from sleeptrain.parallel.state import ParallelInfo, init_parallel
+from sleeptrain.parallel.state import ParallelInfo, grad_group, init_parallel
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.plan import measure_bf16_peak, peak_flops, train_flops_per_token
 from sleeptrain.sleep.runner import window_heads
@@ -218,12 +220,14 @@ class Trainer:
         self.parallel = switch_on(cfg.train.parallel_n1, is_cuda)
         self.fused_linears = switch_on(cfg.train.grad_accum_fusion, is_cuda)
         self.model.set_kernels(compile=switch_on(cfg.train.compile, is_cuda))
-        no_graphs = graphs_unavailable(self.device, self.info.tp_size, cfg.train.cuda_graphs)
+        no_graphs = graphs_unavailable(self.device, self.info.tp_size, cfg.train.cuda_graphs,
+                                       cp=self.info.cp_size)
         if no_graphs is None:
             n_layouts = max(4, len(cfg.sleep.random_passes) + 2)
             self.graphs = MicroBatchGraphs(self.model, max_graphs=n_layouts, verbose=self.rank0,
                                            parallel=self.parallel,
-                                           fused_linears=self.fused_linears)
+                                           fused_linears=self.fused_linears,
+                                           context_parallel=self.info.cp_size > 1)
         if is_cuda and not getattr(self.opt, "sharded", False):
             # learning rates on the device; with graphs on, the step is one CUDA graph
             graph = self.graphs is not None and switch_on(cfg.train.optimizer_graph, is_cuda)
@@ -268,6 +272,7 @@ class Trainer:
         start = (f"resumed from step {self.step} ({self.resumed_from})" if self.resumed_from
                  else "fresh start" + (f" from the weights of {cfg.train.init_from}"
                                        if cfg.train.init_from else ""))
+        cp = f"CP{info.cp_size} x " if info.cp_size > 1 else ""
         data = (f"task {cfg.data.task}" if cfg.data.source == "task"
                 else f"shards {list(cfg.data.shards)}")
         lines = [
@@ -276,7 +281,7 @@ class Trainer:
             f"parameters; sleep: window {cfg.sleep.window_len}, N={cfg.sleep.passes}"
             + (f" (random from {list(cfg.sleep.random_passes)})" if cfg.sleep.random_passes
                else "") + f", {cfg.sleep.eviction} eviction, gradient {cfg.sleep.grad_mode}",
-            f"  device: {self.device} ({dtype}{threads}); layout TP{info.tp_size} x "
+            f"  device: {self.device} ({dtype}{threads}); layout TP{info.tp_size} x {cp}"
             f"DP{info.dp_size}; data: {data}, batch {cfg.data.batch_size} x accum "
             f"{cfg.train.grad_accum} x DP{info.dp_size}; {cfg.train.steps} steps",
         ]
@@ -338,14 +343,15 @@ class Trainer:
                 ls, nc = forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
                                           max(n_loss, 1), self.amp, hd,
                                           parallel=self.parallel,
-                                          fused_linears=self.fused_linears)
+                                          fused_linears=self.fused_linears,
+                                          context_parallel=info.cp_size > 1)
             loss_sum += ls.double()
             correct += nc
         sync_tp_grads(self.model.parameters())
         _reduce_grads(self.model, info)
-        if info.dp_size > 1:
-            dist.all_reduce(loss_sum, group=_dp_group())
-            dist.all_reduce(correct, group=_dp_group())
+        if info.dp_size * info.cp_size > 1:  # CP peers hold their chunks' shares
+            dist.all_reduce(loss_sum, group=_reduce_group(info))
+            dist.all_reduce(correct, group=_reduce_group(info))
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
@@ -596,7 +602,8 @@ def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = No
     installed_here = not stop.installed
     stop.install()  # a signal during start-up is a stop request, not a kill
     try:
-        info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device)
+        info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device,
+                             cp=cfg.parallel.cp)
         trainer = Trainer(cfg, info, stop, max_steps=max_steps, source=source)
         try:
             trainer.setup(trust_checkpoint)
@@ -646,11 +653,18 @@ def _dp_group():
     return mpu.get_data_parallel_group()
 
 
+def _reduce_group(info: ParallelInfo) -> Any:
+    """The group gradients and loss sums are summed over: DP, with the CP ranks under
+    context parallelism (each holds its chunks' share of the same batch)."""
+    return grad_group() if info.cp_size > 1 else _dp_group()
+
+
 def _reduce_grads(model: torch.nn.Module, info: ParallelInfo) -> None:
-    """Sums gradients over data-parallel ranks (the loss is already globally normalized)."""
-    if info.dp_size == 1:
+    """Sums gradients over data-parallel (and context-parallel) ranks (the loss is already
+    globally normalized)."""
+    if info.dp_size * info.cp_size == 1:
         return
-    group = _dp_group()
+    group = _reduce_group(info)
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)

@@ -2,7 +2,9 @@
 
 from sleeptrain.model.kernels.attention import attention
 from sleeptrain.model.kernels.gated_delta import (
+    chunk_transition,
     chunked_gated_delta_rule,
+    compose_chunk_states,
     fla_available,
     fla_gated_delta_rule,
     gated_delta_rule,
@@ -11,7 +13,9 @@ from sleeptrain.model.kernels.gated_delta import (
 
 __all__ = [
     "attention",
+    "chunk_transition",
     "chunked_gated_delta_rule",
+    "compose_chunk_states",
     "fla_available",
     "fla_gated_delta_rule",
     "gated_delta_rule",

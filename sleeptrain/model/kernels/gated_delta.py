@@ -208,3 +208,45 @@ def gated_delta_rule(
     if backend == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
     return chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, chunk_size)
+
+
+def chunk_transition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+    chunk_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's state map S_out = M S_in + E (context parallelism): per token the rule is
+    S <- exp(g) (I - beta k k^T) S + beta k v^T, affine in S, so over the chunk
+    M = prod_t exp(g_t) (I - beta_t k_t k_t^T) (latest factor leftmost) and E is the final
+    state from a zero state. Both come from one call of the same kernel on the augmented
+    values [v, 0] from the initial state [0, I] (its final state is [E, M]).
+
+    Same inputs as :func:`gated_delta_rule`; returns M [B, HV, d_k, d_k] and
+    E [B, HV, d_k, d_v] in the state dtype (fp32; fp64 for fp64 inputs), differentiable.
+    """
+    b, t, hv, dv = v.shape
+    dk = q.shape[-1]
+    sdt = _compute_dtype(q)
+    v_aug = torch.cat([v, v.new_zeros(b, t, hv, dk)], dim=-1)
+    eye = torch.eye(dk, dtype=sdt, device=v.device).expand(b, hv, dk, dk)
+    init = torch.cat([torch.zeros(b, hv, dk, dv, dtype=sdt, device=v.device), eye], dim=-1)
+    _, final = gated_delta_rule(q, k, v_aug, g, beta, scale, init, backend, chunk_size)
+    return final[..., dv:], final[..., :dv]
+
+
+def compose_chunk_states(m: torch.Tensor, e: torch.Tensor, s0: torch.Tensor,
+                         upto: int | None = None) -> list[torch.Tensor]:
+    """Incoming states of consecutive chunks from their maps m [C, B, HV, d_k, d_k],
+    e [C, B, HV, d_k, d_v] (``chunk_transition``) and the incoming state s0 [B, HV, d_k, d_v]:
+    out[0] = s0, out[r + 1] = m[r] out[r] + e[r], for r < ``upto`` (default C; out[C] is the
+    state after the last chunk). Differentiable in all three."""
+    n = m.shape[0] if upto is None else upto
+    out = [s0]
+    for r in range(n):
+        out.append(m[r].to(s0.dtype) @ out[-1] + e[r].to(s0.dtype))
+    return out

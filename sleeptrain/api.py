@@ -22,20 +22,29 @@ def build_model(cfg: DictConfig, device: torch.device | str | None = None,
 
     Initializes the process groups first if needed (a one-process gloo group on a CPU, see
     ``sleeptrain.parallel.init_parallel``). Weights are drawn from ``seed`` (default
-    ``cfg.train.seed``) identically at every tensor-parallel size; they are replicated over
-    the context-parallel group, which the model gets for splitting training windows.
+    ``cfg.train.seed``) identically at every tensor-parallel and pipeline size; they are
+    replicated over the context-parallel group, which the model gets for splitting training
+    windows. At ``parallel.pp > 1`` the model is this rank's pipeline stage
+    (``sleeptrain.plan.pipeline.stage_bounds``): its blocks, and the embedding / head where
+    the stage holds them.
     """
     info = init_parallel(cfg.parallel.tp, cfg.parallel.backend,
                          "cpu" if device is not None and str(device) == "cpu" else
-                         cfg.train.device, cp=cfg.parallel.cp)
+                         cfg.train.device, cp=cfg.parallel.cp, pp=cfg.parallel.pp)
     if cfg.parallel.sequence_parallel and info.tp_size == 1:
         warnings.warn("parallel.sequence_parallel has no effect at parallel.tp=1", stacklevel=2)
+    stage = None
+    if info.pp_size > 1:  # this rank's pipeline stage holds its blocks only
+        from sleeptrain.plan.pipeline import stage_bounds
+
+        bounds = stage_bounds(cfg, info.pp_size)
+        stage = (bounds[info.pp_rank], bounds[info.pp_rank + 1])
     gen_state = torch.get_rng_state()
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     try:
         model = SleepModel(cfg.model, cfg.sleep, tp=info.tp_size, tp_rank=info.tp_rank,
                            sequence_parallel=cfg.parallel.sequence_parallel,
-                           tp_group=tp_group(), cp=context_parallel())
+                           tp_group=tp_group(), cp=context_parallel(), stage=stage)
     finally:
         torch.set_rng_state(gen_state)
     return model.to(info.device if device is None else device)

@@ -200,10 +200,20 @@ class LogConfig:
 @dataclass
 class ParallelConfig:
     """Process-group layout. TP is tensor parallelism over megatron-core's parallel layers;
-    CP (context parallelism) splits every training window's tokens over ``cp`` ranks."""
+    CP (context parallelism) splits every training window's tokens over ``cp`` ranks; PP
+    (pipeline parallelism) gives each of ``pp`` stages a contiguous range of blocks and runs
+    the step's micro-batches through the sleep loop's visit schedule
+    (``sleeptrain.parallel.schedule``)."""
 
     tp: int = 1
-    cp: int = 1  # context parallelism: world = tp x cp x dp
+    cp: int = 1  # context parallelism: world = tp x cp x pp x dp
+    pp: int = 1  # pipeline stages
+    # where stages 1..pp-1 start (block indices, increasing); empty: balanced by the FLOP
+    # model (a loop-range block counts N times per sleeping window), `sleeptrain plan` prints it
+    pp_split: list[int] = field(default_factory=list)
+    # micro-batches whose forward may have started before the oldest one's backward is done
+    # (0: all of the step's); bounds the boundary tensors a stage holds
+    pp_in_flight: int = 0
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     sequence_parallel: bool = False  # split training windows' residual stream over TP ranks
     # ZeRO-1: each data-parallel rank keeps the optimizer state of its share of the parameters

@@ -139,6 +139,28 @@ def validate_task_args(data: DataConfig) -> None:
         raise ConfigError(f"{key}: {e}") from None
 
 
+def validate_pipeline(cfg: RunConfig) -> None:
+    """Checks ``parallel.pp``, ``parallel.pp_split`` and ``parallel.pp_in_flight`` against the
+    pattern (every stage needs a block) and the settings pipeline parallelism refuses."""
+    pp, depth = cfg.parallel.pp, len(cfg.model.pattern)
+    _need(pp >= 1, "parallel.pp", f"must be >= 1, got {pp}")
+    _need(pp <= depth, "parallel.pp",
+          f"{pp} pipeline stages need at least as many blocks; model.pattern has {depth}")
+    _need(cfg.parallel.pp_in_flight >= 0, "parallel.pp_in_flight",
+          f"must be >= 0 (0: all micro-batches of a step), got {cfg.parallel.pp_in_flight}")
+    split = list(cfg.parallel.pp_split)
+    if split:
+        _need(len(split) == pp - 1, "parallel.pp_split",
+              f"needs pp - 1 = {pp - 1} stage starts for parallel.pp={pp}, got {split}")
+        _need(all(a < b for a, b in zip([0, *split], [*split, depth], strict=True)),
+              "parallel.pp_split", f"stage starts must increase strictly inside (0, {depth}) "
+              f"for model.pattern of {depth} blocks, got {split}")
+    if pp > 1:
+        _need(cfg.parallel.cp == 1, "parallel.cp",
+              f"pipeline parallelism (parallel.pp={pp}) with context parallelism "
+              f"(parallel.cp={cfg.parallel.cp}) is not supported; use one of them")
+
+
 def validate_run(cfg: RunConfig) -> None:
     """Checks the whole tree: each section, then combinations across sections."""
     validate_model(cfg.model, tp=cfg.parallel.tp)
@@ -188,6 +210,7 @@ def validate_run(cfg: RunConfig) -> None:
     _need(cfg.parallel.cp <= cfg.sleep.window_len, "parallel.cp",
           f"{cfg.parallel.cp} context-parallel ranks need windows of at least as many tokens "
           f"(sleep.window_len={cfg.sleep.window_len})")
+    validate_pipeline(cfg)
     total = 0
     for i, st in enumerate(cfg.train.stages):
         key = f"train.stages[{i}]"

@@ -7,6 +7,13 @@ to the collective helpers of ``sleeptrain.parallel.tensors`` / ``seqpar``; ``cp`
 ``sleeptrain.parallel.context.ContextParallel``: the context-parallel group, rank and size)
 splits windows when the runner asks for it (``window_chunks``, ``BlockContext.cp``); nothing
 here looks a group up. Windows, state, eviction and sleep passes live in ``sleeptrain.sleep``.
+
+A pipeline stage (``stage=(lo, hi)``) holds blocks [lo, hi) only, the embedding when it is the
+first stage (or the last with tied embeddings: the head's weight), the final norm and the head
+when it is the last; the other blocks are parameterless ``RemoteBlock`` placeholders, so every
+held parameter keeps its full model's name (``blocks.7.mixer...``) and checkpoints keyed by
+name load at any pipeline size. Every stage draws the whole model's weights in the same order
+and keeps its share, so the same seed gives the same model at every pipeline size.
 """
 
 from __future__ import annotations
@@ -123,6 +130,18 @@ class Block(nn.Module):
         return h, s_out, extra
 
 
+class RemoteBlock(nn.Module):
+    """A block another pipeline stage holds: its kind only (no parameters, never run)."""
+
+    def __init__(self, kind: str | None):
+        super().__init__()
+        self.kind = kind
+        self.mixer = None
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("a block of another pipeline stage was run on this one")
+
+
 def megatron_config(cfg: ModelConfig, tp: int) -> ModelParallelConfig:
     """The megatron-core layer config for this model at tensor-parallel size ``tp``.
 
@@ -144,12 +163,13 @@ class HybridModel(nn.Module):
 
     ``tp``/``tp_rank``/``tp_group``: the tensor-parallel layout this process holds a shard
     of; ``sequence_parallel`` splits training windows' residual stream over the TP group;
-    ``cp``: the context-parallel group training windows are split over (None: no CP).
+    ``cp``: the context-parallel group training windows are split over (None: no CP);
+    ``stage``: the block range [lo, hi) of this pipeline stage (None: the whole model).
     """
 
     def __init__(self, cfg: ModelConfig, tp: int = 1, tp_rank: int = 0,
                  sequence_parallel: bool = False, tp_group: Any = None,
-                 cp: ContextParallel | None = None):
+                 cp: ContextParallel | None = None, stage: tuple[int, int] | None = None):
         super().__init__()
         validate_model(cfg, tp)
         self.cfg = cfg
@@ -175,10 +195,30 @@ class HybridModel(nn.Module):
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=tp_group,
         )
+        self.stage = None
+        if stage is not None and tuple(stage) != (0, depth):
+            self._keep_stage(int(stage[0]), int(stage[1]))
         if self.sp:  # replicated weights see only this rank's tokens: sum their gradients
             for name, p in self.named_parameters():
                 if getattr(p, "tensor_model_parallel", False) is False and "norm" in name:
                     p.tp_partial_grad = True
+
+    def _keep_stage(self, lo: int, hi: int) -> None:
+        """Drops what pipeline stage [lo, hi) does not hold (built first, so that the random
+        draws match the whole model's)."""
+        depth = len(self.blocks)
+        if not 0 <= lo < hi <= depth:
+            raise ValueError(f"pipeline stage blocks [{lo}, {hi}) outside [0, {depth})")
+        self.stage = (lo, hi)
+        for i in range(depth):
+            if not lo <= i < hi:
+                self.blocks[i] = RemoteBlock(self.blocks[i].kind)
+        first, last = lo == 0, hi == depth
+        if not (first or (last and self.cfg.tie_embeddings)):
+            self.embed = None
+        if not last:
+            self.final_norm = None
+            self.head = None
 
     @property
     def depth(self) -> int:
@@ -186,7 +226,30 @@ class HybridModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.embed is None:
+            return self.mp_config.params_dtype
         return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        return next(self.parameters()).device
+
+    @property
+    def stage_blocks(self) -> tuple[int, int]:
+        """The blocks [lo, hi) this model holds (the whole stack without a pipeline)."""
+        return self.stage if self.stage is not None else (0, self.depth)
+
+    def holds(self, name: str) -> bool:
+        """Whether a parameter or buffer name of the whole model is held by this stage
+        (always, without a pipeline)."""
+        if self.stage is None:
+            return True
+        part, _, rest = name.partition(".")
+        if part == "blocks":
+            lo, hi = self.stage
+            return lo <= int(rest.split(".", 1)[0]) < hi
+        return getattr(self, part, None) is not None
 
     @property
     def cp_size(self) -> int:

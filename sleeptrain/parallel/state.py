@@ -16,13 +16,18 @@ import torch
 import torch.distributed as dist
 
 from sleeptrain.parallel.context import ContextParallel
+from sleeptrain.parallel.pipeline import PipelineGroups, make_pair_groups
+
+#: the pipeline groups of this process, made once per ``init_parallel`` (new_group is a
+#: collective: they are created on first use, at the same point on every rank)
+_PIPELINES: dict[str, PipelineGroups] = {}
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """Where this process sits: global rank/world, TP rank/size, DP rank/size and CP
-    rank/size. Data-parallel ranks read different data; the TP and CP peers of a rank read
-    the same batch (world = TP x CP x DP)."""
+    """Where this process sits: global rank/world, TP rank/size, DP rank/size, CP rank/size
+    and its pipeline stage / stages. Data-parallel ranks read different data; the TP, CP and
+    PP peers of a rank read the same batch (world = TP x CP x PP x DP)."""
 
     rank: int
     world_size: int
@@ -35,6 +40,8 @@ class ParallelInfo:
     device: torch.device
     cp_rank: int = 0
     cp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -59,13 +66,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
-                  cp: int = 1) -> ParallelInfo:
-    """Initializes torch.distributed and megatron-core's model-parallel groups (TP, CP, DP;
-    megatron-core's rank order tp-cp-dp: TP peers are adjacent ranks, then CP).
+                  cp: int = 1, pp: int = 1) -> ParallelInfo:
+    """Initializes torch.distributed and megatron-core's model-parallel groups (TP, CP, DP,
+    PP; megatron-core's rank order tp-cp-dp-pp: TP peers are adjacent ranks, then CP, then
+    DP; the pipeline stages of a model replica are the outermost).
 
     Under torchrun the env:// rendezvous is used; otherwise a one-process group on a private
     file store. Raises ValueError naming the numbers when the world size is not divisible by
-    tp x cp.
+    tp x cp x pp.
     """
     from megatron.core import parallel_state as mpu
 
@@ -80,22 +88,26 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
             os.unlink(path)
             dist.init_process_group(backend=be, init_method=f"file://{path}", rank=0, world_size=1)
     world = dist.get_world_size()
-    if world % (tp * cp) != 0:
+    if world % (tp * cp * pp) != 0:
+        what = f"parallel.tp={tp} x parallel.cp={cp}" + (f" x parallel.pp={pp}" if pp > 1
+                                                           else "")
         raise ValueError(
-            f"parallel.tp={tp} x parallel.cp={cp} does not divide the world size {world} "
-            f"(world = tp x cp x dp must hold)"
+            f"{what} does not divide the world size {world} "
+            f"(world = tp x cp x {'pp x ' if pp > 1 else ''}dp must hold)"
         )
     if mpu.model_parallel_is_initialized():
         have = (mpu.get_tensor_model_parallel_world_size(),
-                mpu.get_context_parallel_world_size())
-        if have != (tp, cp):
+                mpu.get_context_parallel_world_size(),
+                mpu.get_pipeline_model_parallel_world_size())
+        if have != (tp, cp, pp):
             raise ValueError(
-                f"parallel.tp={tp}, parallel.cp={cp} but megatron-core is already initialized "
-                f"with TP={have[0]}, CP={have[1]}; call sleeptrain.parallel.destroy_parallel() "
-                "first"
+                f"parallel.tp={tp}, parallel.cp={cp}, parallel.pp={pp} but megatron-core is "
+                f"already initialized with TP={have[0]}, CP={have[1]}, PP={have[2]}; call "
+                "sleeptrain.parallel.destroy_parallel() first"
             )
     else:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                      pipeline_model_parallel_size=pp)
     return ParallelInfo(
         rank=dist.get_rank(),
         world_size=world,
@@ -108,6 +120,8 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
         device=dev,
         cp_rank=mpu.get_context_parallel_rank(),
         cp_size=mpu.get_context_parallel_world_size(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        pp_size=mpu.get_pipeline_model_parallel_world_size(),
     )
 
 
@@ -115,6 +129,7 @@ def destroy_parallel() -> None:
     """Tears down megatron-core's groups and the default process group."""
     from megatron.core import parallel_state as mpu
 
+    _PIPELINES.clear()
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():
@@ -157,3 +172,38 @@ def tp_group():
     if not mpu.model_parallel_is_initialized():
         return None
     return mpu.get_tensor_model_parallel_group()
+
+
+def pipeline_groups() -> PipelineGroups | None:
+    """This rank's pipeline (stage, every stage's global rank, megatron-core's pipeline group
+    and the point-to-point groups per directed pair of stages); None without pipeline
+    parallelism. Collective the first time (every rank of the world calls it)."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        return None
+    P = mpu.get_pipeline_model_parallel_world_size()
+    if P == 1:
+        return None
+    if "groups" not in _PIPELINES:
+        group = mpu.get_pipeline_model_parallel_group()
+        mine = tuple(dist.get_process_group_ranks(group))
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        pipelines = sorted(set(every))
+        pairs = make_pair_groups(pipelines, mine)
+        _PIPELINES["groups"] = PipelineGroups(mpu.get_pipeline_model_parallel_rank(), P, mine,
+                                              group, pairs)
+    return _PIPELINES["groups"]
+
+
+def embedding_group() -> Any:
+    """megatron-core's embedding group (the first and the last pipeline stage: the two
+    copies of tied embeddings), or None for ranks outside it / without a pipeline."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized() or \
+            mpu.get_pipeline_model_parallel_world_size() == 1 or \
+            not mpu.is_rank_in_embedding_group():
+        return None
+    return mpu.get_embedding_group()

@@ -144,14 +144,21 @@ def sync_tp_grads(params: Iterable[torch.Tensor]) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
+                    pp_group: Any = None, counted_elsewhere: Iterable[torch.Tensor] = ()
+                    ) -> torch.Tensor:
     """Clips gradients by their global L2 norm over the full (unsharded) model; returns it.
 
     Split parameters contribute their slices' squares summed over the TP group, replicated ones
     once. Data-parallel ranks hold the same (already reduced) gradients, so the norm is the
-    same on every rank. ``max_norm=inf`` only measures.
+    same on every rank. ``max_norm=inf`` only measures. With pipeline parallelism
+    (``pp_group``) every stage holds its own parameters: the squares are summed over the
+    group too; ``counted_elsewhere`` (a tied embedding's second copy, on the last stage) is
+    clipped but left out of this rank's squares.
     """
     params = [p for p in params if p.grad is not None]
+    if pp_group is not None:
+        return _clip_pipeline(params, max_norm, pp_group, {id(p) for p in counted_elsewhere})
     if not params:
         return torch.zeros(())
     group, size, _ = tp_group_and_size()
@@ -172,6 +179,40 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
         dist.all_reduce(split, group=group)
     total = (split + rep).sqrt()
     if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
+        for dt, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dt))
+    return total
+
+
+def _clip_pipeline(params: list[torch.Tensor], max_norm: float, pp_group: Any,
+                   skip: set[int]) -> torch.Tensor:
+    """``clip_grad_norm_`` for a pipeline stage: squares of the counted parameters (TP rules
+    as above) summed over the pipeline group, then every gradient scaled."""
+    group, size, _ = tp_group_and_size()
+    dev = params[0].grad.device if params else torch.device("cpu")
+    if dist.get_backend(pp_group) == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    counted = [p for p in params if id(p) not in skip]
+
+    def squares(ps: list[torch.Tensor]) -> torch.Tensor:
+        if not ps:
+            return torch.zeros((), dtype=torch.float32, device=dev)
+        norms = torch._foreach_norm([p.grad.detach() for p in ps])
+        return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+    split = squares([p for p in counted if partition_dim(p) is not None])
+    rep = squares([p for p in counted if partition_dim(p) is None])
+    if size > 1:
+        split = split.clone()
+        dist.all_reduce(split, group=group)
+    total_sq = split + rep
+    dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm) and params:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:

@@ -139,7 +139,7 @@ def backward_passes(sleep: SleepConfig, passes: int) -> int:
 
 
 def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
-                    dp: int = 1) -> dict[str, float]:
+                    dp: int = 1, stage: int | None = None) -> dict[str, float]:
     """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
     (weights and gradients in ``model.params_dtype``, AdamW two moments, Muon one momentum, in
     the same dtype; split by TP, replicated over DP, or for the optimizer state split over DP
@@ -152,8 +152,16 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
     ceil(L / C) tokens of every window (and of every row for the checkpointed boundaries);
     the gathered keys/values of a window (2 L Hkv D per attention block) are not counted.
     Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes, and their
-    gradient), framework buffers and fragmentation."""
+    gradient), framework buffers and fragmentation. With pipeline parallelism
+    (``parallel.pp`` > 1) the numbers are one stage's (``stage``; default the stage with the
+    largest total): ``sleeptrain.plan.pipeline.stage_memory``."""
     from sleeptrain.config import loop_range
+
+    if int(cfg.parallel.pp) > 1:
+        from sleeptrain.plan.pipeline import stage_memory
+
+        per = stage_memory(cfg, tp, seq_len, dp)
+        return per[stage] if stage is not None else max(per, key=lambda x: x["total"])
 
     m, s = cfg.model, cfg.sleep
     p = param_count(m)

@@ -12,9 +12,10 @@ from sleeptrain.plan.hardware import peak_flops
 
 
 def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
-    """(tp, dp) for ``gpus`` ranks (world = tp x cp x dp, ``parallel.cp`` context-parallel
-    ranks); ConfigError naming the numbers when impossible."""
-    tp, cp = int(cfg.parallel.tp), int(cfg.parallel.cp)
+    """(tp, dp) for ``gpus`` ranks (world = tp x cp x pp x dp, ``parallel.cp``
+    context-parallel ranks, ``parallel.pp`` pipeline stages); ConfigError naming the numbers
+    when impossible (a gradient mode the stage layout cannot run included)."""
+    tp, cp, pp = int(cfg.parallel.tp), int(cfg.parallel.cp), int(cfg.parallel.pp)
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if tp < 1:
@@ -27,8 +28,20 @@ def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
     if gpus % (tp * cp):
         raise ConfigError(f"parallel.tp={tp} x parallel.cp={cp} does not divide the {gpus} "
                           f"GPUs (world size = tp x cp x dp must hold)")
+    if gpus % (tp * cp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.cp={cp} x parallel.pp={pp} does not "
+                          f"divide the {gpus} GPUs (world size = tp x cp x pp x dp must hold)")
     validate_model(cfg.model, tp)
-    return tp, gpus // (tp * cp)
+    if pp > 1:
+        from sleeptrain.plan.pipeline import loop_split, stage_bounds
+        from sleeptrain.sleep.stage import check_pipeline
+
+        bounds = stage_bounds(cfg)
+        try:
+            check_pipeline(cfg.sleep, loop_split(cfg, bounds))
+        except ValueError as e:
+            raise ConfigError(f"{e} (parallel.pp={pp}, stages {bounds})") from None
+    return tp, gpus // (tp * cp * pp)
 
 
 def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
@@ -47,8 +60,10 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
     copies = (f", bf16 weight copies {mem['weight_copies'] / gib:.1f}"
               if mem["weight_copies"] else "")
     L = int(cfg.sleep.window_len)
+    pp = int(cfg.parallel.pp)
     lines = [
-        f"layout: {gpus} GPUs = TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}DP {dp}; global "
+        f"layout: {gpus} GPUs = TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}"
+        f"{f'PP {pp} x ' if pp > 1 else ''}DP {dp}; global "
         f"batch {gb} rows x {T} tokens ({cfg.data.batch_size} per rank x "
         f"{cfg.train.grad_accum} accumulation x {dp})",
         f"parameters: {p / 1e9:.3f} B ({p:,})",
@@ -56,13 +71,16 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
         f"{cfg.sleep.eviction}, loop blocks {_loop_text(cfg)}",
         f"train FLOPs per token: {f / 1e9:.2f} GFLOP (N=1: {f1 / 1e9:.2f}; sleep adds "
         f"{100 * (f / f1 - 1):.0f}%)",
-        f"per-GPU memory estimate: weights {mem['weights'] / gib:.1f} GiB, grads "
+        f"per-GPU memory estimate{_stage_text(mem)}: weights {mem['weights'] / gib:.1f} "
+        f"GiB, grads "
         f"{mem['grads'] / gib:.1f}, optimizer {mem['optimizer'] / gib:.1f}"
         f"{' (sharded over DP)' if cfg.parallel.shard_optimizer and dp > 1 else ''}"
         f"{copies}, activations "
         f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
         f"~{mem['total'] / gib:.1f} GiB",
     ]
+    if pp > 1:
+        lines += _pipeline_lines(cfg, T)
     if peak:
         tok = 0.4 * peak * gpus / f
         lines.append(f"at 40% MFU on {gpus} x {device_name} ({peak / 1e12:.0f} TFLOP/s bf16): "
@@ -79,8 +97,9 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
     from pathlib import Path
 
     tp, dp = check_layout(cfg, gpus)
-    cp = int(cfg.parallel.cp)
-    done = [f"layout TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}DP {dp} = {gpus}"]
+    cp, pp = int(cfg.parallel.cp), int(cfg.parallel.pp)
+    done = [f"layout TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}"
+            f"{f'PP {pp} x ' if pp > 1 else ''}DP {dp} = {gpus}"]
     if cfg.data.source == "shards":
         from sleeptrain.data.format import ShardError
         from sleeptrain.data.shards import resolve_shards
@@ -105,6 +124,36 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
         raise ConfigError(f"train.run_dir: {run} is not writable: {e}") from e
     done.append(f"run directory {run} writable")
     return done
+
+
+def _stage_text(mem: dict[str, float]) -> str:
+    return f" (pipeline stage {int(mem['stage'])}, the largest)" if "stage" in mem else ""
+
+
+def _pipeline_lines(cfg: DictConfig, seq_len: int) -> list[str]:
+    """The stage assignment (blocks, share of the training work, parameters) and the
+    simulated bubble for M = 1, P, 2P, 4P micro-batches and for the step's own."""
+    from sleeptrain.plan.pipeline import block_weights, bubble_table, stage_bounds, stage_params
+
+    bounds = stage_bounds(cfg, seq_len=seq_len)
+    P = len(bounds) - 1
+    work, head = block_weights(cfg, seq_len)
+    per = [sum(work[bounds[s]:bounds[s + 1]]) + (head if s == P - 1 else 0) for s in range(P)]
+    params = stage_params(cfg, bounds)
+    how = "parallel.pp_split" if list(cfg.parallel.pp_split) else "balanced by the FLOP model"
+    lines = [f"pipeline: {P} stages ({how}; loop blocks {_loop_text(cfg)})"]
+    for s in range(P):
+        lines.append(f"  stage {s}: blocks [{bounds[s]}, {bounds[s + 1]}) "
+                     f"{cfg.model.pattern[bounds[s]:bounds[s + 1]]}, "
+                     f"{100 * per[s] / sum(per):.1f}% of the work, {params[s] / 1e9:.3f} B "
+                     "parameters")
+    accum = int(cfg.train.grad_accum)
+    micro = sorted({1, P, 2 * P, 4 * P, accum})
+    rows = bubble_table(cfg, P, micro, seq_len)
+    cells = ", ".join(f"M={r['micro']}{' (this run)' if r['micro'] == accum else ''}: "
+                      f"{100 * r['bubble']:.1f}%" for r in rows)
+    lines.append(f"pipeline bubble (simulated, idle / stage time): {cells}")
+    return lines
 
 
 def _per_rank(window: int, cp: int) -> str:

@@ -320,8 +320,8 @@ def _evict(net: HybridModel, state: SleepState, fast: list[torch.Tensor | None],
         for i, blk in enumerate(net.blocks):
             if blk.kind == "gdn":
                 conv[i] = extras[i]
-            elif blk.kind == "attention" and keep > 0:
-                k, v = extras[i]
+            elif blk.kind == "attention" and keep > 0 and extras[i] is not None:
+                k, v = extras[i]  # (None: a block of another pipeline stage)
                 old = state.kv[i]
                 if old is not None:
                     k = torch.cat([old[0], k], dim=1)

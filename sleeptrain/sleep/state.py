@@ -46,11 +46,11 @@ class SleepState:
 def initial_state(net: HybridModel, batch_size: int,
                   device: torch.device | str | None = None) -> SleepState:
     """The state at the start of a sequence: zero fast weights, empty conv state and KV."""
-    device = net.embed.weight.device if device is None else device
+    device = net.device if device is None else device
     sdt = torch.float64 if net.dtype == torch.float64 else torch.float32
     fast: list[torch.Tensor | None] = []
     for b in net.blocks:
-        if b.kind == "gdn":
+        if b.kind == "gdn" and b.mixer is not None:  # None: another pipeline stage's
             m = b.mixer
             fast.append(torch.zeros(batch_size, m.hv_local, m.dk, m.dv, dtype=sdt,
                                     device=device))

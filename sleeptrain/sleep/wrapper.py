@@ -23,10 +23,10 @@ class SleepModel(HybridModel):
 
     def __init__(self, model_cfg: ModelConfig, sleep_cfg: SleepConfig, tp: int = 1,
                  tp_rank: int = 0, sequence_parallel: bool = False, tp_group: object = None,
-                 cp: ContextParallel | None = None):
+                 cp: ContextParallel | None = None, stage: tuple[int, int] | None = None):
         validate_sleep(sleep_cfg)
         super().__init__(model_cfg, tp=tp, tp_rank=tp_rank, sequence_parallel=sequence_parallel,
-                         tp_group=tp_group, cp=cp)
+                         tp_group=tp_group, cp=cp, stage=stage)
         self.sleep_cfg = sleep_cfg
 
     def use_sleep(self, sleep_cfg: SleepConfig) -> None:

@@ -140,15 +140,46 @@ def sharded_state(model: torch.nn.Module, opt: Any | None) -> tuple[dict[str, An
         layout["optim"][part] = entries
         layout["groups"][part] = [{k: v for k, v in g.items() if k != "params"}
                                   for g in o.param_groups]
-    if getattr(opt, "sharded", False):  # each rank holds its parameters' state: the union
-        import torch.distributed as dist
-
-        every: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(every, layout["optim"])
-        for other in every:
-            for part, entries in other.items():
-                layout["optim"][part].update(entries)
+    if getattr(opt, "sharded", False) or _stage_of(model) is not None:
+        _union_layout(layout)  # each rank holds its parameters' (or stage's) state
     return tensors, layout
+
+
+def _stage_of(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The block range of a pipeline-stage model (None: the whole model)."""
+    return getattr(model, "stage", None)
+
+
+def _group_key(g: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a param group across pipeline stages: its kind and decay class
+    (``decay``, set by ``build_optimizer``; older layouts: a positive weight decay)."""
+    return g.get("kind"), bool(g.get("decay", g.get("weight_decay", 0.0) > 0))
+
+
+def _union_layout(layout: dict[str, Any]) -> None:
+    """Collective: the optimizer layout of every rank merged (state entries by name; a param
+    group's names over the stages that hold part of it, in rank order)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, layout)
+    optim: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for other in every:
+        for part, entries in other["optim"].items():
+            optim.setdefault(part, {}).update(entries)
+        for part, gs in other["groups"].items():
+            merged = groups.setdefault(part, [])
+            for g in gs:
+                same = [m for m in merged if _group_key(m) == _group_key(g)]
+                if not same:
+                    merged.append({**g, "param_names": list(g["param_names"])})
+                    continue
+                have = set(same[0]["param_names"])
+                same[0]["param_names"] += [n for n in g["param_names"] if n not in have]
+    layout["optim"], layout["groups"] = optim, groups
 
 
 def save_shards(path: Path, tensors: dict[str, Any]) -> None:
@@ -358,6 +389,9 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     have = {k.removeprefix("model.") for k in _stored_keys(shards) if k.startswith("model.")}
     ours = _model_tensors(model)
     missing, extra = sorted(set(ours) - have), sorted(have - set(ours))
+    holds = getattr(model, "holds", None)
+    if _stage_of(model) is not None and holds is not None:  # other stages' tensors
+        extra = [n for n in extra if holds(n)]
     if missing or extra:
         raise CheckpointError(f"{path}: model tensors do not match this model: missing "
                               f"{missing[:8]}, unexpected {extra[:8]}")
@@ -388,9 +422,11 @@ def load_model_weights(path: Path, model: torch.nn.Module, *, trust: bool = Fals
     load_verified(path, lambda p, s: load_model_from(p, s, model), trust=trust)
 
 
-def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
+def load_optimizer(path: Path, opt: Any, layout: dict[str, Any],
+                   model: torch.nn.Module | None = None) -> None:
     """Collective: restores the optimizer state and hyper-parameters saved with
-    :func:`sharded_state` into ``opt`` (built for this model at this TP size)."""
+    :func:`sharded_state` into ``opt`` (built for ``model`` at this TP size; a pipeline
+    stage's model takes its own parameters' state, whatever the saved pipeline size)."""
     parts = _optim_parts(opt)
     if set(parts) != set(layout["optim"]):
         raise CheckpointError(f"{path}: optimizer parts {sorted(layout['optim'])} saved, this "
@@ -400,6 +436,8 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
     for part, o in parts.items():
         named = {n: p for n, p, _ in _named_params(o)}
         saved = layout["optim"][part]
+        if model is not None and _stage_of(model) is not None:  # other stages' entries
+            saved = {n: k for n, k in saved.items() if model.holds(n)}
         unknown = sorted(set(saved) - set(named))
         if unknown:
             raise CheckpointError(f"{path}: {part} state for parameters this optimizer lacks: "
@@ -423,21 +461,31 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any]) -> None:
     for part, o in parts.items():
         sd = o.state_dict()  # this optimizer's structure: groups with param indices
         groups = layout["groups"][part]
-        if len(groups) != len(sd["param_groups"]):
-            raise CheckpointError(f"{path}: {part} has {len(groups)} saved param groups, this "
-                                  f"optimizer {len(sd['param_groups'])}")
         index = {}
-        for g, sg in zip(sd["param_groups"], groups, strict=True):
-            if list(g["param_names"]) != list(sg["param_names"]):
-                raise CheckpointError(f"{path}: {part} param group parameters differ from the "
-                                      "saved ones")
-            g.update({k: v for k, v in sg.items() if k not in _IMPL_FLAGS})
+        for i, g in enumerate(sd["param_groups"]):
+            sg = _saved_group(path, part, i, g, groups)
+            g.update({k: v for k, v in sg.items() if k not in _IMPL_FLAGS and
+                      k != "param_names"})
             index.update(zip(g["param_names"], g["params"], strict=True))
         sd["state"] = {index[name]: {key: locals_[f"optim.{part}.{name}.{key}"]
                                      for key in keys}
                        for name, keys in layout["optim"][part].items()
                        if f"optim.{part}.{name}.{next(iter(keys), '')}" in locals_}
         o.load_state_dict(sd)
+
+
+def _saved_group(path: Path, part: str, i: int, g: dict[str, Any],
+                 groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved param group whose hyper-parameters group ``g`` (the i-th of this optimizer)
+    takes: the i-th with the same parameters, or for a pipeline stage (or a checkpoint of
+    one) the one holding all of g's parameters. CheckpointError when there is none."""
+    names = list(g["param_names"])
+    if i < len(groups) and list(groups[i]["param_names"]) == names:
+        return groups[i]
+    for sg in groups:  # saved by, or loaded into, another pipeline layout
+        if _group_key(sg) == _group_key(g) and set(names) <= set(sg["param_names"]):
+            return sg
+    raise CheckpointError(f"{path}: {part} param group parameters differ from the saved ones")
 
 
 def is_sharded(path: Path) -> bool:

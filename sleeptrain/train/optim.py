@@ -360,8 +360,9 @@ def build_optimizer(
 
     adamw = None
     adamw_groups = [
-        {"params": ps, "kind": "adamw", "base_lr": adamw_lr, "weight_decay": wd}
-        for ps, wd in ((decay_p, weight_decay), (nodecay_p, 0.0))
+        {"params": ps, "kind": "adamw", "base_lr": adamw_lr, "weight_decay": wd,
+         "decay": decay}  # decay: which group (kept when weight_decay is 0; checkpoints)
+        for ps, wd, decay in ((decay_p, weight_decay, True), (nodecay_p, 0.0, False))
         if ps
     ]
     if adamw_groups:

@@ -80,11 +80,14 @@ def forward_backward(
 
 
 def graphs_unavailable(device: torch.device, tp: int, setting: str,
-                       cp: int = 1) -> str | None:
+                       cp: int = 1, pp: int = 1) -> str | None:
     """Why CUDA graphs cannot be used (None: they can) for ``train.cuda_graphs=setting`` at
-    tensor-parallel size ``tp`` and context-parallel size ``cp``."""
+    tensor-parallel size ``tp``, context-parallel size ``cp`` and pipeline size ``pp``."""
     if setting == "off":
         return "train.cuda_graphs=off"
+    if pp > 1:
+        return ("pipeline parallelism: a stage's step interleaves micro-batches with "
+                "point-to-point messages, not one capturable micro-batch")
     if device.type != "cuda":
         return f"training runs on {device.type}, CUDA graphs need a CUDA device"
     if tp > 1 and setting == "auto":

@@ -38,9 +38,17 @@ from sleeptrain.config.validate import ConfigError
 from sleeptrain.data.tasks import build_task
 from sleeptrain.eval.lm import evaluate_shards
 from sleeptrain.eval.tasks import eval_record, evaluate_task, format_table
-from sleeptrain.parallel.state import ParallelInfo, grad_group, init_parallel
+from sleeptrain.parallel.state import (
+    ParallelInfo,
+    embedding_group,
+    grad_group,
+    init_parallel,
+    pipeline_groups,
+)
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
-from sleeptrain.plan import measure_bf16_peak, peak_flops, train_flops_per_token
+from sleeptrain.plan import measure_bf16_peak, param_count, peak_flops, train_flops_per_token
+from sleeptrain.plan.pipeline import loop_split, stage_bounds
+from sleeptrain.sleep.stage import check_pipeline
 from sleeptrain.sleep.runner import window_heads
 from sleeptrain.train.checkpoint import (
     CheckpointError,
@@ -63,6 +71,7 @@ from sleeptrain.train.dist_ckpt import (
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import optimizer_for
 from sleeptrain.train.optim_step import DeviceLrStep
+from sleeptrain.train.pipeline_step import PipelineStep
 from sleeptrain.train.resume import check_resume
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
 from sleeptrain.train.signals import StopFlag, process_stop_flag, stop_file
@@ -136,6 +145,7 @@ class Trainer:
     metrics: Any = None
     bar: Any = None
     graphs: MicroBatchGraphs | None = None
+    pipe: PipelineStep | None = None  # parallel.pp > 1: this rank's pipeline stage
     opt_step: DeviceLrStep | None = None
     parallel: bool = False
     fused_linears: bool = False
@@ -204,6 +214,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = sleeptrain.build_model(cfg, device=self.device)
+        if self.info.pp_size > 1:
+            self.pipe = _pipeline(cfg, self.model, self.info)
         self.opt = optimizer_for(cfg, self.model)
         self._restore(trust_checkpoint)
         if self.rank0:
@@ -221,7 +233,7 @@ class Trainer:
         self.fused_linears = switch_on(cfg.train.grad_accum_fusion, is_cuda)
         self.model.set_kernels(compile=switch_on(cfg.train.compile, is_cuda))
         no_graphs = graphs_unavailable(self.device, self.info.tp_size, cfg.train.cuda_graphs,
-                                       cp=self.info.cp_size)
+                                       cp=self.info.cp_size, pp=self.info.pp_size)
         if no_graphs is None:
             n_layouts = max(4, len(cfg.sleep.random_passes) + 2)
             self.graphs = MicroBatchGraphs(self.model, max_graphs=n_layouts, verbose=self.rank0,
@@ -263,7 +275,8 @@ class Trainer:
         if not self.rank0:
             return
         cfg, info = self.cfg, self.info
-        n_params = sum(p.numel() for p in self.model.parameters()) * info.tp_size
+        n_params = (sum(p.numel() for p in self.model.parameters()) * info.tp_size
+                    if self.pipe is None else param_count(cfg.model))
         dtype = "bf16 autocast" if self.amp else cfg.model.params_dtype
         threads = ""
         if self.device.type == "cpu":
@@ -273,6 +286,8 @@ class Trainer:
                  else "fresh start" + (f" from the weights of {cfg.train.init_from}"
                                        if cfg.train.init_from else ""))
         cp = f"CP{info.cp_size} x " if info.cp_size > 1 else ""
+        if info.pp_size > 1:
+            cp += f"PP{info.pp_size} x "
         data = (f"task {cfg.data.task}" if cfg.data.source == "task"
                 else f"shards {list(cfg.data.shards)}")
         lines = [
@@ -285,6 +300,11 @@ class Trainer:
             f"DP{info.dp_size}; data: {data}, batch {cfg.data.batch_size} x accum "
             f"{cfg.train.grad_accum} x DP{info.dp_size}; {cfg.train.steps} steps",
         ]
+        if self.pipe is not None:
+            b = self.pipe.bounds
+            stages = ", ".join(f"[{b[i]}, {b[i + 1]})" for i in range(len(b) - 1))
+            lines.append(f"  pipeline: {info.pp_size} stages, blocks {stages}; evaluation "
+                         "is not run at parallel.pp > 1 (evaluate a checkpoint at pp=1)")
         if no_graphs and cfg.train.cuda_graphs == "on":
             lines.append(f"  train.cuda_graphs=on, but CUDA graphs are not used: {no_graphs}")
         if getattr(self.opt, "sharded", False):
@@ -335,6 +355,8 @@ class Trainer:
         self._zero_grad()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
+        if self.pipe is not None:
+            return self._pipeline_step(batches, sleep_cfg, data_s, n_loss, heads)
         for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
             if self.graphs is not None:
                 ls, nc = self.graphs.step(tokens, mask, doc_starts, sleep_cfg, max(n_loss, 1),
@@ -355,7 +377,14 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        # the step's one host sync: loss, gradient norm and correct count together
+        return self._finish_step(loss_sum, correct, gnorm, n_loss, batches, data_s)
+
+    def _finish_step(self, loss_sum: torch.Tensor, correct: torch.Tensor,
+                     gnorm: torch.Tensor, n_loss: int, batches: list[Any],
+                     data_s: float) -> StepResult:
+        """The step's one host sync (loss, gradient norm and correct count together) and the
+        optimizer update when both are finite."""
+        device = self.device
         loss_t, gnorm_f, correct_n = torch.stack(
             [loss_sum, gnorm.to(device=device, dtype=torch.float64),
              correct.to(torch.float64)]).tolist()
@@ -370,6 +399,33 @@ class Trainer:
             self._zero_grad()
         return StepResult(loss_val, correct_n / max(n_loss, 1), gnorm_f, finite,
                           batches[0][0].shape[1] - 1, data_s)
+
+    def _pipeline_step(self, batches: list[Any], sleep_cfg: DictConfig, data_s: float,
+                       n_loss: int, heads: list[list[bool]]) -> StepResult:
+        """``train_step`` at parallel.pp > 1: every micro-batch through the visit schedule
+        (``PipelineStep``), then the tied embedding's two copies summed over the first and
+        last stage, DP (+CP) reductions per stage, the loss and count summed to every rank
+        and the clipping norm over all stages."""
+        info, device = self.info, self.device
+        ls, nc = self.pipe.run(batches, sleep_cfg, max(n_loss, 1), self.amp, heads,
+                               fused_linears=self.fused_linears)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        if ls is not None:
+            loss_sum, correct = loss_sum + ls.double(), correct + nc
+        sync_tp_grads(self.model.parameters())
+        shared = _sum_tied_embedding(self.model, self.cfg)
+        _reduce_grads(self.model, info)
+        dist.all_reduce(loss_sum, group=self.pipe.groups.group)
+        dist.all_reduce(correct, group=self.pipe.groups.group)
+        if info.dp_size * info.cp_size > 1:
+            dist.all_reduce(loss_sum, group=_reduce_group(info))
+            dist.all_reduce(correct, group=_reduce_group(info))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf,
+                                pp_group=self.pipe.groups.group, counted_elsewhere=shared)
+        return self._finish_step(loss_sum, correct, gnorm, n_loss, batches, data_s)
 
     def _zero_grad(self) -> None:
         """Clears gradients: in place while CUDA graphs accumulate into the buffers (they
@@ -517,7 +573,7 @@ class Trainer:
             self.log_step(res, mult, stage, sleep_cfg)
             self._guard(res)
             if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
-                    self.task is not None or cfg.data.eval_shards):
+                    self.task is not None or cfg.data.eval_shards) and self.pipe is None:
                 self.evaluate(res.seq)
             exit_reason = self._after_step()
             if exit_reason is not None:
@@ -560,7 +616,7 @@ class Trainer:
                  f"{self.cfg.train.steps} ({self.resumed_from}); raise train.steps to train on")
         if ev_path.is_file():
             self.last_eval = json.loads(ev_path.read_text())
-        elif self.task is not None or self.cfg.data.eval_shards:
+        elif (self.task is not None or self.cfg.data.eval_shards) and self.pipe is None:
             self._enter_stage_at(self.step - 1)
             self.last_eval = self._run_eval()
             if self.rank0:
@@ -603,7 +659,7 @@ def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = No
     stop.install()  # a signal during start-up is a stop request, not a kill
     try:
         info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device,
-                             cp=cfg.parallel.cp)
+                             cp=cfg.parallel.cp, pp=cfg.parallel.pp)
         trainer = Trainer(cfg, info, stop, max_steps=max_steps, source=source)
         try:
             trainer.setup(trust_checkpoint)
@@ -645,6 +701,33 @@ def _peak_flops(cfg: DictConfig, device: torch.device, rank0: bool) -> float | N
     if peak is None and rank0:
         print(f"MFU not logged: unknown peak for {name!r}; set train.peak_tflops", flush=True)
     return peak
+
+
+def _pipeline(cfg: DictConfig, model: Any, info: ParallelInfo) -> PipelineStep:
+    """This rank's stage of the pipelined step (collective: makes the pipeline's groups);
+    ConfigError for a gradient mode the stage layout cannot run."""
+    bounds = stage_bounds(cfg, info.pp_size)
+    try:
+        check_pipeline(cfg.sleep, loop_split(cfg, bounds))
+    except ValueError as e:
+        raise ConfigError(f"{e} (parallel.pp={info.pp_size}, stages {bounds})") from None
+    return PipelineStep(cfg, model, bounds, pipeline_groups())
+
+
+def _sum_tied_embedding(model: Any, cfg: DictConfig) -> list[torch.Tensor]:
+    """Tied embeddings at parallel.pp > 1: the first stage's lookup gradient and the last
+    stage's head gradient of ``embed.weight`` summed over megatron-core's embedding group, so
+    both copies take the same step. Returns the copy the gradient norm must not count twice
+    (the last stage's), else nothing."""
+    group = embedding_group()
+    if not cfg.model.tie_embeddings or group is None or model.embed is None or \
+            not model.embed.weight.requires_grad:
+        return []
+    w = model.embed.weight
+    if w.grad is None:
+        w.grad = torch.zeros_like(w)
+    dist.all_reduce(w.grad, group=group)
+    return [] if model.stage_blocks[0] == 0 else [w]
 
 
 def _dp_group():
@@ -694,7 +777,7 @@ def load_train_state(path: Path, state: dict[str, Any], model: torch.nn.Module,
     if is_sharded(path):
         load_model(path, model)
         if state["optim_layout"]["optim"]:  # empty: weights only (a converted checkpoint)
-            load_optimizer(path, opt, state["optim_layout"])
+            load_optimizer(path, opt, state["optim_layout"], model)
         return
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")

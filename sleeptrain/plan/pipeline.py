@@ -180,8 +180,7 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     ``train.grad_accum``): with ``sleep.checkpoint`` one fp32 hidden state per token per visit
     of the stage (its wake visit and, in the loop range, each sleep pass), without it every
     visit's activations."""
-    from sleeptrain.config import switch_on
-    from sleeptrain.config import autocast_on
+    from sleeptrain.config import autocast_on, switch_on
 
     m, s, t = cfg.model, cfg.sleep, cfg.train
     bounds = stage_bounds(cfg, seq_len=seq_len)
@@ -222,4 +221,5 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
 
 
 __all__ = ["block_flops", "block_weights", "bubble_table", "chain_for", "loop_split",
-           "stage_bounds", "stage_memory", "stage_params", "step_schedule", "visit_costs", "window_lengths"]
+           "stage_bounds", "stage_memory", "stage_params", "step_schedule", "visit_costs",
+           "window_lengths"]

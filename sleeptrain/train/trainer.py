@@ -48,8 +48,8 @@ from sleeptrain.parallel.state import (
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.plan import measure_bf16_peak, param_count, peak_flops, train_flops_per_token
 from sleeptrain.plan.pipeline import loop_split, stage_bounds
-from sleeptrain.sleep.stage import check_pipeline
 from sleeptrain.sleep.runner import window_heads
+from sleeptrain.sleep.stage import check_pipeline
 from sleeptrain.train.checkpoint import (
     CheckpointError,
     capture_rng_state,

@@ -137,7 +137,7 @@ def test_summarize_csv_and_plots(tmp_path: Path) -> None:
     for png in ("exact_vs_tokens.png", "loss_by_k.png"):
         assert_png(tmp_path / png)
     cols, rows = read_csv(tmp_path / "eval_by_passes.csv")
-    assert cols[:8] == sw.EVAL_COLUMNS
+    assert cols[:len(sw.EVAL_COLUMNS)] == sw.EVAL_COLUMNS
     assert [(r["run"], r["eval_passes"], r["eval_example_acc"], r["eval_example_acc_depth1"])
             for r in rows] == [("N4_s0", "2", "0.7", "0.9")]
     curves = sw.curves(sw.summary_rows(tmp_path)[0], "eval_example_acc")
@@ -147,8 +147,10 @@ def test_summarize_csv_and_plots(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_cpu_sweep_end_to_end(tmp_path: Path) -> None:
-    """run (one run interrupted beforehand and resumed by the sweep, the other fresh, 2 at a
-    time), run again (all skipped), eval at N = 1, 2 and summarize, on a tiny CPU config."""
+    """run (one run interrupted beforehand, evaluated at that checkpoint with --partial, then
+    stopped again by a time limit inside the sweep, which reports it as stopped, not failed,
+    and resumed by the next sweep command; the other fresh, 2 at a time), run again (all
+    skipped), eval at N = 1, 2 and summarize, on a tiny CPU config."""
     out = tmp_path / "sweep"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     config = str(ROOT / "configs" / "rule110_tiny.yaml")
@@ -162,6 +164,16 @@ def test_tiny_cpu_sweep_end_to_end(tmp_path: Path) -> None:
     # an interrupted run: 2 of 4 steps, checkpointed
     call("-m", "sleeptrain.cli", "train", config, *TINY, "sleep.passes=1", "train.seed=0",
          f"train.run_dir={out / 'N1_s0'}", "--max-steps", "2")
+    first = call(str(SWEEP), "eval", str(out), "--passes", "1")
+    assert "N1_s0: not finished, not evaluated" in first.stdout
+    assert not (out / "N1_s0" / "eval_N1_step2.json").exists()
+    call(str(SWEEP), "eval", str(out), "--passes", "1", "--partial")
+    assert json.loads((out / "N1_s0" / "eval_N1_step2.json").read_text())["passes"] == 1
+    # a time limit already spent at start-up: the run stays at its checkpoint, reported as
+    # stopped (resumable, exit 0), not failed
+    stop = call(str(SWEEP), "run", config, "--passes", "1", "--out", str(out), *TINY,
+                "train.exit_after_minutes=1e-6")
+    assert "N1_s0: stopped at step 2" in stop.stdout and "FAILED" not in stop.stdout
     call(str(SWEEP), "run", config, "--passes", "1,2", "--seeds", "0", "--concurrent", "2",
          "--out", str(out), *TINY)
     assert "resum" in (out / "logs" / "N1_s0.train.log").read_text().lower()
@@ -187,7 +199,8 @@ def test_tiny_cpu_sweep_end_to_end(tmp_path: Path) -> None:
     assert all(r["tokens_estimated"] == "0" for r in rows)
     assert int(rows[1]["tokens"]) == 4 * 4 * 103  # steps x batch x (seq_len - 1)
     cols, rows = read_csv(out / "eval_by_passes.csv")
-    assert [(r["run"], r["eval_passes"]) for r in rows] == [
-        ("N1_s0", "1"), ("N1_s0", "2"), ("N2_s0", "1"), ("N2_s0", "2")]
+    assert [(r["run"], r["eval_passes"], r["step"]) for r in rows] == [
+        ("N1_s0", "1", "2"), ("N1_s0", "1", "4"), ("N1_s0", "2", "4"), ("N2_s0", "1", "4"),
+        ("N2_s0", "2", "4")]
     assert_png(out / "exact_vs_tokens.png")
     assert not (out / "loss_by_k.png").exists()  # rule110: no per-k panels

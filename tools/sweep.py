@@ -2,7 +2,7 @@
 
     python tools/sweep.py run CONFIG --passes 1,2,4 --seeds 0 [--random-passes 1,2,3,4]
         [--concurrent K] --out DIR [key=value ...]
-    python tools/sweep.py eval DIR --passes 1,2,4,6 [--n E] [--concurrent K]
+    python tools/sweep.py eval DIR --passes 1,2,4,6 [--n E] [--concurrent K] [--partial]
     python tools/sweep.py summarize DIR
 
 ``run`` trains one run per (N, seed), ``DIR/N{N}_s{S}``, with ``sleep.passes=N train.seed=S
@@ -11,14 +11,18 @@ per seed ``DIR/rand{a-b-..}_s{S}`` with ``sleep.random_passes=[a,b,..]`` (each s
 N from the list). Runs are ``python -m sleeptrain.cli train`` subprocesses, K at a time (small
 runs share one GPU); their output goes to ``DIR/logs/NAME.train.log``. Re-running the same
 command skips finished runs (``eval.json`` present and ``metrics.jsonl`` at ``train.steps``)
-and resumes the others (the trainer continues from a run's latest checkpoint).
+and resumes the others (the trainer continues from a run's latest checkpoint). A run that
+stops before ``train.steps`` with exit status 0 (``train.exit_after_minutes``, a STOP file, a
+signal) has saved a checkpoint: it is reported as stopped, not failed, and the same command
+resumes it.
 
 ``eval`` evaluates every finished run at each N with ``python -m sleeptrain.cli eval RUN
 sleep.passes=M --out RUN/eval_N{M}.json [--n E]`` (the trainer's own ``RUN/eval.json`` is
-left as it is).
-Existing ``eval_N{M}.json`` files are kept (delete one to recompute it). It writes
-``DIR/eval_by_passes.csv`` (run x eval N: exact-match accuracy, token accuracy, loss, and the
-exact-match accuracy per depth).
+left as it is). With ``--partial`` the runs that have not finished are evaluated too, at
+their newest checkpoint, into ``eval_N{M}_step{S}.json`` (S: the checkpoint's step; a later
+checkpoint gets its own file). Existing result files are kept (delete one to recompute it).
+It writes ``DIR/eval_by_passes.csv`` (run x eval N x step: exact-match accuracy, token
+accuracy, loss, and the exact-match accuracy per depth).
 
 ``summarize`` reads every run's ``metrics.jsonl`` and writes ``DIR/sweep.csv`` (one row per
 run x logged evaluation), ``DIR/exact_vs_tokens.png`` (exact-match accuracy vs training
@@ -48,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVAL_FILE = re.compile(r"^eval_N(\d+)\.json$")
+EVAL_FILE = re.compile(r"^eval_N(\d+)(?:_step(\d+))?\.json$")
 DEPTH_KEY = re.compile(r"^eval_(acc|example_acc|loss)_depth(-?\d+)$")
 _print_lock = threading.Lock()
 
@@ -136,6 +140,16 @@ def run_finished(run_dir: Path) -> bool:
     return done >= steps
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's newest complete checkpoint (None: it has none)."""
+    from sleeptrain.train.checkpoint import find_latest_checkpoint
+
+    ckpt = find_latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    return int(json.loads((ckpt / "meta.json").read_text())["step"])
+
+
 def sweep_runs(out: Path) -> list[Path]:
     """The run directories of a sweep (sub-directories holding ``config.yaml``), sorted."""
     if not out.is_dir():
@@ -203,6 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = plan_runs(args.passes, args.seeds, args.random_passes, out, args.overrides)
     out.mkdir(parents=True, exist_ok=True)
 
+    stopped: list[str] = []
+
     def job(spec: RunSpec) -> Callable[[], bool]:
         def go() -> bool:
             run_dir = out / spec.name
@@ -212,15 +228,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             say(f"{spec.name}: training")
             rc = run_logged(cli("train", args.config, *spec.overrides),
                             out / "logs" / f"{spec.name}.train.log")
-            ok = rc == 0 and run_finished(run_dir)
-            say(f"{spec.name}: {'done' if ok else f'FAILED (exit {rc}; see logs/)'}")
-            return ok
+            if rc == 0 and run_finished(run_dir):
+                say(f"{spec.name}: done")
+                return True
+            step = checkpoint_step(run_dir) if rc == 0 else None
+            if step is not None:  # a clean stop (time limit, STOP file, signal): resumable
+                say(f"{spec.name}: stopped at step {step} (checkpoint saved; the same command "
+                    "resumes it)")
+                stopped.append(spec.name)
+                return True
+            say(f"{spec.name}: FAILED (exit {rc}; see logs/)")
+            return False
         return go
 
     failed = run_pool(((r.name, job(r)) for r in runs), args.concurrent)
     if failed:
         say(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}")
         return 1
+    if stopped:
+        say(f"{len(stopped)} of {len(runs)} runs stopped before train.steps "
+            f"({', '.join(sorted(stopped))}); the same command resumes them")
+        return 0
     say(f"{len(runs)} runs finished in {out}")
     return 0
 
@@ -230,12 +258,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def eval_run(run_dir: Path, passes: list[int], n: int, log: Path) -> bool:
-    """Evaluate one finished run at each N into ``eval_N{M}.json`` (``sleeptrain eval RUN
-    sleep.passes=M --out RUN/eval_N{M}.json``: the trainer's own eval.json is untouched)."""
+def eval_run(run_dir: Path, passes: list[int], n: int, log: Path,
+             step: int | None = None) -> bool:
+    """Evaluate one run at each N into ``eval_N{M}.json`` (``sleeptrain eval RUN
+    sleep.passes=M --out RUN/eval_N{M}.json``: the trainer's own eval.json is untouched);
+    ``step``: an unfinished run's newest checkpoint, into ``eval_N{M}_step{S}.json``."""
     ok = True
     for m in passes:
-        target = run_dir / f"eval_N{m}.json"
+        target = run_dir / (f"eval_N{m}.json" if step is None else f"eval_N{m}_step{step}.json")
         if target.is_file():
             continue
         tmp = target.with_name(target.name + ".tmp")
@@ -244,7 +274,7 @@ def eval_run(run_dir: Path, passes: list[int], n: int, log: Path) -> bool:
                             *extra), log)
         if rc == 0 and tmp.is_file():
             os.replace(tmp, target)  # complete results only, under the final name
-            say(f"{run_dir.name}: eval N={m}: exact "
+            say(f"{run_dir.name}: eval N={m}{'' if step is None else f' (step {step})'}: exact "
                 f"{json.loads(target.read_text())['example_acc']:.3f}")
         else:
             say(f"{run_dir.name}: eval N={m} FAILED (exit {rc}; see logs/)")
@@ -257,15 +287,17 @@ def eval_rows(out: Path) -> list[dict[str, Any]]:
     rows = []
     for run_dir in sweep_runs(out):
         cfg = load_run_config(run_dir)
+        final = int(cfg.get("train", {}).get("steps", 0))
         results = []
         for f in run_dir.iterdir():
             match = EVAL_FILE.match(f.name)
             if match:
-                results.append((int(match.group(1)), json.loads(f.read_text())))
-        for m, res in sorted(results, key=lambda x: x[0]):
+                step = int(match.group(2)) if match.group(2) else final
+                results.append((int(match.group(1)), step, json.loads(f.read_text())))
+        for m, step, res in sorted(results, key=lambda x: (x[0], x[1])):
             row: dict[str, Any] = {
                 "run": run_dir.name, "passes": run_label(cfg),
-                "seed": cfg.get("train", {}).get("seed", ""), "eval_passes": m,
+                "seed": cfg.get("train", {}).get("seed", ""), "eval_passes": m, "step": step,
                 "eval_example_acc": res.get("example_acc"), "eval_token_acc": res.get("token_acc"),
                 "eval_loss": res.get("loss", ""), "n": res.get("n"),
             }
@@ -293,8 +325,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], first: list[str]) -> None:
     os.replace(tmp, path)
 
 
-EVAL_COLUMNS = ["run", "passes", "seed", "eval_passes", "eval_example_acc", "eval_token_acc",
-                "eval_loss", "n"]
+EVAL_COLUMNS = ["run", "passes", "seed", "eval_passes", "step", "eval_example_acc",
+                "eval_token_acc", "eval_loss", "n"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -302,13 +334,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     runs = sweep_runs(out)
     if not runs:
         raise SystemExit(f"error: no runs (directories with config.yaml) in {out}")
-    finished = [r for r in runs if run_finished(r)]
+    todo: list[tuple[Path, int | None]] = []
     for r in runs:
-        if r not in finished:
-            say(f"{r.name}: not finished, not evaluated")
-    jobs = [(r.name, lambda r=r: eval_run(r, args.passes, args.n,
-                                          out / "logs" / f"{r.name}.eval.log"))
-            for r in finished]
+        if run_finished(r):
+            todo.append((r, None))
+            continue
+        step = checkpoint_step(r) if args.partial else None
+        if step is None:
+            say(f"{r.name}: not finished, not evaluated"
+                + ("" if args.partial else " (--partial: at its newest checkpoint)"))
+        else:
+            todo.append((r, step))
+    jobs = [(r.name, lambda r=r, s=s: eval_run(r, args.passes, args.n,
+                                               out / "logs" / f"{r.name}.eval.log", s))
+            for r, s in todo]
     failed = run_pool(jobs, args.concurrent)
     write_csv(out / "eval_by_passes.csv", eval_rows(out), EVAL_COLUMNS)
     say(f"wrote {out / 'eval_by_passes.csv'}")
@@ -475,11 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="sweep directory")
     r.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     r.set_defaults(fn=cmd_run)
-    e = sub.add_parser("eval", help="evaluate every finished run at each N")
+    e = sub.add_parser("eval", help="evaluate every finished run (--partial: every "
+                       "checkpointed run) at each N")
     e.add_argument("dir")
     e.add_argument("--passes", type=int_list, required=True, help="eval N values")
     e.add_argument("--n", type=int, default=0, help="examples (default train.eval_examples)")
     e.add_argument("--concurrent", type=int, default=1, help="runs evaluated at a time")
+    e.add_argument("--partial", action="store_true",
+                   help="also evaluate unfinished runs at their newest checkpoint")
     e.set_defaults(fn=cmd_eval)
     s = sub.add_parser("summarize", help="write sweep.csv and the plots")
     s.add_argument("dir")

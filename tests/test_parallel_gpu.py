@@ -69,3 +69,28 @@ def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     for (l2, g2), (l1, g1) in zip(two, one, strict=True):
         assert l2 == pytest.approx(l1, rel=1e-3)
         assert g2 == pytest.approx(g1, rel=1e-3)
+
+
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.cp=2"]], ids=["pp2", "cp2"])
+def test_pipeline_and_context_parallel_training_follow_one_gpu(tmp_path, layout):
+    """PP=2 (stages [0, 2) [2, 4) of AGAG, the loop range split between them, 3 micro-batches
+    through the visit schedule, NCCL point-to-point) and CP=2 (every window split over two
+    GPUs): four AdamW steps follow one GPU with the same batch (PP and CP peers read the same
+    rows). Tolerance as in the TP/DP test above (rtol 1e-3: fp32 weights, FLA's kernels in
+    TF32, other summation orders); on CPU the same layouts agree to 1e-5
+    (tests/test_pipeline.py, tests/test_context_parallel.py)."""
+    over = [*[o for o in RUN if not o.startswith(("train.device", "parallel.backend",
+                                                  "model.params_dtype", "model.gdn_head_dim"))],
+            "model.params_dtype=float32", "model.gdn_head_dim=32", "train.precision=fp32",
+            "optim.use_muon=false", "data.batch_size=4", "train.grad_accum=3", *GPU]
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over,
+              f"train.run_dir={tmp_path / 'one'}", nproc=1)
+    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over, *layout,
+              f"train.run_dir={tmp_path / 'two'}")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for (l2, g2), (l1, g1) in zip(two, one, strict=True):
+        assert l2 == pytest.approx(l1, rel=1e-3)
+        assert g2 == pytest.approx(g1, rel=1e-3)

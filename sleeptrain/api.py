@@ -60,8 +60,9 @@ def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
     anything): each is verified -- the digests of its small files before anything is
     unpickled, of its shard files while loading -- and a damaged one (incomplete, a digest
     mismatch) is skipped with a line on stderr naming it and the file. A checkpoint without
-    digests (format 1) needs ``trust``. Raises CheckpointError naming what is missing or what
-    failed."""
+    digests (format 1) needs ``trust``. The model is the whole model (``parallel.pp=1``,
+    ``parallel.cp=1`` unless ``overrides`` say otherwise) at the run's TP size. Raises
+    CheckpointError naming what is missing or what failed."""
     import sys
     from pathlib import Path
 
@@ -72,7 +73,9 @@ def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path, list(overrides))
+    # the whole model in this process: a pipeline or context-parallel run's checkpoint loads
+    # at any layout (keyed by full names); an explicit override still wins
+    cfg = load_config(cfg_path, ["parallel.pp=1", "parallel.cp=1", *overrides])
     ckpt_dir = run / "checkpoints"
     if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
         raise CheckpointError(f"no complete checkpoint under {ckpt_dir}")

@@ -6,7 +6,8 @@
 #   CONFIG=configs/lm_350m_shards.yaml sbatch --nodes=1 slurm/train_7b_sleep.sh \
 #       data.shards=[data/corpus] train.run_dir=runs/350m          # trailing key=value overrides
 #   CONFIG=configs/30b_sleep.yaml sbatch --nodes=2 slurm/train_7b_sleep.sh   # 30B, TP=8 x PP=2
-#   CONFIG=configs/30b_sleep.yaml sbatch --nodes=4 slurm/train_7b_sleep.sh parallel.pp=4
+#   CONFIG=configs/30b_sleep.yaml sbatch --nodes=4 slurm/train_7b_sleep.sh \
+#       parallel.pp=4 parallel.pp_in_flight=8                        # 4 nodes: TP=8 x PP=4
 #
 # The pre-flight `sleeptrain plan CONFIG --gpus WORLD --preflight` checks the TP x CP x PP x DP
 # layout against the allocation (and prints the pipeline stages and bubble) before torchrun.

@@ -167,6 +167,8 @@ def test_pipeline_settings_are_validated_with_the_key_named():
     with pytest.raises(ConfigError, match=r"parallel\.cp: pipeline parallelism .* not "
                                           "supported"):
         load_config(None, ["parallel.pp=2", "parallel.cp=2"])
+    with pytest.raises(ConfigError, match=r"parallel\.backend: gloo cannot send CUDA tensors"):
+        load_config(None, ["parallel.pp=2", "parallel.backend=gloo", "train.device=cuda"])
     from sleeptrain.plan import check_layout
 
     cfg = load_config(None, ["parallel.pp=2", "model.pattern=GAGGAG", "model.loop_start=1",
@@ -282,6 +284,50 @@ def test_stages_in_one_process_equal_windowed_loss(case):
     assert set(summed) == set(want)
     for n, g in want.items():
         assert (summed[n] - g).abs().max().item() <= 1e-12 * (1 + g.abs().max().item()), n
+
+
+@pytest.mark.gpu
+def test_stages_under_bf16_autocast_follow_the_one_process_step_on_cuda():
+    """fp32 weights, bf16 autocast on CUDA, stages [0, 3) [3, 6) with the loop range [1, 5)
+    split, N=3, in one process (``local_step(amp=True)``) against ``forward_backward`` (PP=1,
+    autocast): forwards run the same bf16 ops and backwards run outside autocast in both, so
+    the loss agrees to 1e-4 and every gradient to 2e-3 of its tensor's largest entry (fp32
+    sums over visits in another order of bf16-rounded terms). A backward taken under
+    autocast, as the runtime once did, recomputes fp32-forward matmuls in bf16: errors of
+    order 1e-2."""
+    import sleeptrain
+    from sleeptrain.sleep.runner import window_heads
+    from sleeptrain.sleep.wrapper import SleepModel
+    from sleeptrain.train.pipeline_step import local_step
+    from sleeptrain.train.step import forward_backward
+    from tests._pp_worker import batches
+
+    dev = torch.device("cuda")
+    over = [*[t for t in TINY if "params_dtype" not in t and "train.device" not in t],
+            "model.params_dtype=float32", "model.gdn_backend=chunked", "train.device=cuda",
+            *SPLIT, "sleep.passes=3"]
+    cfg = sleeptrain.load_config(None, over)
+    bounds = [0, 3, 6]
+    torch.manual_seed(0)
+    full = SleepModel(cfg.model, cfg.sleep).to(dev)
+    models = [m.to(dev) for m in _stage_models(cfg, bounds)]
+    bs = batches(cfg, dev, 3, False)
+    denom = float(sum(int(b[1][:, 1:].sum()) for b in bs))
+    ref = 0.0
+    for tokens, mask, doc in bs:
+        ls, _ = forward_backward(full, tokens, mask, doc, cfg.sleep, denom, True,
+                                 window_heads(mask.cpu(), cfg.sleep.window_len))
+        ref += float(ls)
+    results = local_step(cfg, models, bounds, bs, cfg.sleep, denom, amp=True)
+    assert results[-1][0].item() == pytest.approx(ref, rel=1e-4)
+    summed: dict[str, torch.Tensor] = {}
+    for mdl in models:
+        for n, p in mdl.named_parameters():
+            if p.grad is not None:
+                summed[n] = p.grad if n not in summed else summed[n] + p.grad
+    for n, p in full.named_parameters():
+        g = p.grad
+        assert (summed[n] - g).abs().max().item() <= 2e-3 * g.abs().max().item() + 1e-7, n
 
 
 # --- torchrun: PP=2, PP=4, TP=2 x PP=2 against one process (float32) -----------------------
@@ -469,6 +515,10 @@ def test_pp2_training_steps_and_checkpoint_resume_at_pp1(tmp_path, tmp_path_fact
 
     ref = _reference_run(tmp_path_factory, shards)
     _same_steps(_losses(pp2_run), _losses(ref), [1, 2])
+    import sleeptrain
+
+    cfg, whole, _ = sleeptrain.load_run(pp2_run)  # evaluation / inference of a PP=2 run
+    assert cfg.parallel.pp == 1 and whole.stage is None
     run = tmp_path / "run"
     shutil.copytree(pp2_run, run)
     assert train(load_config(None, _train_args(run, shards)))["step"] == 4
@@ -535,4 +585,6 @@ def test_plan_prints_the_stage_assignment_bubble_and_stage_memory(capsys):
     four = memory_estimate(load_config(yaml, ["parallel.pp=4"]), 8)
     assert 0.45 < two["weights"] / one["weights"] < 0.56
     assert 0.2 < four["weights"] / one["weights"] < 0.31
-    assert two["activations"] < one["activations"]
+    assert two["activations"] < one["activations"]  # the config caps micro-batches in flight
+    uncapped = memory_estimate(load_config(yaml, ["parallel.pp_in_flight=0"]), 8)
+    assert two["activations"] < 0.6 * uncapped["activations"]

@@ -156,6 +156,9 @@ def validate_pipeline(cfg: RunConfig) -> None:
               "parallel.pp_split", f"stage starts must increase strictly inside (0, {depth}) "
               f"for model.pattern of {depth} blocks, got {split}")
     if pp > 1:
+        _need(not (cfg.parallel.backend == "gloo" and cfg.train.device == "cuda"),
+              "parallel.backend", f"gloo cannot send CUDA tensors between pipeline stages "
+              f"(parallel.pp={pp}, train.device=cuda); use parallel.backend=nccl or auto")
         _need(cfg.parallel.cp == 1, "parallel.cp",
               f"pipeline parallelism (parallel.pp={pp}) with context parallelism "
               f"(parallel.cp={cfg.parallel.cp}) is not supported; use one of them")

@@ -177,9 +177,11 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     stage's parameters, gradients and optimizer state (``stage_params``; the tied embedding's
     copy on the last stage), its blocks' share of a window's activations, and the boundary
     tensors of the micro-batches in flight (``parallel.pp_in_flight``, default all
-    ``train.grad_accum``): with ``sleep.checkpoint`` one fp32 hidden state per token per visit
-    of the stage (its wake visit and, in the loop range, each sleep pass), without it every
-    visit's activations."""
+    ``train.grad_accum``): with ``sleep.checkpoint`` two fp32 hidden states per token per
+    visit of the stage (its wake visit and, in the loop range, each sleep pass): the visit's
+    input and its output, which the stage keeps with its graph until the visit's backward
+    (the receiving stage holds its own copy as its input; an upper bound when consecutive
+    visits share a stage); without it every visit's activations."""
     from sleeptrain.config import autocast_on, switch_on
 
     m, s, t = cfg.model, cfg.sleep, cfg.train
@@ -209,7 +211,7 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
         loops = max(0, min(b, hi) - max(a, lo))
         visits = 1 + (n_sleep * share if loops else 0)
         if s.checkpoint:
-            acts = window + fly * B * T * d * 4 * visits
+            acts = window + 2 * fly * B * T * d * 4 * visits
         else:
             loop_part = window * loops / max(hi - lo, 1)
             acts = fly * _windows(cfg, T) * (window + n_sleep * share * loop_part)

@@ -2,13 +2,13 @@
 schedule of the sleep loop, on this rank's stage.
 
 ``PipelineStep`` builds the step's schedule (``sleeptrain.plan.pipeline.step_schedule``: the
-same integers on every rank, checked by a digest over the pipeline group the first time a
-layout is seen), a ``sleeptrain.sleep.stage.StageRunner`` for the stage's visits, and the
-``execute`` callback the runtime (``sleeptrain.parallel.pipeline``) calls per operation: a
-forward takes its hidden input from a message or, on the same stage, from the producer's
-output; a backward sums the gradients of each output slot (messages and same-stage
-consumers) and hands the gradient of its hidden input on. Gradient accumulation is the
-micro-batches: gradients of all of them accumulate into ``.grad``.
+same integers on every rank, checked by a digest over the pipeline group whenever a layout
+is computed; the last few are cached), a ``sleeptrain.sleep.stage.StageRunner`` for the
+stage's visits, and the ``execute`` callback the runtime (``sleeptrain.parallel.pipeline``)
+calls per operation: a forward takes its hidden input from a message or, on the same stage,
+from the producer's output; a backward sums the gradients of each output slot (messages and
+same-stage consumers) and hands the gradient of its hidden input on. Gradient accumulation
+is the micro-batches: gradients of all of them accumulate into ``.grad``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ from sleeptrain.sleep.stage import StageRunner
 
 Micro = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
+#: schedules a stage keeps (one per layout: micro-batch lengths, rows, N, sleep settings)
+SCHEDULES_KEPT = 8
 
-def make_execute(runner: StageRunner, schedule: Schedule, stage: int
+
+def make_execute(runner: StageRunner, schedule: Schedule, stage: int, amp: bool = False
                  ) -> Callable[[Op, dict[int, torch.Tensor]], dict[int, torch.Tensor]]:
     """The runtime's callback for ``stage``: runs an operation on ``runner`` and returns the
-    tensors its messages carry (by tag)."""
+    tensors its messages carry (by tag). ``amp``: forwards run under CUDA bf16 autocast;
+    backwards never do (as at PP=1, where ``forward_backward`` calls ``backward()`` outside
+    autocast: an op's backward follows the dtypes of its forward, and a checkpointed visit's
+    recomputation restores the forward's autocast state itself)."""
     cons = [consumers(c) for c in schedule.chains]
     local: dict[tuple[int, int, str], torch.Tensor] = {}
     local_grads: dict[tuple[int, int, str], list[torch.Tensor]] = {}
@@ -47,7 +53,8 @@ def make_execute(runner: StageRunner, schedule: Schedule, stage: int
                 h_in = local.pop((op.micro, *v.h_src))
             else:
                 (h_in,) = got.values()
-        outs = runner.forward(op.micro, v, h_in)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            outs = runner.forward(op.micro, v, h_in)
         by_consumer = {t: schedule.messages[t].visit for t in
                        sends.get((op.micro, op.visit, False), [])}
         result = {}
@@ -111,11 +118,12 @@ class PipelineStep:
                  groups: PipelineGroups | None):
         self.cfg, self.model, self.bounds, self.groups = cfg, model, list(bounds), groups
         self.stage = 0 if groups is None else groups.stage
-        self._schedules: dict[Any, Schedule] = {}
+        self._schedules: dict[Any, Schedule] = {}  # by layout, least recently used first
 
     def schedule(self, batches: Sequence[Micro], sleep_cfg: SleepConfig, passes: int,
                  train: bool = True) -> Schedule:
-        """The step's schedule (cached by layout; its digest checked over the pipeline)."""
+        """The step's schedule, cached by layout (the last ``SCHEDULES_KEPT``: random N and
+        varying lengths come back); a new one's digest is checked over the pipeline."""
         lengths = micro_lengths(batches, int(sleep_cfg.window_len))
         rows = int(batches[0][0].shape[0])
         key = (tuple(map(tuple, lengths)), rows, passes, train, repr(sleep_cfg))
@@ -124,8 +132,12 @@ class PipelineStep:
                                   train)
             if self.groups is not None:
                 _check_digest(sched, self.groups)
-            self._schedules = {key: sched}
-        return self._schedules[key]
+            if len(self._schedules) >= SCHEDULES_KEPT:
+                self._schedules.pop(next(iter(self._schedules)))
+        else:
+            sched = self._schedules.pop(key)
+        self._schedules[key] = sched  # most recently used last
+        return sched
 
     def run(self, batches: Sequence[Micro], sleep_cfg: SleepConfig, denom: float,
             autocast: bool, heads: Sequence[Sequence[bool]], fused_linears: bool = False,
@@ -138,11 +150,10 @@ class PipelineStep:
         for m, ((tokens, mask, docs), hd) in enumerate(zip(batches, heads, strict=True)):
             runner.add(m, tokens, mask, docs, hd)
         amp = autocast and self.model.device.type == "cuda"
-        execute = make_execute(runner, sched, self.stage)
+        execute = make_execute(runner, sched, self.stage, amp)
         with fused_linear.micro_batch(self.model, torch.bfloat16 if amp else None,
                                       fused_linears):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                run_stage(sched, self.groups, execute, _spec(runner))
+            run_stage(sched, self.groups, execute, _spec(runner))
         return runner.results()
 
 
@@ -166,9 +177,10 @@ def _check_digest(sched: Schedule, groups: PipelineGroups) -> None:
 
 def local_step(cfg: DictConfig, models: Sequence[Any], bounds: Sequence[int],
                batches: Sequence[Micro], sleep_cfg: SleepConfig, denom: float,
-               passes: int | None = None) -> list[tuple[Any, Any]]:
+               passes: int | None = None, amp: bool = False) -> list[tuple[Any, Any]]:
     """Every stage of the pipelined step in one process (``run_local``): ``models[s]`` is
-    stage s's model. Returns each stage's (loss sum, correct count). For tests."""
+    stage s's model; ``amp``: forwards under CUDA bf16 autocast, as ``PipelineStep.run``.
+    Returns each stage's (loss sum, correct count). For tests."""
     n_pass = int(sleep_cfg.passes if passes is None else passes)
     step = PipelineStep(cfg, models[0], bounds, None)
     sched = step.schedule(batches, sleep_cfg, n_pass)
@@ -178,7 +190,7 @@ def local_step(cfg: DictConfig, models: Sequence[Any], bounds: Sequence[int],
         for m, (tokens, mask, docs) in enumerate(batches):
             r.add(m, tokens, mask, docs)
         runners.append(r)
-    run_local(sched, [make_execute(r, sched, s) for s, r in enumerate(runners)])
+    run_local(sched, [make_execute(r, sched, s, amp) for s, r in enumerate(runners)])
     return [r.results() for r in runners]
 
 

@@ -711,6 +711,10 @@ def _pipeline(cfg: DictConfig, model: Any, info: ParallelInfo) -> PipelineStep:
         check_pipeline(cfg.sleep, loop_split(cfg, bounds))
     except ValueError as e:
         raise ConfigError(f"{e} (parallel.pp={info.pp_size}, stages {bounds})") from None
+    if info.device.type == "cuda" and dist.get_backend() == "gloo":
+        raise ConfigError(f"parallel.backend: gloo cannot send CUDA tensors between pipeline "
+                          f"stages (parallel.pp={info.pp_size}); use parallel.backend=nccl or "
+                          "auto")
     return PipelineStep(cfg, model, bounds, pipeline_groups())
 
 
@@ -781,6 +785,10 @@ def load_train_state(path: Path, state: dict[str, Any], model: torch.nn.Module,
         return
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")
+    if getattr(model, "stage", None) is not None:
+        raise CheckpointError(f"{path}: a single-file checkpoint (an earlier version's format) "
+                              "loads at parallel.pp=1 only; resume it at pp=1 once, which "
+                              "writes sharded checkpoints that load at any pipeline size")
     model.load_state_dict(state["model"])  # already loaded: not load_model_weights
     opt.load_state_dict(state["optimizer"])
 

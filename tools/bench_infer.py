@@ -1,13 +1,14 @@
 """Benchmark of batched streaming sleep inference: prefill tokens/s and decode ms/token per
 batch size and context length, peak memory, and the device-hours of a full RULER table.
 
-Each (context, batch) point runs in a fresh process: build the model (random weights), prefill
-a short context untimed (first calls of the window shapes), prefill ``batch`` random contexts
-with ``BatchedStream`` (window by window, sleeping at every eviction), then decode ``--decode`` timed steps (one token per sample each) after
-``--decode-warmup`` untimed ones (on CUDA the decode step is captured as a CUDA graph after
-two eager steps unless ``--cuda-graph off``). Peak memory: ``torch.cuda.max_memory_allocated``
-on CUDA; on CPU the growth of the peak RSS (``--cpu-memory``: also the exact peak of live
-bytes in PyTorch's CPU allocator, from a second, profiled run).
+Each (context, batch) point runs in a fresh process: build the model (random weights),
+prefill a short context untimed (first calls of the window shapes), prefill ``batch`` random
+contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
+``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
+(on CUDA the decode step is captured as a CUDA graph after two eager steps unless
+``--cuda-graph off``). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
+growth of the peak RSS (``--cpu-memory``: also the exact peak of live bytes in PyTorch's CPU
+allocator, from a second, profiled run).
 
 The estimate: a RULER table of ``--ruler-tasks`` x ``--ruler-samples`` samples at each of
 ``--estimate-lengths`` costs, per batch size B, samples x length / prefill_tok_s(B) plus

@@ -32,6 +32,7 @@ same operations on other batch sizes, so float rounding only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -209,7 +210,8 @@ class BatchedStream:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Appends one token per slot (``tokens`` [B] int64); returns the logits [B, V] of the
-        wake pass at that token. Full windows sleep and are evicted first."""
+        wake pass at that token (with a CUDA graph: a static buffer, overwritten by the next
+        step). Full windows sleep and are evicted first."""
         if not self.lengths:
             raise ValueError("step() before prefill(): the stream has no context yet")
         if tokens.dim() != 1 or tokens.shape[0] != self.batch_size:
@@ -219,14 +221,9 @@ class BatchedStream:
         if full:
             self._sleep_and_evict(full)
         self.buf["tok"].copy_(tokens)
+        if self.graph is None and self.cuda_graph and self.eager_steps >= self.graph_warmup:
+            self._capture()
         if self.graph is not None:
-            self.graph.replay()
-            self.graph_replays += 1
-            logits = self.buf["logits"]
-        elif self.cuda_graph and self.eager_steps >= self.graph_warmup:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.buf["logits"] = self._token_step()
             self.graph.replay()
             self.graph_replays += 1
             logits = self.buf["logits"]
@@ -236,6 +233,37 @@ class BatchedStream:
         self.fill = [f + 1 for f in self.fill]
         self.pos = [p + 1 for p in self.pos]
         return logits
+
+    def _capture(self) -> None:
+        """Captures the token step as a CUDA graph (after ``graph_warmup`` eager steps: kernel
+        compilation, autotuning and cached masks happen outside capture). Capture records
+        kernels without running them, so the state is untouched until the first replay; a
+        capture that fails (an uncapturable kernel) turns graphs off with a warning and the
+        stream goes on eagerly. The logits a replay returns are one static buffer."""
+        state = self._state_tensors()
+        ptrs = [t.data_ptr() for t in state]
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._token_step()
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+            warnings.warn(f"BatchedStream: CUDA-graph capture of the decode step failed "
+                          f"({type(e).__name__}: {e}); decoding eagerly", stacklevel=3)
+            self.cuda_graph = False
+            return
+        if [t.data_ptr() for t in state] != ptrs:
+            raise RuntimeError("BatchedStream: a state buffer was replaced during capture "
+                               "instead of updated in place")
+        self.graph, self.buf["logits"] = graph, logits
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every static buffer the token step reads or writes."""
+        out: list[torch.Tensor] = []
+        for v in self.buf.values():
+            vals = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
+            out += [t for t in vals if isinstance(t, torch.Tensor)]
+        return out
 
     def _key_keep(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot [B] where the token's keys go, key_keep [B, S]: the keys it attends to)."""

@@ -26,7 +26,7 @@ def byte_model():
 
 def _oracle(monkeypatch, tok, answers):
     """Replaces generation by the reference answer of the prompt it is given."""
-    def fake(model, prompts, max_new_tokens, eos_id=None, batch_size=32):
+    def fake(model, prompts, max_new_tokens, eos_id=None, **options):
         return [tok.encode(answers[tok.decode(p)]) for p in prompts]
 
     monkeypatch.setattr("sleeptrain.infer.generate", fake)
@@ -140,3 +140,10 @@ def test_batched_cell_answers_equal_one_stream_per_sample(tmp_path):
         assert pred == tok.decode(out)
     with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
         run_suite(model, tok, "ruler", ["vt"], [600], 1, tmp_path, batch_size=0)
+
+
+def test_cli_names_a_bad_batch_size(tmp_path):
+    from sleeptrain.cli import main
+
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1, got 0"):
+        main(["eval", str(tmp_path), "--suite", "ruler", "--batch-size", "0"])

@@ -158,10 +158,10 @@ class Stream:
 
 def generate(model: HybridModel, prompts: list[list[int]], max_new_tokens: int | list[int],
              eos_id: int | None = None, passes: int | None = None, batch_size: int = 32,
-             cuda_graph: bool | None = None) -> list[list[int]]:
+             cuda_graph: bool = False) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token id lists) with streaming sleep inference:
     ``batch_size`` prompts of any lengths per batch (``sleeptrain.infer.batched``), the decode
-    step a CUDA graph on CUDA unless ``cuda_graph=False``. ``max_new_tokens``: one for all or
+    step a CUDA graph with ``cuda_graph`` (CUDA only). ``max_new_tokens``: one for all or
     one per prompt. A sequence's output stops at ``eos_id``."""
     return generate_batched(model, prompts, max_new_tokens, eos_id=eos_id, passes=passes,
                             batch_size=batch_size, cuda_graph=cuda_graph)

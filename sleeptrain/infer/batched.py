@@ -187,8 +187,8 @@ class BatchedStream:
                                               state.fast, ctx)
         if not self.buf:
             self._alloc(extras, extras, h_loop)
-        b, idx, n, c = self.buf, torch.tensor(slots, device=self.device), tokens.shape[1], \
-            self.carry_len
+        b, c, n = self.buf, self.carry_len, tokens.shape[1]
+        idx = torch.tensor(slots, device=self.device)
         for i in net.gdn_blocks():
             b["fast"][i].index_copy_(0, idx, fast[i].to(b["fast"][i].dtype))
             b["conv"][i].index_copy_(0, idx, extras[i])

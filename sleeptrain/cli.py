@@ -81,6 +81,8 @@ def _eval_suite(args: argparse.Namespace) -> int:
 
     if args.suite not in SUITES:
         raise SystemExit(f"error: --suite {args.suite!r}: one of tasks, {', '.join(SUITES)}")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     try:
         lengths = parse_lengths(args.lengths)
     except ValueError as e:
@@ -99,7 +101,8 @@ def _eval_suite(args: argparse.Namespace) -> int:
              f"N={cfg.sleep.passes}, L={cfg.sleep.window_len}")
     try:
         recs = run_suite(model, tok, args.suite, tasks, lengths, args.n or 20, out,
-                         seed=args.seed, eos_id=tok.eos_id, title=title)
+                         seed=args.seed, eos_id=tok.eos_id, title=title,
+                         batch_size=args.batch_size, cuda_graph=args.cuda_graph)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if recs:
@@ -233,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(ev)
     ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=32,
+                    help="suites: samples per inference batch (prefill and decode together)")
+    ev.add_argument("--cuda-graph", action="store_true",
+                    help="suites on CUDA: replay the batched decode step as a CUDA graph")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     ev.set_defaults(fn=cmd_eval)
     ge = sub.add_parser("generate", help="greedy continuation with streaming sleep inference")

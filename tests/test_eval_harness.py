@@ -26,7 +26,7 @@ def byte_model():
 
 def _oracle(monkeypatch, tok, answers):
     """Replaces generation by the reference answer of the prompt it is given."""
-    def fake(model, prompts, max_new_tokens, eos_id=None):
+    def fake(model, prompts, max_new_tokens, eos_id=None, **options):
         return [tok.encode(answers[tok.decode(p)]) for p in prompts]
 
     monkeypatch.setattr("sleeptrain.infer.generate", fake)
@@ -112,3 +112,38 @@ def test_two_data_parallel_ranks_give_the_single_process_cells(tmp_path, byte_mo
     dp = json.loads((tmp_path / "dp" / "cells" / "niah_single_1@512.json").read_text())
     one = json.loads((tmp_path / "one" / "cells" / "niah_single_1@512.json").read_text())
     assert dp["predictions"] == one["predictions"] and dp["score"] == one["score"]
+
+
+def test_batched_cell_answers_equal_one_stream_per_sample(tmp_path):
+    """The harness answers a cell's samples (prompts of different lengths, several windows
+    each) in batches of 2 through the batched engine; every prediction equals greedy decoding
+    of that sample alone with the unbatched ``Stream`` (fp64 model: the logits agree to
+    float64 rounding, so the argmax tokens are the same)."""
+    import torch
+
+    from sleeptrain.infer import Stream
+
+    model = tiny_model("model.vocab_size=258", "sleep.window_len=64", "sleep.passes=2",
+                       "sleep.eviction=sliding")[1]
+    tok = ByteTokenizer()
+    rec = harness.run_cell(model, tok, "ruler", "niah_single_1", 600, 3, 0, tok.eos_id,
+                           batch_size=2)
+    samples = harness._generator("ruler", "niah_single_1")[0](600, tok, 3, 0)
+    assert len({len(tok.encode(s.prompt)) for s in samples}) > 1  # lengths differ
+    for s, pred in zip(samples, rec["predictions"], strict=True):
+        st = Stream(model, 1)
+        with torch.no_grad():
+            out = st.generate(s.max_new_tokens, st.feed(torch.tensor([tok.encode(s.prompt)])),
+                              tok.eos_id)[0].tolist()
+        if tok.eos_id in out:
+            out = out[: out.index(tok.eos_id)]
+        assert pred == tok.decode(out)
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
+        run_suite(model, tok, "ruler", ["vt"], [600], 1, tmp_path, batch_size=0)
+
+
+def test_cli_names_a_bad_batch_size(tmp_path):
+    from sleeptrain.cli import main
+
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1, got 0"):
+        main(["eval", str(tmp_path), "--suite", "ruler", "--batch-size", "0"])

@@ -1,20 +1,31 @@
-"""Benchmark of streaming sleep inference: peak memory, prefill (sleep) throughput and per-token
-decode latency vs context length.
+"""Benchmark of batched streaming sleep inference: prefill tokens/s and decode ms/token per
+batch size and context length, peak memory, and the device-hours of a full RULER table.
 
-Each context length runs in a fresh process: build the model (random weights), stream a
-random context window by window (sleeping at every eviction), then decode ``--decode`` tokens
-one forward pass each. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
-exact peak of live bytes in PyTorch's CPU allocator (profiler events, a second identical run)
-and the growth of the process's peak RSS during the first, timed run.
+Each (context, batch) point runs in a fresh process: build the model (random weights),
+prefill a short context untimed (first calls of the window shapes), prefill ``batch`` random
+contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
+``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
+(on CUDA the decode step is captured as a CUDA graph after two eager steps unless
+``--cuda-graph off``). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
+growth of the peak RSS (``--cpu-memory``: also the exact peak of live bytes in PyTorch's CPU
+allocator, from a second, profiled run).
 
-    python tools/bench_infer.py --preset tiny --contexts 4096,8192,16384,32768      # CPU
-    python tools/bench_infer.py --preset 1.3b --device cuda --contexts 4096,65536,1048576
+The estimate: a RULER table of ``--ruler-tasks`` x ``--ruler-samples`` samples at each of
+``--estimate-lengths`` costs, per batch size B, samples x length / prefill_tok_s(B) plus
+ceil(samples / B) x ``--answer-tokens`` x decode_s_per_step(B) (the mean step, sleeps
+included), with the rates measured at the largest context run (both are flat in context
+length: the state is O(window)).
+
+    python tools/bench_infer.py --preset tiny --contexts 4096 --batches 1,4        # CPU
+    python tools/bench_infer.py --preset 1.3b --device cuda --window 2048 --passes 2 \\
+        --contexts 4096,1048576 --batches 1,32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -31,7 +42,7 @@ def _child(args) -> None:
     from bench_window import PRESETS
 
     import sleeptrain
-    from sleeptrain.infer import Stream
+    from sleeptrain.infer import BatchedStream
 
     dev = torch.device(args.device)
     over = [*PRESETS[args.preset], f"sleep.window_len={args.window}",
@@ -42,107 +53,175 @@ def _child(args) -> None:
     cfg = sleeptrain.load_config(None, over)
     model = sleeptrain.build_model(cfg, device=dev)
     model.eval()
-    ctx_len = args.context
+    graph = dev.type == "cuda" if args.cuda_graph == "auto" else args.cuda_graph == "on"
     g = torch.Generator().manual_seed(0)
     vocab = cfg.model.vocab_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    prompts = [torch.randint(0, vocab, (args.context,), generator=g) for _ in range(args.batch)]
+    # untimed: one full window and the last window's length (first calls of both shapes)
+    warm = args.context if args.context <= args.window else (
+        (args.context - 1) % args.window + 1 + args.window)
+    with torch.no_grad():
+        BatchedStream(model, args.batch, cuda_graph=False).prefill([p[:warm] for p in prompts])
 
     def run() -> dict:
-        stream = Stream(model, args.batch)
+        stream = BatchedStream(model, args.batch, cuda_graph=graph)
         sync()
         t0 = time.perf_counter()
-        logits = None
-        for s in range(0, ctx_len, args.window):
-            n = min(args.window, ctx_len - s)
-            chunk = torch.randint(0, vocab, (args.batch, n), generator=g)
-            logits = stream.feed(chunk, want="last" if s + n == ctx_len else "none")
+        logits = stream.prefill(prompts)
         sync()
         prefill = time.perf_counter() - t0
-        lat = []
         nxt = logits.argmax(-1)
-        for _ in range(args.decode_warmup):  # first calls of new shapes (kernel compilation)
-            logits = stream.feed(nxt[:, None], want="last")
-            nxt = logits.argmax(-1)
+        for _ in range(args.decode_warmup):  # first calls of new shapes, graph capture
+            nxt = stream.step(nxt).argmax(-1)
         if args.profile and dev.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(4):
-                    logits = stream.feed(nxt[:, None], want="last")
-                    nxt = logits.argmax(-1)
+                    nxt = stream.step(nxt).argmax(-1)
                 sync()
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25),
                   file=sys.stderr)
+        lat = []
         for _ in range(args.decode):
             sync()
             t1 = time.perf_counter()
-            logits = stream.feed(nxt[:, None], want="last")
+            logits = stream.step(nxt)
             nxt = logits.argmax(-1)
             sync()
             lat.append(time.perf_counter() - t1)
         if not bool(torch.isfinite(logits).all()):
             raise SystemExit("non-finite logits: the timing would be meaningless")
-        return {"prefill_tok_s": args.batch * ctx_len / prefill,
+        return {"prefill_tok_s": args.batch * args.context / prefill,
                 "decode_ms_median": 1e3 * statistics.median(lat),
-                "windows_slept": stream.windows_slept}
+                "decode_ms_mean": 1e3 * statistics.fmean(lat),
+                "windows_slept": stream.windows_slept, "cuda_graph": stream.graph is not None}
 
-    row = {"context": ctx_len, "preset": args.preset, "device": args.device,
-           "window": args.window, "passes": args.passes, "batch": args.batch}
+    row = {"context": args.context, "batch": args.batch, "preset": args.preset,
+           "device": args.device, "window": args.window, "passes": args.passes,
+           "eviction": args.eviction}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         row.update(run())
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["gpu"] = torch.cuda.get_device_name()
     else:
-        from bench_memory_cpu import alloc_peak_bytes
-
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         row.update(run())  # timed and RSS-measured without the profiler, which costs memory
         row["rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-        row["peak_mib"] = alloc_peak_bytes(run) / 2**20
+        if args.cpu_memory:
+            from bench_memory_cpu import alloc_peak_bytes
+
+            row["peak_mib"] = alloc_peak_bytes(run) / 2**20
     row["torch"] = torch.__version__
     print(json.dumps(row), flush=True)
 
 
-def main() -> None:
+def estimate(rows: list[dict], lengths: list[int], tasks: int, samples: int,
+             answer_tokens: int) -> list[dict]:
+    """Device-hours of a RULER table (``tasks`` x ``samples`` at each length) per batch size,
+    from the rows measured at the largest context (module docstring)."""
+    top = max(r["context"] for r in rows)
+    out = []
+    for r in sorted((r for r in rows if r["context"] == top), key=lambda r: r["batch"]):
+        n = tasks * samples
+        est = {"batch": r["batch"], "measured_at": top}
+        for x in lengths:
+            prefill_s = n * x / r["prefill_tok_s"]
+            decode_s = math.ceil(n / r["batch"]) * answer_tokens * r["decode_ms_mean"] / 1e3
+            est[str(x)] = (prefill_s + decode_s) / 3600
+        out.append(est)
+    return out
+
+
+def _ints(name: str, spec: str) -> list[int]:
+    try:
+        vals = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {name} {spec!r}: a comma list of integers") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"error: {name} {spec!r}: every value must be >= 1")
+    return vals
+
+
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--contexts", default="4096,8192,16384,32768")
+    ap.add_argument("--contexts", default="4096")
+    ap.add_argument("--batches", default="1")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--eviction", default="hard", choices=["hard", "sliding"])
-    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--decode-warmup", type=int, default=8)
+    ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--cpu-memory", action="store_true",
+                    help="CPU: also the allocator's exact peak (a second, profiled run)")
     ap.add_argument("--profile", action="store_true", help="print a profile of 4 decode steps")
+    ap.add_argument("--ruler-tasks", type=int, default=13)
+    ap.add_argument("--ruler-samples", type=int, default=100)
+    ap.add_argument("--answer-tokens", type=int, default=128,
+                    help="decode steps per sample in the estimate (RULER's longest answer)")
+    ap.add_argument("--estimate-lengths", default="131072,1048576")
+    ap.add_argument("--json", default="", help="also write the rows and estimates here")
     ap.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for name in ("window", "passes", "decode", "ruler_tasks", "ruler_samples",
+                 "answer_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, name)}")
+    if args.decode_warmup < 0:
+        raise SystemExit(f"error: --decode-warmup must be >= 0, got {args.decode_warmup}")
+    return args
+
+
+def _report(rows: list[dict], ests: list[dict], lengths: list[int], device: str) -> None:
+    print("\n| context | batch | windows slept | prefill tok/s | decode ms/step (median) | "
+          "decode tok/s | peak MiB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = f"{r['peak_mib']:.1f}" if "peak_mib" in r else ""
+        print(f"| {r['context']} | {r['batch']} | {r['windows_slept']} | "
+              f"{r['prefill_tok_s']:.0f} | {r['decode_ms_median']:.2f} | "
+              f"{1e3 * r['batch'] / r['decode_ms_median']:.0f} | {peak} |")
+    kind = "GPU" if device.startswith("cuda") else "CPU"
+    print(f"\nRULER table estimate, {kind}-hours (rates at context {ests[0]['measured_at']}):\n"
+          "| batch | " + " | ".join(str(x) for x in lengths) + " |\n|---|"
+          + "---|" * len(lengths))
+    for e in ests:
+        print(f"| {e['batch']} | " + " | ".join(f"{e[str(x)]:.2f}" for x in lengths) + " |")
+
+
+def main() -> None:
+    args = _parse()
     if args.context:
         _child(args)
         return
+    contexts, batches = _ints("--contexts", args.contexts), _ints("--batches", args.batches)
+    lengths = _ints("--estimate-lengths", args.estimate_lengths)
     rows = []
-    for c in [int(x) for x in args.contexts.split(",")]:
-        cmd = [sys.executable, __file__, "--context", str(c)]
-        for k in ("preset", "device", "window", "passes", "eviction", "batch", "decode",
-                  "decode_warmup"):
-            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        if args.profile:
-            cmd.append("--profile")
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0 or args.profile:
-            print(out.stderr[-8000:], file=sys.stderr)
-        if out.returncode != 0:
-            raise SystemExit(f"context {c} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    b = rows[0]
-    print(f"\n| context | prefill tok/s | decode ms/token | peak MiB | peak / peak({b['context']}) "
-          f"| decode / decode({b['context']}) |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['context']} | {r['prefill_tok_s']:.0f} | {r['decode_ms_median']:.2f} | "
-              f"{r['peak_mib']:.1f} | {r['peak_mib'] / b['peak_mib']:.3f} | "
-              f"{r['decode_ms_median'] / b['decode_ms_median']:.3f} |")
+    for c in contexts:
+        for b in batches:
+            cmd = [sys.executable, __file__, "--context", str(c), "--batch", str(b)]
+            for k in ("preset", "device", "window", "passes", "eviction", "decode",
+                      "decode_warmup", "cuda_graph"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            cmd += ["--cpu-memory"] if args.cpu_memory else []
+            cmd += ["--profile"] if args.profile else []
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0 or args.profile:
+                print(out.stderr[-8000:], file=sys.stderr)
+            if out.returncode != 0:
+                raise SystemExit(f"context {c}, batch {b} failed")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    ests = estimate(rows, lengths, args.ruler_tasks, args.ruler_samples, args.answer_tokens)
+    _report(rows, ests, lengths, args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "estimate": ests}, indent=1))
 
 
 if __name__ == "__main__":

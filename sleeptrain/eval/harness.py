@@ -1,7 +1,8 @@
 """Long-context evaluation harness: suites x tasks x lengths, streamed with sleep.
 
 A *cell* is (task, length): ``n`` generated samples of that length in the model's tokens,
-answered by greedy streaming inference (``sleeptrain.infer.generate``) and scored by the
+answered by greedy streaming inference (``sleeptrain.infer.generate``: ``batch_size`` samples
+of different lengths per batch, the decode step optionally a CUDA graph) and scored by the
 suite's scorer (0..100). Cells are written to ``OUT/cells/<task>@<length>.json`` atomically as
 they finish; a rerun skips finished cells (resumable). At the end ``results.csv``,
 ``results.md`` (task x length) and ``heatmap.png`` (when matplotlib is installed) summarize
@@ -95,8 +96,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def run_cell(model: SleepModel, tokenizer: Any, suite: str, task: str, length: int, n: int,
-             seed: int, eos_id: int | None) -> dict[str, Any] | None:
-    """Answers and scores one cell; returns its record on data-parallel rank 0, else None."""
+             seed: int, eos_id: int | None, batch_size: int = 32,
+             cuda_graph: bool = False) -> dict[str, Any] | None:
+    """Answers and scores one cell (this rank's samples, ``batch_size`` per batch, the decode
+    step a CUDA graph with ``cuda_graph``); returns its record on data-parallel rank 0, else
+    None."""
     from sleeptrain.infer import generate
 
     gen, score = _generator(suite, task)
@@ -104,12 +108,10 @@ def run_cell(model: SleepModel, tokenizer: Any, suite: str, task: str, length: i
     rank, world = _dp()
     mine = [i for i in range(len(samples)) if i % world == rank]
     t0 = time.perf_counter()
-    preds: dict[int, str] = {}
-    for i in mine:  # one request at a time: generated prompts have different lengths
-        s = samples[i]
-        ids = tokenizer.encode(s.prompt)
-        out = generate(model, [ids], s.max_new_tokens, eos_id=eos_id)[0]
-        preds[i] = tokenizer.decode(out)
+    outs = generate(model, [tokenizer.encode(samples[i].prompt) for i in mine],
+                    [samples[i].max_new_tokens for i in mine], eos_id=eos_id,
+                    batch_size=batch_size, cuda_graph=cuda_graph)
+    preds: dict[int, str] = {i: tokenizer.decode(o) for i, o in zip(mine, outs, strict=True)}
     if world > 1:
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, preds)
@@ -126,9 +128,13 @@ def run_cell(model: SleepModel, tokenizer: Any, suite: str, task: str, length: i
 
 def run_suite(model: SleepModel, tokenizer: Any, suite: str, tasks: list[str], lengths: list[int],
               n: int, out_dir: Path, seed: int = 0, eos_id: int | None = None,
-              log: Callable[[str], None] = print, title: str = "") -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, title: str = "",
+              batch_size: int = 32, cuda_graph: bool = False) -> list[dict[str, Any]]:
     """Every (task, length) cell not finished yet in ``out_dir``; then the summaries
-    (``title`` heads the heatmap)."""
+    (``title`` heads the heatmap). ``batch_size``: samples per inference batch;
+    ``cuda_graph``: decode with a CUDA graph (CUDA models)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     for task in tasks:  # fail on a bad task name before any work
         _generator(suite, task)
     cells = out_dir / "cells"
@@ -141,7 +147,8 @@ def run_suite(model: SleepModel, tokenizer: Any, suite: str, tasks: list[str], l
             if path.exists():
                 log(f"{suite} {task} @ {length}: done before, skipped")
                 continue
-            rec = run_cell(model, tokenizer, suite, task, length, n, seed, eos_id)
+            rec = run_cell(model, tokenizer, suite, task, length, n, seed, eos_id, batch_size,
+                           cuda_graph)
             if rec is not None:
                 _write_json_atomic(path, rec)
                 log(f"{suite} {task} @ {length}: {rec['score']:.1f} ({rec['n']} samples, "

@@ -13,7 +13,8 @@ A ``Stream`` holds a batch of sequences that advance together (same length so fa
   one call gives the logits ``windowed_loss`` computes (tested), and ``generate`` decodes
   greedily with one single-token forward pass per new token.
 
-Requests of different lengths are grouped by length and each group runs as one batch.
+``generate`` runs requests of any lengths together through ``sleeptrain.infer.batched``
+(the same math, per-sample lengths in one batch, a static decode step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sleeptrain.infer.batched import generate_batched
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
 from sleeptrain.sleep.state import SleepState, initial_state
@@ -154,35 +156,15 @@ class Stream:
         return torch.stack(out, 1) if out else torch.zeros(self.batch_size, 0, dtype=torch.long)
 
 
-def generate(model: HybridModel, prompts: list[list[int]], max_new_tokens: int,
-             eos_id: int | None = None, passes: int | None = None,
-             chunk: int | None = None) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (token id lists) with streaming sleep inference.
-
-    Prompts of equal length share a batch. ``chunk`` limits the tokens fed per call while
-    consuming the prompt (default: one window). A sequence's output stops at ``eos_id``.
-    """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    results: list[list[int] | None] = [None] * len(prompts)
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    device = model.embed.weight.device
-    for _length, idx in sorted(groups.items()):
-        toks = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
-        stream = Stream(model, len(idx), passes=passes, device=device)
-        step = chunk or stream.L
-        logits = None
-        for s in range(0, toks.shape[1], step):
-            logits = stream.feed(toks[:, s : s + step], want="last")
-        new = stream.generate(max_new_tokens, logits, eos_id).tolist()
-        for j, i in enumerate(idx):
-            seq = new[j]
-            if eos_id is not None and eos_id in seq:
-                seq = seq[: seq.index(eos_id)]
-            results[i] = seq
-    return [r if r is not None else [] for r in results]
+def generate(model: HybridModel, prompts: list[list[int]], max_new_tokens: int | list[int],
+             eos_id: int | None = None, passes: int | None = None, batch_size: int = 32,
+             cuda_graph: bool = False) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token id lists) with streaming sleep inference:
+    ``batch_size`` prompts of any lengths per batch (``sleeptrain.infer.batched``), the decode
+    step a CUDA graph with ``cuda_graph`` (CUDA only). ``max_new_tokens``: one for all or
+    one per prompt. A sequence's output stops at ``eos_id``."""
+    return generate_batched(model, prompts, max_new_tokens, eos_id=eos_id, passes=passes,
+                            batch_size=batch_size, cuda_graph=cuda_graph)
 
 
 __all__ = ["Stream", "generate"]

@@ -130,6 +130,24 @@ class Block(nn.Module):
         return h, s_out, extra
 
 
+    def decode(self, h: torch.Tensor, fast: torch.Tensor | None, conv: torch.Tensor | None,
+               attn: tuple[torch.Tensor, ...] | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``forward`` for one token per row, h [B, 1, d], where rows sit at different
+        positions: attention reads and writes a static KV cache (``attn`` = (positions,
+        k_cache, v_cache, slot, key_keep), ``Attention.decode``), GDN takes its fast weights
+        and conv state. Returns (h, S out or None, conv state out or None)."""
+        s_out = conv_out = None
+        if self.kind == "attention":
+            h = h + self.mixer.decode(self.norm1(h), *attn)
+        elif self.kind == "gdn":
+            y, s_out, conv_out = self.mixer(self.norm1(h), fast, conv)
+            h = h + y
+        if self.mlp is not None:
+            h = h + self.mlp(self.norm2(h))
+        return h, s_out, conv_out
+
+
 class RemoteBlock(nn.Module):
     """A block another pipeline stage holds: its kind only (no parameters, never run)."""
 

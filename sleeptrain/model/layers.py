@@ -129,6 +129,18 @@ def _rope_table(start: int, length: int, dim: int, theta: float, device: torch.d
     return ang.cos(), ang.sin()
 
 
+def rope_rows(positions: torch.Tensor, dim: int, theta: float,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, dim] at one absolute position per row (``positions`` [B] int64): the
+    same values as ``_rope_table`` gives at those positions (fp32; fp64 for fp64 ``dtype``).
+    Computed on the device without host syncs (decoding rows at different positions)."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=cdt) / dim)
+    ang = positions.to(cdt)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
 def _table_bytes(table: tuple[torch.Tensor, torch.Tensor]) -> int:
     return sum(x.numel() * x.element_size() for x in table)
 
@@ -294,6 +306,29 @@ class Attention(nn.Module):
                                          dim=1)
             o = attention_op(q, kk, vv, window, None, self.backend, key_keep)
         return row(self.out, o.reshape(b, t, -1), sp), (k, v)
+
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, slot: torch.Tensor, key_keep: torch.Tensor
+               ) -> torch.Tensor:
+        """One token per row: x [B, 1, d] at absolute ``positions`` [B]. Its post-RoPE
+        (k, v) are written into the static caches [B, S, Hkv, D] at index ``slot`` [B]
+        (in place), then it attends over the cache keys where ``key_keep`` [B, S] is True
+        (its own key included). Returns the output [B, 1, d]. No host syncs and no
+        shape-dependent branches: capturable in a CUDA graph for a fixed (B, S)."""
+        b = x.shape[0]
+        hd = self.head_dim
+        y = column(self.qkv, x).view(1, b, self.kv_local, (self.group + 2) * hd)
+        cos, sin = rope_rows(positions, hd, self.rope_theta, x.dtype)
+        # rows as the time axis: qkv_rope's [T, D] tables then hold one position per row
+        q, k, v = (z.transpose(0, 1) for z in fused.qkv_rope(y, cos, sin, self.group,
+                                                              compiled=self.compiled))
+        rows = torch.arange(b, device=x.device)
+        k_cache.index_put_((rows, slot), k[:, 0].to(k_cache.dtype))
+        v_cache.index_put_((rows, slot), v[:, 0].to(v_cache.dtype))
+        o = attention_op(q, k_cache.to(q.dtype), v_cache.to(q.dtype), None, None, self.backend,
+                         key_keep)
+        return row(self.out, o.reshape(b, 1, -1))
 
 
 class GatedDeltaNet(nn.Module):

@@ -1,0 +1,51 @@
+"""CPU smoke test of tools/bench_infer.py: a tiny model at two batch sizes, the rates it
+reports and the RULER-table estimate computed from them; bad arguments are named."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "bench_infer.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_bench_infer_reports_rates_and_the_ruler_estimate(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--preset", "tiny", "--contexts", "80", "--batches", "1,3", "--window", "32",
+                "--decode", "3", "--decode-warmup", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(r["context"], r["batch"]) for r in rows] == [(80, 1), (80, 3)]
+    for r in rows:
+        assert r["prefill_tok_s"] > 0 and r["decode_ms_median"] > 0 and r["decode_ms_mean"] > 0
+        # 80 tokens = 2 full windows + 16: both full windows sleep in prefill; the last one's
+        # 16 + 1 warm-up + 3 decode tokens stay in it (no sleep in decode)
+        assert r["windows_slept"] == 2 * r["batch"] and not r["cuda_graph"]
+    for e, r in zip(res["estimate"], rows, strict=True):
+        n = 13 * 100
+        want = (n * 1048576 / r["prefill_tok_s"]
+                + math.ceil(n / r["batch"]) * 128 * r["decode_ms_mean"] / 1e3) / 3600
+        assert e["batch"] == r["batch"] and math.isclose(e["1048576"], want, rel_tol=1e-9)
+        assert 0 < e["131072"] < e["1048576"]
+    assert "RULER table estimate, CPU-hours" in proc.stdout
+
+
+def test_bench_infer_names_bad_arguments():
+    proc = _run("--batches", "1,0")
+    assert proc.returncode != 0 and "--batches '1,0': every value must be >= 1" in proc.stderr
+    proc = _run("--contexts", "4k")
+    assert proc.returncode != 0 and "--contexts '4k': a comma list of integers" in proc.stderr
+    proc = _run("--window", "0")
+    assert proc.returncode != 0 and "--window must be >= 1, got 0" in proc.stderr

@@ -176,7 +176,12 @@ GPU_MODEL = ["model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "mode
 def test_cuda_graph_decode_equals_eager(eviction):
     """On CUDA (fp32 model, FLA / SDPA kernels), batch of 4 samples of lengths 5..71, window
     16: (1) the batched prefill's last-token logits equal one unbatched ``Stream`` per sample
-    to 1e-4 (other batch sizes pick other kernel tilings: fp32 / TF32-class rounding); (2) the
+    to 2e-3 x (1 + the largest |logit|): other batch sizes pick other tilings of FLA's fp32
+    kernels, which multiply in TF32 (unit roundoff 4.9e-4), carried through the sleep passes
+    of every window (on an H200, 2026-12-02: samples within one window identical, the longer
+    ones 8.9e-4 (hard) and 3.6e-3 (sliding) apart at logits up to ~7.4; a first tolerance of
+    1e-4 failed there, and the rest of this test has not run yet; on CPU in float64 the two
+    engines agree to 1e-12, tests above); (2) the
     decode step replayed as a CUDA graph gives the eager step's logits and state over 48
     teacher-forced tokens (3 windows: sleep and eviction between replays) to 1e-5: the same
     kernels on the same inputs, so a larger difference is a capture bug (a stale buffer or a
@@ -194,7 +199,7 @@ def test_cuda_graph_decode_equals_eager(eviction):
         graph = BatchedStream(model, 4, cuda_graph=True)
         first = eager.prefill(prompts)
         ref = torch.stack([Stream(model, 1).feed(p[None])[0] for p in prompts])
-        assert (first - ref).abs().max().item() <= 1e-4
+        assert (first - ref).abs().max().item() <= 2e-3 * (1 + ref.abs().max().item())
         assert (first - graph.prefill(prompts)).abs().max().item() <= 1e-5
         for k in range(forced.shape[1]):
             a = eager.step(forced[:, k]).clone()

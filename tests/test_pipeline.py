@@ -287,14 +287,17 @@ def test_stages_in_one_process_equal_windowed_loss(case):
 
 
 @pytest.mark.gpu
-def test_stages_under_bf16_autocast_follow_the_one_process_step_on_cuda():
+def test_stages_under_bf16_autocast_are_as_close_to_fp64_as_one_process_on_cuda():
     """fp32 weights, bf16 autocast on CUDA, stages [0, 3) [3, 6) with the loop range [1, 5)
-    split, N=3, in one process (``local_step(amp=True)``) against ``forward_backward`` (PP=1,
-    autocast): forwards run the same bf16 ops and backwards run outside autocast in both, so
-    the loss agrees to 1e-4 and every gradient to 2e-3 of its tensor's largest entry (fp32
-    sums over visits in another order of bf16-rounded terms). A backward taken under
-    autocast, as the runtime once did, recomputes fp32-forward matmuls in bf16: errors of
-    order 1e-2."""
+    split, N=3, in one process (``local_step(amp=True)``) and ``forward_backward`` (PP=1,
+    autocast), both against a float64 run of the same weights: every gradient of the
+    pipelined step is at most 1.5x (+ 1e-4 of the tensor's scale) as far from float64 as the
+    one-process step's, and the losses agree to 1e-4. bf16 rounding alone separates the two
+    bf16 steps (they sum the same bf16 terms in other orders): a first version that compared
+    them directly at 2e-3 failed on an H200 (2026-12-02, ``embed.weight`` 0.092 apart at a
+    largest entry of 6.1) while the losses agreed to 1e-4; this form has not run on a GPU
+    yet. A backward taken under autocast (as the runtime once did) would recompute
+    fp32-forward matmuls in bf16 and move the pipelined gradients further from float64."""
     import sleeptrain
     from sleeptrain.sleep.runner import window_heads
     from sleeptrain.sleep.wrapper import SleepModel
@@ -303,21 +306,29 @@ def test_stages_under_bf16_autocast_follow_the_one_process_step_on_cuda():
     from tests._pp_worker import batches
 
     dev = torch.device("cuda")
-    over = [*[t for t in TINY if "params_dtype" not in t and "train.device" not in t],
-            "model.params_dtype=float32", "model.gdn_backend=chunked", "train.device=cuda",
-            *SPLIT, "sleep.passes=3"]
-    cfg = sleeptrain.load_config(None, over)
+    base = [*[t for t in TINY if "params_dtype" not in t and "train.device" not in t],
+            "model.gdn_backend=chunked", "train.device=cuda", *SPLIT, "sleep.passes=3"]
+    cfg = sleeptrain.load_config(None, [*base, "model.params_dtype=float32"])
+    c64 = sleeptrain.load_config(None, [*base, "model.params_dtype=float64"])
     bounds = [0, 3, 6]
     torch.manual_seed(0)
     full = SleepModel(cfg.model, cfg.sleep).to(dev)
+    weights = {k: v.detach().clone() if torch.is_tensor(v) else v
+               for k, v in full.state_dict().items()}
+    m64 = SleepModel(c64.model, c64.sleep).to(dev)
+    m64.load_state_dict({k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                         for k, v in weights.items()})
     models = [m.to(dev) for m in _stage_models(cfg, bounds)]
+    for m in models:  # the same weights as ``full`` (each stage holds its share)
+        m.load_state_dict({k: v for k, v in weights.items() if m.holds(k)}, strict=False)
     bs = batches(cfg, dev, 3, False)
     denom = float(sum(int(b[1][:, 1:].sum()) for b in bs))
     ref = 0.0
     for tokens, mask, doc in bs:
-        ls, _ = forward_backward(full, tokens, mask, doc, cfg.sleep, denom, True,
-                                 window_heads(mask.cpu(), cfg.sleep.window_len))
+        hd = window_heads(mask.cpu(), cfg.sleep.window_len)
+        ls, _ = forward_backward(full, tokens, mask, doc, cfg.sleep, denom, True, hd)
         ref += float(ls)
+        forward_backward(m64, tokens, mask, doc, c64.sleep, denom, False, hd)
     results = local_step(cfg, models, bounds, bs, cfg.sleep, denom, amp=True)
     assert results[-1][0].item() == pytest.approx(ref, rel=1e-4)
     summed: dict[str, torch.Tensor] = {}
@@ -325,9 +336,16 @@ def test_stages_under_bf16_autocast_follow_the_one_process_step_on_cuda():
         for n, p in mdl.named_parameters():
             if p.grad is not None:
                 summed[n] = p.grad if n not in summed else summed[n] + p.grad
+    exact = dict(m64.named_parameters())
+    worst = 0.0
     for n, p in full.named_parameters():
-        g = p.grad
-        assert (summed[n] - g).abs().max().item() <= 2e-3 * g.abs().max().item() + 1e-7, n
+        g64 = exact[n].grad
+        scale = g64.abs().max().item()
+        e_one = (p.grad.double() - g64).abs().max().item()
+        e_pp = (summed[n].double() - g64).abs().max().item()
+        worst = max(worst, e_one / max(scale, 1e-12))
+        assert e_pp <= 1.5 * e_one + 1e-4 * scale, (n, e_pp, e_one)
+    assert worst < 0.1  # bf16 rounding, not different models: the comparison means something
 
 
 # --- torchrun: PP=2, PP=4, TP=2 x PP=2 against one process (float32) -----------------------

@@ -210,13 +210,7 @@ class Trainer:
                     f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                     f"{cfg.data.task} task's vocabulary ({self.task.vocab_size} tokens)")
         self.data = build_train_data(cfg, self.info, self.task)
-        import sleeptrain  # the package's API module builds the model
-
-        torch.manual_seed(cfg.train.seed)
-        self.model = sleeptrain.build_model(cfg, device=self.device)
-        if self.info.pp_size > 1:
-            self.pipe = _pipeline(cfg, self.model, self.info)
-        self.opt = optimizer_for(cfg, self.model)
+        self._build_model_and_optimizer(trust_checkpoint)
         self._restore(trust_checkpoint)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +222,24 @@ class Trainer:
         self.metrics.truncate_after(self.step)  # nothing past the step the run continues from
         self.peak = _peak_flops(cfg, self.device, self.rank0)
         self.measured_peak = measure_bf16_peak(self.device) if self.device.type == "cuda" else None
+        self._banner(self._speed_paths())
+        self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
+                               every=cfg.log.every, tty=cfg.log.progress)
+
+    def _build_model_and_optimizer(self, trust: bool) -> None:  # noqa: ARG002 - engines' hook
+        """The model (and this rank's pipeline stage) and the optimizer, from the seed."""
+        import sleeptrain  # the package's API module builds the model
+
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = sleeptrain.build_model(self.cfg, device=self.device)
+        if self.info.pp_size > 1:
+            self.pipe = _pipeline(self.cfg, self.model, self.info)
+        self.opt = optimizer_for(self.cfg, self.model)
+
+    def _speed_paths(self) -> str | None:
+        """The one-call N=1 form, fused linears, compiled chains, CUDA graphs and the device
+        optimizer step as the config and device allow; returns why graphs are off (None: on)."""
+        cfg = self.cfg
         is_cuda = self.device.type == "cuda"
         self.parallel = switch_on(cfg.train.parallel_n1, is_cuda)
         self.fused_linears = switch_on(cfg.train.grad_accum_fusion, is_cuda)
@@ -244,9 +256,7 @@ class Trainer:
             # learning rates on the device; with graphs on, the step is one CUDA graph
             graph = self.graphs is not None and switch_on(cfg.train.optimizer_graph, is_cuda)
             self.opt_step = DeviceLrStep(self.opt, self.device, graph=graph, verbose=self.rank0)
-        self._banner(no_graphs)
-        self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
-                               every=cfg.log.every, tty=cfg.log.progress)
+        return no_graphs
 
     def _restore(self, trust: bool) -> None:
         """Resumes from the newest intact checkpoint (damaged ones are skipped and renamed
@@ -658,9 +668,15 @@ def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = No
     installed_here = not stop.installed
     stop.install()  # a signal during start-up is a stop request, not a kill
     try:
+        engine: type[Trainer] = Trainer
+        if cfg.train.engine == "deepspeed":
+            from sleeptrain.train.ds_engine import DeepSpeedTrainer, import_deepspeed
+
+            import_deepspeed()  # the missing-package message before any process group
+            engine = DeepSpeedTrainer
         info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device,
                              cp=cfg.parallel.cp, pp=cfg.parallel.pp)
-        trainer = Trainer(cfg, info, stop, max_steps=max_steps, source=source)
+        trainer = engine(cfg, info, stop, max_steps=max_steps, source=source)
         try:
             trainer.setup(trust_checkpoint)
             exit_reason = trainer.run()

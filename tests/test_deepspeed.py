@@ -1,0 +1,238 @@
+"""The DeepSpeed ZeRO engine (``train.engine=deepspeed``) against the real deepspeed package on
+2 CPU ranks with gloo: the config section and its JSON file, the missing-package message, the
+engines' parity, reductions per step, kill-and-resume at ZeRO-3, and the conversion of a
+ZeRO-3 retrofit fine-tune to a sleeptrain run and a Hugging Face export that ``verify``
+accepts. The GPU tests (bf16 parity, peak memory) are in tests/test_deepspeed_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sleeptrain
+from sleeptrain.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DS = ["train.engine=deepspeed"]
+
+#: A tiny fp32 model on the rule110 task (3 sleep passes, 5 windows per row, tied
+#: embeddings so the head reuses the embedding's weight) with clipping that is active.
+TINY32 = [
+    "model.params_dtype=float32", "model.vocab_size=16", "model.d_model=16", "model.n_heads=4",
+    "model.n_kv_heads=2", "model.gdn_heads=2", "model.gdn_v_heads=4", "model.gdn_head_dim=8",
+    "model.gdn_v_head_dim=4", "model.ffn_hidden=24", "model.tie_embeddings=true",
+    "model.init_std=0.2", "train.device=cpu", "data.task=rule110",
+    "data.task_args={t_min: 0, t_max: 1}", "sleep.window_len=24", "sleep.passes=3",
+    "data.batch_size=2", "train.grad_accum=2", "train.steps=3", "optim.use_muon=false",
+    "optim.warmup_steps=1", "log.every=1", "log.progress=false", "train.eval_every=1000",
+    "train.ckpt_every=1000", "train.save_at_end=false", "optim.grad_clip=0.5",
+]
+ONE_WINDOW = "data.task_args={t_min: 0, t_max: 0, n_states: 1}"  # 2 windows, the first sleeps
+
+
+def _cfg(*extra: str):
+    return sleeptrain.load_config(None, [*TINY32, *extra])
+
+
+# --- the config section, the JSON file, the missing package (no process group) ----------------
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["deepspeed.stage=4"], "deepspeed.stage"),
+    (["deepspeed.stage=2", "deepspeed.offload_params=true"], "deepspeed.offload_params"),
+    (["deepspeed.stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+    (["deepspeed.reduce_bucket_size=-1"], "deepspeed.reduce_bucket_size"),
+    (["parallel.tp=2"], "parallel.tp"),
+    (["parallel.shard_optimizer=true"], "parallel.shard_optimizer"),
+    (["train.cuda_graphs=on"], "train.cuda_graphs"),
+    (["optim.use_muon=true", "optim.muon_adjust_lr=match_rms_adamw"], "optim.muon_adjust_lr"),
+    (["train.stages=[{name: warm, steps: 1, trainable: gdn}, {name: all, steps: 2}]"],
+     "train.stages"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        _cfg(*DS, *overrides)
+
+
+def test_unknown_deepspeed_key_and_engine_are_refused():
+    with pytest.raises(Exception, match="bucket_sizes"):
+        _cfg(*DS, "deepspeed.bucket_sizes=1")
+    with pytest.raises(ConfigError, match="^train.engine:"):
+        _cfg("train.engine=zero")
+
+
+def test_json_file_is_read_checked_and_laid_over(tmp_path):
+    """A plain DeepSpeed JSON file: its zero_optimization keys win over the section's, other
+    keys reach DeepSpeed's config; bad files and keys sleeptrain owns fail naming the file."""
+    from sleeptrain.train.ds_engine import deepspeed_config
+
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance":
+                                                      7}, "gradient_accumulation_steps": 2,
+                                "comms_logger": {"enabled": False}}))
+    cfg = _cfg(*DS, "deepspeed.stage=1", f"deepspeed.config_file={good}")
+    model = sleeptrain.build_model(cfg, device="cpu")
+    conf = deepspeed_config(cfg, model, dp=2, cuda=False)
+    assert conf["zero_optimization"]["stage"] == 3
+    assert conf["zero_optimization"]["stage3_max_reuse_distance"] == 7  # the file's
+    assert conf["comms_logger"] == {"enabled": False}
+    assert conf["train_batch_size"] == 2 * 2 * 2 and conf["gradient_clipping"] == 0.5
+    assert conf["optimizer"]["type"] == "AdamW"
+    bad = tmp_path / "bad.json"
+    cases = [("{\n  \"zero_optimization\": {\"stage\": 2,}\n}", "not valid JSON \\(line 2"),
+             ("[1, 2]", "must hold a JSON object"),
+             ('{"optimizer": {"type": "Adam"}}', "key 'optimizer' is not accepted"),
+             ('{"gradient_accumulation_steps": 8}', "disagrees with train.grad_accum=2"),
+             ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage: must be")]
+    for text, msg in cases:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=msg) as e:
+            _cfg(*DS, f"deepspeed.config_file={bad}")
+        assert "deepspeed.config_file" in str(e.value)
+    with pytest.raises(ConfigError, match="is not a file"):
+        _cfg(*DS, f"deepspeed.config_file={tmp_path / 'none.json'}")
+
+
+def test_zero3_settings_follow_the_loop_range():
+    """ZeRO-3's reuse distance is the loop range's parameter count (a loop parameter stays
+    gathered through a window's passes), the live limit at least that plus one block."""
+    from sleeptrain.train.ds_engine import deepspeed_config, loop_numel
+
+    cfg = _cfg(*DS, "deepspeed.stage=3", "model.pattern=AGAGAG", "model.loop_start=2",
+               "model.loop_end=4")
+    model = sleeptrain.build_model(cfg, device="cpu")
+    loop, block = loop_numel(cfg, model)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    assert loop == sizes[2] + sizes[3] and block == max(sizes)
+    zero = deepspeed_config(cfg, model, dp=1, cuda=False)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == loop
+    assert zero["stage3_max_live_parameters"] >= loop + block
+    cfg = _cfg(*DS, "deepspeed.stage=3", "deepspeed.max_reuse_distance=5", "optim.use_muon=true")
+    conf = deepspeed_config(cfg, model, dp=1, cuda=False)
+    assert conf["zero_optimization"]["stage3_max_reuse_distance"] == 5
+    assert conf["zero_optimization"]["reduce_scatter"] is False  # DeepSpeed's Muon needs it
+    assert conf["optimizer"]["type"] == "Muon"
+
+
+_NO_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None; sys.argv = {argv!r}; "
+
+
+@pytest.mark.parametrize("entry", ["train", "convert"])
+def test_missing_package_gets_a_clear_message(tmp_path, entry):
+    """With deepspeed not importable (sys.modules entry None), train.engine=deepspeed and
+    deepspeed-to-run stop with exit status 2 and the install command, before any work."""
+    if entry == "train":
+        argv = ["sleeptrain", "train", str(ROOT / "configs" / "rule110_tiny.yaml"), *DS,
+                f"train.run_dir={tmp_path / 'run'}", "train.device=cpu"]
+        code = _NO_DEEPSPEED.format(argv=argv) + "from sleeptrain.cli import main; sys.exit(main())"
+    else:
+        (tmp_path / "run" / "ds_checkpoints").mkdir(parents=True)
+        (tmp_path / "run" / "config.yaml").write_text("{}\n")
+        argv = ["convert.py", "deepspeed-to-run", str(tmp_path / "run"), str(tmp_path / "out")]
+        code = (_NO_DEEPSPEED.format(argv=argv) + f"sys.path.insert(0, {str(ROOT)!r}); "
+                "from tools.convert import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "needs the deepspeed package" in proc.stderr
+    assert 'pip install -e ".[deepspeed]"' in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists() or entry == "convert"
+    assert not (tmp_path / "out").exists()
+
+
+# --- 2 ranks, gloo ------------------------------------------------------------------------------
+
+
+def _torchrun(*args: str, env: dict[str, str] | None = None, check: bool = True
+              ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """One torchrun launch of tests/_ds_worker.py over every case."""
+    base = tmp_path_factory.mktemp("ds_engines")
+    cases = {
+        "megatron": TINY32,
+        "zero2": [*TINY32, *DS, "deepspeed.stage=2"],
+        "zero3": [*TINY32, *DS, "deepspeed.stage=3", "train.save_at_end=true"],
+        "zero3_offload": [*TINY32, *DS, "deepspeed.stage=3", "deepspeed.offload_optimizer=true",
+                          "deepspeed.offload_params=true"],
+    }
+    for stage in (1, 2, 3):  # one step: N=1 over 2 windows vs N=3 over 5 windows
+        zs = [*TINY32, *DS, f"deepspeed.stage={stage}", "train.steps=1"]
+        cases[f"s{stage}_n1"] = [*zs, "sleep.passes=1", ONE_WINDOW]
+        cases[f"s{stage}_n3"] = zs
+    cases["s1_accum1"] = [*TINY32, *DS, "deepspeed.stage=1", "train.steps=1",
+                          "train.grad_accum=1"]
+    _torchrun("tests/_ds_worker.py", str(base / "out.pt"), json.dumps(cases), str(base))
+    return base, torch.load(base / "out.pt", weights_only=False)
+
+
+@pytest.mark.slow
+def test_zero_stages_follow_the_megatron_engine(engines):
+    """ZeRO-2, ZeRO-3 and ZeRO-3 with optimizer and parameter offload against the megatron
+    engine, fp32, AdamW, gradient clipping active (norms ~10-20 against a clip of 0.5), 3
+    steps of 2 micro-batches on 2 ranks. Tolerance: losses to 1e-5 relative; weights to 1e-4
+    absolute after 3 steps of size ~lr=3e-3. The reductions differ only in fp32 summation
+    order (DeepSpeed divides by the world size before summing, in flat buckets), ~1e-7
+    relative in the gradient; Adam's normalized step m / (sqrt(v) + eps) magnifies that for
+    elements whose gradient is near zero (measured: weights 3-4e-5, losses 1e-6)."""
+    _, res = engines
+    ref = res["megatron"]
+    assert len(ref["loss"]) == 3
+    for case in ("zero2", "zero3", "zero3_offload"):
+        got = res[case]
+        assert got["steps"] == 3
+        for a, b in zip(ref["loss"], got["loss"], strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), (case, ref["loss"], got["loss"])
+        for a, b in zip(ref["grad_norm"], got["grad_norm"], strict=True):
+            assert abs(a - b) <= 1e-3 * a, (case, ref["grad_norm"], got["grad_norm"])
+        assert set(got["weights"]) == set(ref["weights"])
+        worst = max((got["weights"][k] - ref["weights"][k]).abs().max().item()
+                    for k in ref["weights"])
+        assert worst <= 1e-4, (case, worst)
+
+
+@pytest.mark.slow
+def test_gradients_are_reduced_per_step_not_per_window_or_pass(engines):
+    """DeepSpeed's logged reduction collectives of one optimizer step do not depend on the
+    number of windows or sleep passes (a loop-range parameter used N x W times has its
+    gradient reduced once); ZeRO-1 reduces once per step (2 micro-batches as many as 1),
+    ZeRO-2 and 3 once per micro-batch (to free the gradient, DeepSpeed's design)."""
+    _, res = engines
+    for stage in (1, 2, 3):
+        n1, n3 = res[f"s{stage}_n1"]["reductions"], res[f"s{stage}_n3"]["reductions"]
+        assert n1 and n1 == n3, (stage, n1, n3)
+    assert res["s1_accum1"]["reductions"] == res["s1_n3"]["reductions"]
+    assert sum(res["s2_n3"]["reductions"].values()) > sum(res["s1_n3"]["reductions"].values())
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_converts_to_the_trained_weights(engines, tmp_path):
+    """deepspeed-to-run of the ZeRO-3 run's final DeepSpeed checkpoint (zero_to_fp32 over
+    both ranks' partitions) gives exactly the weights the engine held (gathered in the
+    worker)."""
+    from sleeptrain.convert import load_run_model
+    from sleeptrain.convert.deepspeed import deepspeed_to_run
+
+    base, res = engines
+    _, model, step = deepspeed_to_run(base / "zero3", tmp_path / "run")
+    assert step == 3
+    _, loaded = load_run_model(tmp_path / "run")
+    want = res["zero3"]["weights"]
+    for name, t in loaded.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, want[name]), name

@@ -177,6 +177,9 @@ def engines(tmp_path_factory):
         cases[f"s{stage}_n3"] = zs
     cases["s1_accum1"] = [*TINY32, *DS, "deepspeed.stage=1", "train.steps=1",
                           "train.grad_accum=1"]
+    gdn_only = "train.stages=[{name: ssm_warmup, steps: 3, trainable: gdn}]"
+    cases["megatron_gdn_only"] = [*TINY32, gdn_only]
+    cases["zero3_gdn_only"] = [*TINY32, *DS, "deepspeed.stage=3", gdn_only]
     _torchrun("tests/_ds_worker.py", str(base / "out.pt"), json.dumps(cases), str(base))
     return base, torch.load(base / "out.pt", weights_only=False)
 
@@ -189,11 +192,13 @@ def test_zero_stages_follow_the_megatron_engine(engines):
     absolute after 3 steps of size ~lr=3e-3. The reductions differ only in fp32 summation
     order (DeepSpeed divides by the world size before summing, in flat buckets), ~1e-7
     relative in the gradient; Adam's normalized step m / (sqrt(v) + eps) magnifies that for
-    elements whose gradient is near zero (measured: weights 3-4e-5, losses 1e-6)."""
+    elements whose gradient is near zero (measured: weights 3-4e-5, losses 1e-6). The
+    SSM-only warm-up stage (only the GDN mixers train) at ZeRO-3 against the megatron
+    engine's: the frozen weights stay exactly at their start."""
     _, res = engines
-    ref = res["megatron"]
-    assert len(ref["loss"]) == 3
-    for case in ("zero2", "zero3", "zero3_offload"):
+    assert len(res["megatron"]["loss"]) == 3
+    for case in ("zero2", "zero3", "zero3_offload", "zero3_gdn_only"):
+        ref = res["megatron_gdn_only" if case.endswith("gdn_only") else "megatron"]
         got = res[case]
         assert got["steps"] == 3
         for a, b in zip(ref["loss"], got["loss"], strict=True):
@@ -204,6 +209,12 @@ def test_zero_stages_follow_the_megatron_engine(engines):
         worst = max((got["weights"][k] - ref["weights"][k]).abs().max().item()
                     for k in ref["weights"])
         assert worst <= 1e-4, (case, worst)
+    start = sleeptrain.build_model(_cfg(), device="cpu").state_dict()
+    frozen = [k for k in start if isinstance(start[k], torch.Tensor) and ".mixer." not in k]
+    assert frozen and all(torch.equal(res["zero3_gdn_only"]["weights"][k], start[k])
+                          for k in frozen)
+    assert not torch.equal(res["zero3_gdn_only"]["weights"]["blocks.1.mixer.out_proj.weight"],
+                           start["blocks.1.mixer.out_proj.weight"])
 
 
 @pytest.mark.slow
@@ -236,3 +247,149 @@ def test_zero3_checkpoint_converts_to_the_trained_weights(engines, tmp_path):
     for name, t in loaded.state_dict().items():
         if isinstance(t, torch.Tensor):
             assert torch.equal(t, want[name]), name
+
+
+def _train(run: Path, common: list[str], env: dict[str, str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    return _torchrun("-m", "sleeptrain.cli", "train", *common, f"train.run_dir={run}", env=env,
+                     check=check)
+
+
+def _metrics(run: Path) -> list[tuple[int, float, float]]:
+    from sleeptrain.train.logging import read_metrics
+
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_zero3_retrofit_kill_resume_convert_and_verify(tmp_path):
+    """A tiny Llama retrofitted with an inserted GDN block (import-hf --insert-gdn), fine-tuned
+    at ZeRO-3 on 2 ranks through the CLI under torchrun: a run whose rank 1 is SIGKILLed while
+    writing its step-4 checkpoint keeps step 2 in force, and resuming it gives the losses and
+    gradient norms of the uninterrupted run at steps 3 and 4 exactly, and the same weights.
+    The final DeepSpeed checkpoint converts (deepspeed-to-run), exports (export-hf) and passes
+    verify against the converted run."""
+    from sleeptrain.convert import import_hf
+    from sleeptrain.convert.deepspeed import deepspeed_state_dict
+    from sleeptrain.train.ds_engine import DS_DIR, LATEST
+    from tests.test_convert import _hf_model
+
+    hf = _hf_model("llama", tmp_path)
+    base = tmp_path / "base"
+    import_hf(hf, base, insert_gdn=[1], overrides=["sleep.window_len=16", "sleep.passes=2"])
+    common = [str(base / "config.yaml"), f"train.init_from={base}", *DS, "deepspeed.stage=3",
+              "train.device=cpu", "train.steps=4", "train.ckpt_every=2", "optim.use_muon=false",
+              "optim.warmup_steps=1", "data.source=task", "data.task=rule110",
+              "data.task_args={width: 8, t_min: 1, t_max: 2}", "data.batch_size=2",
+              "train.grad_accum=2", "data.eval_batch_size=4", "train.eval_examples=4",
+              "train.eval_every=1000", "log.every=1", "log.progress=false"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    # the uninterrupted run under DeepSpeed's launcher, the others under torchrun
+    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+                           "--master_port", "29533", "--module", "sleeptrain.cli", "train",
+                           *common, f"train.run_dir={full}"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    killed = _train(cut, common, env={"SLEEPTRAIN_FAULT": "after_shards:4:1"}, check=False)
+    assert killed.returncode != 0
+    assert (cut / DS_DIR / LATEST).read_text().strip() == "step_00000002"
+    _train(cut, common)
+    want, got = _metrics(full), _metrics(cut)
+    assert [m[0] for m in want] == [1, 2, 3, 4]
+    assert got[-2:] == want[-2:], (want, got)
+    tag, a = deepspeed_state_dict(full)
+    _, b = deepspeed_state_dict(cut)
+    assert tag == "step_00000004" and all(torch.equal(a[k], b[k]) for k in a)
+    tool = [sys.executable, str(ROOT / "tools" / "convert.py")]
+    for args in (["deepspeed-to-run", str(full), str(tmp_path / "conv")],
+                 ["export-hf", str(tmp_path / "conv"), str(tmp_path / "hf_out")]):
+        proc = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([*tool, "verify", str(tmp_path / "hf_out"), str(tmp_path / "conv"),
+                           "--trust-remote-code", "--length", "30"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] is True
+    bad = subprocess.run([*tool, "deepspeed-to-run", str(full), str(tmp_path / "x"), "--tag",
+                          "step_9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "step_9: no such DeepSpeed checkpoint" in bad.stderr
+
+
+# --- the recipe configs -------------------------------------------------------------------------
+
+
+QWEN15 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "intermediate_size": 8960,
+          "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+          "vocab_size": 151936, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+          "tie_word_embeddings": True, "hidden_act": "silu"}
+FLA15 = {"architectures": ["GatedDeltaNetForCausalLM"], "hidden_size": 2048,
+         "num_hidden_layers": 24, "num_heads": 8, "head_dim": 128, "expand_v": 2.0,
+         "vocab_size": 32000, "norm_eps": 1e-6, "tie_word_embeddings": False,
+         "attn": {"layers": [5, 11, 17, 23], "num_heads": 16, "num_kv_heads": 4,
+                  "rope_theta": 10000.0}}
+
+
+def _model_matches(cfg, overrides: list[str]) -> None:
+    from sleeptrain.config import parse_override
+
+    for item in overrides:
+        key, value = parse_override(item)
+        ours = cfg.model[key.split(".", 1)[1]]
+        assert (ours == float(value) if isinstance(ours, float) else ours == value), item
+
+
+def test_recipe_configs_are_what_import_hf_writes():
+    """The GSM retrofit recipes load (validated), run the DeepSpeed engine at ZeRO-3 with
+    offload, and their model sections are the converters' output for the reference models
+    (Ouro-style: Qwen2.5-1.5B's shape with g blocks before every 4th layer, the loop over all
+    blocks; Jet-style: a 24-layer FLA hybrid looped over its middle half); the sliding variant
+    is an SSM-only warm-up under hard eviction, then all parameters under sliding eviction
+    starting from the warm-up's converted run."""
+    from sleeptrain.config.derived import loop_range
+    from sleeptrain.convert import fla_gdn, hf_llama
+
+    load = lambda name: sleeptrain.load_config(ROOT / "configs" / f"{name}.yaml")
+    ouro, jet = load("gsm_retrofit_ouro_style"), load("gsm_retrofit_jet_style")
+    warm, slide = (load("gsm_retrofit_ouro_style_sliding_warmup"),
+                   load("gsm_retrofit_ouro_style_sliding"))
+    for cfg in (ouro, jet, warm, slide):
+        assert cfg.train.engine == "deepspeed" and cfg.deepspeed.stage == 3
+        assert cfg.deepspeed.offload_optimizer and cfg.deepspeed.offload_params
+        assert cfg.data.source == "shards"
+    _model_matches(ouro, hf_llama.model_overrides(QWEN15, [0, 4, 8, 12, 16, 20, 24])[0])
+    _model_matches(jet, fla_gdn.model_overrides(FLA15, 5632)[0])
+    depth = len(ouro.model.pattern)
+    assert loop_range(ouro.model) == (0, depth) and "G" not in ouro.model.pattern
+    assert (ouro.sleep.window_len, ouro.sleep.eviction) == (2000, "hard")
+    assert loop_range(jet.model) == (len(jet.model.pattern) // 4, 3 * len(jet.model.pattern) // 4)
+    assert warm.model == ouro.model == slide.model
+    assert [(s.trainable, s.eviction) for s in warm.train.stages] == [("gdn", "hard")]
+    assert (warm.sleep.window_len, slide.sleep.window_len, slide.sleep.eviction) == (
+        512, 512, "sliding")
+    assert not slide.train.stages
+    assert slide.train.init_from == f"{warm.train.run_dir}_final"
+
+
+def test_gsm_shards_put_the_loss_on_the_answer(tmp_path):
+    """tools/make_gsm_shards.py: question-first GSM problems whose mask covers exactly the
+    answer and the eos; bad --ops exits 2."""
+    sys.path.insert(0, str(ROOT))
+    from sleeptrain.data.tokenizers import build_tokenizer
+    from sleeptrain.eval.gsm import generate_gsm
+    from tools.make_gsm_shards import gsm_docs, main
+
+    tok = build_tokenizer("byte")
+    docs = list(gsm_docs(tok, [1, 3], 1200, 2, seed=1))
+    samples = [*generate_gsm(1, 1200, tok, 2, 1), *generate_gsm(3, 1200, tok, 2, 1)]
+    assert len(docs) == 4
+    for (tokens, mask), s in zip(docs, samples, strict=True):
+        answer = bytes(int(t) for t, m in zip(tokens, mask, strict=True) if m and t < 256)
+        assert answer.decode() == " " + s.outputs[0] and tokens[-1] == tok.eos_id
+        text = bytes(int(t) for t in tokens if t < 256).decode()
+        assert text.index(s.meta["question"]) < text.index(s.meta["core"][0])
+    assert main(["--ops", "1", "--target-len", "1200", "--n", "2", "--out",
+                 str(tmp_path / "gsm")]) == 0
+    assert (tmp_path / "gsm" / "manifest.json").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["--ops", "9", "--target-len", "1200", "--n", "2", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2

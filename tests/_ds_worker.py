@@ -1,8 +1,10 @@
 """Trains a few steps with each case's overrides (megatron or DeepSpeed engine) and, on rank 0,
 saves per case the logged losses and gradient norms, the final weights (gathered from the
-ZeRO partitions) and DeepSpeed's count of reduction collectives per step.
+ZeRO partitions), DeepSpeed's count of reduction collectives per step and, on a GPU, the peak
+of allocated GPU memory.
 
-Run by tests/test_deepspeed.py under torch.distributed.run with gloo:
+Run by tests/test_deepspeed.py (2 ranks, gloo) and tests/test_deepspeed_gpu.py (1 GPU) under
+torch.distributed.run:
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_ds_worker.py OUT.pt
 '{"case": ["key=value", ...], ...}' BASE_DIR`` (each case's run directory: BASE_DIR/case).
 A DeepSpeed case gets a JSON file turning on DeepSpeed's communication logger
@@ -61,14 +63,20 @@ def run_case(overrides: list[str], run_dir: Path) -> dict[str, Any]:
         cfg.deepspeed.config_file = str(logger)
     else:
         Engine = Trainer
-    info = init_parallel(cfg.parallel.tp, "gloo", "cpu")
+    info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device)
+    cuda = info.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(info.device)
     trainer = Engine(cfg, info, process_stop_flag())
     trainer.setup()
     if deepspeed_engine:
         _reductions()  # nothing before the first step counts
     trainer.run()
     trainer.close()
-    out = {"weights": _weights(trainer), "reductions": _reductions() if deepspeed_engine else {}}
+    out = {"weights": _weights(trainer), "reductions": _reductions() if deepspeed_engine else {},
+           "peak_bytes": torch.cuda.max_memory_allocated(info.device) if cuda else 0}
+    out["weights"] = {k: v.cpu() for k, v in out["weights"].items()}
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
     out["loss"] = [r["loss"] for r in rows]
     out["grad_norm"] = [r["grad_norm"] for r in rows]

@@ -122,6 +122,17 @@ def test_zero3_settings_follow_the_loop_range():
     assert conf["optimizer"]["type"] == "Muon"
 
 
+def test_megatron_engine_refuses_a_deepspeed_run_dir(tmp_path):
+    """A run directory with DeepSpeed checkpoints is not silently restarted by the megatron
+    engine: ConfigError naming train.engine and the conversion, nothing written."""
+    from sleeptrain.train.trainer import train
+
+    (tmp_path / "ds_checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="^train.engine: .* holds DeepSpeed checkpoints"):
+        train(_cfg(f"train.run_dir={tmp_path}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds_checkpoints"]
+
+
 _NO_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None; sys.argv = {argv!r}; "
 
 
@@ -190,11 +201,13 @@ def engines(tmp_path_factory):
 def test_zero_stages_follow_the_megatron_engine(engines):
     """ZeRO-2, ZeRO-3 and ZeRO-3 with optimizer and parameter offload against the megatron
     engine, fp32, AdamW, gradient clipping active (norms ~10-20 against a clip of 0.5), 3
-    steps of 2 micro-batches on 2 ranks. Tolerance: losses to 1e-5 relative; weights to 1e-4
-    absolute after 3 steps of size ~lr=3e-3. The reductions differ only in fp32 summation
-    order (DeepSpeed divides by the world size before summing, in flat buckets), ~1e-7
-    relative in the gradient; Adam's normalized step m / (sqrt(v) + eps) magnifies that for
-    elements whose gradient is near zero (measured: weights 3-4e-5, losses 1e-6). The
+    steps of 2 micro-batches on 2 ranks. Tolerance: losses to 1e-5 relative, gradient norms
+    to 2e-3 relative, weights to 1e-4 absolute after 3 steps of size ~lr=3e-3. The reductions
+    differ only in fp32 summation order (DeepSpeed divides by the world size before summing,
+    in flat buckets), ~1e-7 relative in the gradient; Adam's normalized step
+    m / (sqrt(v) + eps) magnifies that for elements whose gradient is near zero, and the
+    later steps' gradients follow the weights (measured: weights 3.1-5.5e-5, losses <= 1e-6,
+    norms <= 7.6e-4 at step 3; a wrong loss scale or a missed reduction is off by 2x). The
     SSM-only warm-up stage (only the GDN mixers train) at ZeRO-3 against the megatron
     engine's: the frozen weights stay exactly at their start."""
     _, res = engines
@@ -206,7 +219,7 @@ def test_zero_stages_follow_the_megatron_engine(engines):
         for a, b in zip(ref["loss"], got["loss"], strict=True):
             assert abs(a - b) <= 1e-5 * abs(a), (case, ref["loss"], got["loss"])
         for a, b in zip(ref["grad_norm"], got["grad_norm"], strict=True):
-            assert abs(a - b) <= 1e-3 * a, (case, ref["grad_norm"], got["grad_norm"])
+            assert abs(a - b) <= 2e-3 * a, (case, ref["grad_norm"], got["grad_norm"])
         assert set(got["weights"]) == set(ref["weights"])
         worst = max((got["weights"][k] - ref["weights"][k]).abs().max().item()
                     for k in ref["weights"])

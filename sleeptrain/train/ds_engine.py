@@ -33,8 +33,14 @@ from sleeptrain.config import to_yaml
 from sleeptrain.config.derived import loop_range
 from sleeptrain.config.validate import ConfigError, deepspeed_zero, read_deepspeed_file
 from sleeptrain.sleep.runner import parallel_applies, parallel_loss, window_heads, windowed_loss
-from sleeptrain.train.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
+from sleeptrain.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    find_latest_checkpoint,
+    restore_rng_state,
+)
 from sleeptrain.train.optim import is_muon_param, uses_weight_decay
+from sleeptrain.train.resume import check_resume
 from sleeptrain.train.stages import sleep_for_eval, stage_at, trainable_predicate
 from sleeptrain.train.trainer import (
     NonFiniteLossError,
@@ -211,9 +217,17 @@ class DeepSpeedTrainer(Trainer):
 
         deepspeed = import_deepspeed()
         cfg = self.cfg
+        resuming = latest_tag(self.run_dir) is not None
+        if find_latest_checkpoint(self.run_dir, verify=False) is not None:
+            raise ConfigError(
+                f"train.engine: {self.run_dir} holds checkpoints of the megatron engine; "
+                "train.engine=deepspeed does not resume them (start a new train.run_dir with "
+                f"train.init_from={self.run_dir})")
+        if resuming:
+            self.changes = check_resume(self.run_dir, cfg)
         torch.manual_seed(cfg.train.seed)
         self.model = sleeptrain.build_model(cfg, device=self.device)
-        if latest_tag(self.run_dir) is None and cfg.train.init_from:
+        if not resuming and cfg.train.init_from:
             _init_from(cfg.train.init_from, self.model, self.rank0, trust)
         stage = cfg.train.stages[0] if cfg.train.stages else None
         pred = trainable_predicate(stage.trainable if stage else "all")

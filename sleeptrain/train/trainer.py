@@ -203,6 +203,11 @@ class Trainer:
         has_ckpt = find_latest_checkpoint(self.run_dir, verify=False) is not None
         if has_ckpt:
             self.changes = check_resume(self.run_dir, cfg)
+        if cfg.train.engine == "megatron" and (self.run_dir / "ds_checkpoints").is_dir():
+            raise ConfigError(
+                f"train.engine: {self.run_dir} holds DeepSpeed checkpoints (train.engine="
+                "deepspeed); resume it with that engine, or convert it (tools/convert.py "
+                "deepspeed-to-run) and start from it with train.init_from")
         if cfg.data.source == "task":
             self.task = build_task(cfg.data.task, **dict(cfg.data.task_args))
             if self.task.vocab_size > cfg.model.vocab_size:
@@ -285,7 +290,8 @@ class Trainer:
         if not self.rank0:
             return
         cfg, info = self.cfg, self.info
-        n_params = (sum(p.numel() for p in self.model.parameters()) * info.tp_size
+        n_params = (sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size
+                        for p in self.model.parameters()) * info.tp_size
                     if self.pipe is None else param_count(cfg.model))
         dtype = "bf16 autocast" if self.amp else cfg.model.params_dtype
         threads = ""

@@ -182,6 +182,8 @@ def engines(tmp_path_factory):
         "zero3": [*TINY32, *DS, "deepspeed.stage=3", "train.save_at_end=true"],
         "zero3_offload": [*TINY32, *DS, "deepspeed.stage=3", "deepspeed.offload_optimizer=true",
                           "deepspeed.offload_params=true"],
+        # window x pass activation checkpointing: ZeRO-3 re-gathers for the recomputation
+        "zero3_checkpointed": [*TINY32, *DS, "deepspeed.stage=3", "sleep.checkpoint=true"],
     }
     for stage in (1, 2, 3):  # one step: N=1 over 2 windows vs N=3 over 5 windows
         zs = [*TINY32, *DS, f"deepspeed.stage={stage}", "train.steps=1"]
@@ -199,8 +201,9 @@ def engines(tmp_path_factory):
 
 @pytest.mark.slow
 def test_zero_stages_follow_the_megatron_engine(engines):
-    """ZeRO-2, ZeRO-3 and ZeRO-3 with optimizer and parameter offload against the megatron
-    engine, fp32, AdamW, gradient clipping active (norms ~10-20 against a clip of 0.5), 3
+    """ZeRO-2, ZeRO-3, ZeRO-3 with optimizer and parameter offload and ZeRO-3 with window x
+    pass activation checkpointing against the megatron engine, fp32, AdamW,
+    gradient clipping active (norms ~10-20 against a clip of 0.5), 3
     steps of 2 micro-batches on 2 ranks. Tolerance: losses to 1e-5 relative, gradient norms
     to 2e-3 relative, weights to 1e-4 absolute after 3 steps of size ~lr=3e-3. The reductions
     differ only in fp32 summation order (DeepSpeed divides by the world size before summing,
@@ -212,7 +215,7 @@ def test_zero_stages_follow_the_megatron_engine(engines):
     engine's: the frozen weights stay exactly at their start."""
     _, res = engines
     assert len(res["megatron"]["loss"]) == 3
-    for case in ("zero2", "zero3", "zero3_offload", "zero3_gdn_only"):
+    for case in ("zero2", "zero3", "zero3_offload", "zero3_checkpointed", "zero3_gdn_only"):
         ref = res["megatron_gdn_only" if case.endswith("gdn_only") else "megatron"]
         got = res[case]
         assert got["steps"] == 3

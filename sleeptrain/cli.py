@@ -200,6 +200,10 @@ def _trust_flag(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sleeptrain", description="Train and evaluate sleep models.")
+    # the deepspeed launcher passes --local_rank=N before the command (LOCAL_RANK in the
+    # environment says the same and is what is used)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train (or resume) the run of a config")
     tr.add_argument("config", help="YAML config file (see configs/)")

@@ -5,6 +5,7 @@
     python tools/convert.py export-hf RUN_DIR OUT_HF_DIR [--form llama|fla|custom]
     python tools/convert.py verify HF_DIR RUN_DIR [--tokens 1,2,3 | --length 32] [--tol 1e-4]
     torchrun --nproc-per-node=W tools/convert.py reshard RUN_DIR OUT_RUN parallel.tp=T
+    python tools/convert.py deepspeed-to-run DS_RUN_DIR OUT_RUN [--tag step_00000100]
 
 import-hf reads a Hugging Face directory (config.json + *.safetensors, tensor by tensor): a
 Llama / Qwen2 model, or a flash-linear-attention GatedDeltaNetForCausalLM (pure GDN or a
@@ -25,7 +26,10 @@ window covering it; a custom-code model is compared with sleeptrain's streaming 
 and exits 1 when the largest logit difference exceeds --tol. reshard rewrites the run's
 latest checkpoint (weights, optimizer and training state) for the layout given by the
 overrides, run with that layout's world size; it reads the result back and fails unless the
-logits are identical. Exit status 2: bad arguments or an unconvertible checkpoint.
+logits are identical. deepspeed-to-run reads a train.engine=deepspeed run's DeepSpeed
+checkpoint (ZeRO 0-3, merged by DeepSpeed's zero_to_fp32 utilities; default: the newest
+complete one) and writes it as a sleeptrain run (weights at that step), which export-hf and
+verify then take. Exit status 2: bad arguments or an unconvertible checkpoint.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--logits-out", default=None, help="save the read-back check's logits")
     rs.add_argument("--no-check", action="store_true",
                     help="skip reading the result back (it builds a second model)")
+    dsr = sub.add_parser("deepspeed-to-run",
+                         help="train.engine=deepspeed checkpoint -> sleeptrain run")
+    dsr.add_argument("run_dir")
+    dsr.add_argument("out")
+    dsr.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     return ap
 
 
@@ -97,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export-hf":
             cfg, model = load_run_model(args.run_dir)
             print(f"wrote {export_hf(model, cfg, args.out, args.form)}")
+            return 0
+        if args.cmd == "deepspeed-to-run":
+            from sleeptrain.convert.deepspeed import deepspeed_to_run
+
+            cfg, _, step = deepspeed_to_run(args.run_dir, args.out, args.tag)
+            print(f"wrote {args.out}: step {step}, pattern {cfg.model.pattern} (weights only; "
+                  f"export with export-hf, fine-tune further with train.init_from)")
             return 0
         if args.cmd == "reshard":
             if args.no_check and args.logits_out:

@@ -180,6 +180,10 @@ class TrainConfig:
     # as one call per layer over the whole row (sleeptrain.sleep.runner.parallel_loss): auto
     # (on for CUDA) | on | off. Same loss and gradients up to float rounding.
     parallel_n1: str = "auto"
+    # which engine runs the step: megatron (megatron-core layers, DDP / distributed optimizer,
+    # TP / CP / PP) or deepspeed (DeepSpeed ZeRO 1-3 with CPU offload, for fine-tuning
+    # pretrained models retrofitted with sleep; the ``deepspeed`` section, docs/design.md)
+    engine: str = "megatron"
     # CPU threads for torch (intra-op) on a CPU run: 0 = auto (OMP_NUM_THREADS if set; else 1
     # for d_model < 1024, else the usable cores, at most 8, shared by the node's ranks);
     # printed at start-up
@@ -221,6 +225,30 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedSection:
+    """The DeepSpeed ZeRO engine (``train.engine=deepspeed``; docs/design.md, "DeepSpeed
+    engine"). Batch size, accumulation, clipping, the optimizer and its learning rates come
+    from ``data``, ``train`` and ``optim``; this section sets ZeRO. ``config_file``: a plain
+    DeepSpeed JSON file whose keys are laid over the ones built here (a key sleeptrain also
+    sets must agree with it). ZeRO-3 parameter settings left at null are chosen from the sleep
+    loop (the loop range's parameters are used N times per window)."""
+
+    stage: int = 2  # ZeRO stage: 0 (plain data parallel), 1, 2 or 3
+    offload_optimizer: bool = False  # optimizer state (and its step) on the CPU
+    offload_params: bool = False  # parameters on the CPU between uses (stage 3 only)
+    bf16_weights: bool = False  # DeepSpeed's bf16 mode: bf16 weights and gradients, fp32 master
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 50_000_000  # elements per all-gather bucket (stages 1, 2)
+    overlap_comm: bool = False  # overlap gradient reduction with the backward
+    # stage 3 (null: from the loop range, docs/design.md)
+    prefetch_bucket_size: int | None = None
+    param_persistence_threshold: int | None = None
+    max_live_parameters: int | None = None
+    max_reuse_distance: int | None = None
+    config_file: str = ""
+
+
+@dataclass
 class RunConfig:
     """The whole run."""
 
@@ -231,3 +259,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)

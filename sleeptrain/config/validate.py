@@ -164,6 +164,132 @@ def validate_pipeline(cfg: RunConfig) -> None:
               f"(parallel.cp={cfg.parallel.cp}) is not supported; use one of them")
 
 
+#: Top-level keys of a DeepSpeed JSON file that sleeptrain sets from its own config: the file
+#: may repeat them only with the same value (``deepspeed_file_conflicts``).
+DS_OWNED = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+}
+#: Keys a DeepSpeed JSON file must not hold: the optimizer and schedule come from ``optim``,
+#: and fp16 loss scaling is not supported (bf16 or fp32 only).
+DS_REFUSED = {
+    "optimizer": "the optimizer is built from optim.* (Muon + AdamW, docs/design.md)",
+    "scheduler": "the learning-rate schedule comes from optim.schedule / optim.warmup_steps",
+    "fp16": "fp16 loss scaling is not supported; use deepspeed.bf16_weights or fp32",
+}
+
+
+def read_deepspeed_file(path: str) -> dict[str, Any]:
+    """The JSON object of ``deepspeed.config_file``; ConfigError naming the file (and the
+    line of a syntax error) otherwise."""
+    import json
+    from pathlib import Path
+
+    key = "deepspeed.config_file"
+    file = Path(path)
+    _need(file.is_file(), key, f"{path!r} is not a file")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {path}: not valid JSON (line {e.lineno}, column "
+                          f"{e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
+    _need(isinstance(data, dict), key, f"{path}: must hold a JSON object, got "
+          f"{type(data).__name__}")
+    return data
+
+
+def deepspeed_zero(cfg: RunConfig) -> dict[str, Any]:
+    """The ``zero_optimization`` settings the ``deepspeed`` section asks for, with those of
+    ``deepspeed.config_file`` laid over them (ZeRO-3's null settings are not included: the
+    engine chooses them from the loop range)."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "overlap_comm": ds.overlap_comm,
+    }
+    if ds.stage in (1, 2):
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    for name in ("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
+                 "max_reuse_distance"):
+        if getattr(ds, name) is not None:
+            zero[f"stage3_{name}"] = getattr(ds, name)
+    if ds.config_file:
+        extra = read_deepspeed_file(ds.config_file).get("zero_optimization", {})
+        _need(isinstance(extra, dict), "deepspeed.config_file",
+              f"{ds.config_file}: zero_optimization must be a JSON object")
+        zero.update(extra)
+    return zero
+
+
+def validate_deepspeed(cfg: RunConfig) -> None:
+    """Checks ``train.engine=deepspeed`` against the rest of the config: the ``deepspeed``
+    section, its JSON file, and the settings only the megatron engine has (TP / CP / PP, the
+    sharded optimizer, CUDA graphs, stages that change the trainable set)."""
+    ds = cfg.deepspeed
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size",
+                 "param_persistence_threshold", "max_live_parameters", "max_reuse_distance"):
+        value = getattr(ds, name)
+        _need(value is None or value >= 0, f"deepspeed.{name}", f"must be >= 0, got {value}")
+    zero = deepspeed_zero(cfg)  # reads and checks the JSON file
+    where = (f"deepspeed.config_file ({ds.config_file}) zero_optimization.stage"
+             if ds.config_file and "stage" in (read_deepspeed_file(ds.config_file)
+                                               .get("zero_optimization", {}))
+             else "deepspeed.stage")
+    _need(zero["stage"] in (0, 1, 2, 3), where, f"must be 0, 1, 2 or 3, got {zero['stage']!r}")
+    if "offload_param" in zero:
+        _need(zero["stage"] == 3, "deepspeed.offload_params",
+              f"parameter offload needs ZeRO stage 3, the stage is {zero['stage']}")
+    if "offload_optimizer" in zero:
+        _need(zero["stage"] >= 1, "deepspeed.offload_optimizer",
+              "optimizer offload needs ZeRO stage 1, 2 or 3, the stage is 0")
+    if ds.config_file:
+        data = read_deepspeed_file(ds.config_file)
+        for k, why in DS_REFUSED.items():
+            _need(k not in data, "deepspeed.config_file",
+                  f"{ds.config_file}: key {k!r} is not accepted: {why}")
+        owned = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
+                 "gradient_accumulation_steps": cfg.train.grad_accum,
+                 "gradient_clipping": cfg.optim.grad_clip}
+        for k, ours in owned.items():
+            _need(k not in data or data[k] == ours, "deepspeed.config_file",
+                  f"{ds.config_file}: {k}={data.get(k)!r} disagrees with {DS_OWNED[k]}={ours!r} "
+                  f"(set {DS_OWNED[k]} instead)")
+        bf16 = data.get("bf16", {})
+        _need(not isinstance(bf16, dict) or bf16.get("enabled", ds.bf16_weights)
+              == ds.bf16_weights, "deepspeed.config_file",
+              f"{ds.config_file}: bf16.enabled disagrees with deepspeed.bf16_weights="
+              f"{ds.bf16_weights}")
+    for key, value in (("parallel.tp", cfg.parallel.tp), ("parallel.cp", cfg.parallel.cp),
+                       ("parallel.pp", cfg.parallel.pp)):
+        _need(value == 1, key, f"train.engine=deepspeed is data parallel only (ZeRO); "
+              f"{key}={value} needs train.engine=megatron")
+    _need(not cfg.parallel.shard_optimizer, "parallel.shard_optimizer",
+          "train.engine=deepspeed shards the optimizer with ZeRO (deepspeed.stage); "
+          "parallel.shard_optimizer is the megatron engine's")
+    _need(cfg.train.cuda_graphs != "on", "train.cuda_graphs",
+          "CUDA graphs are the megatron engine's; train.engine=deepspeed runs eagerly")
+    _need(cfg.train.optimizer_graph != "on", "train.optimizer_graph",
+          "the optimizer graph is the megatron engine's; train.engine=deepspeed steps with "
+          "DeepSpeed")
+    if cfg.optim.use_muon:
+        _need(cfg.optim.muon_adjust_lr == "original", "optim.muon_adjust_lr",
+              "train.engine=deepspeed runs DeepSpeed's Muon, whose learning-rate scaling is "
+              "the original one; set optim.muon_adjust_lr=original")
+    sets = {st.trainable for st in cfg.train.stages}
+    _need(len(sets) <= 1, "train.stages",
+          f"train.engine=deepspeed builds its ZeRO partitions for one trainable set, the "
+          f"stages have {sorted(sets)}; run a warm-up stage as its own run and start the next "
+          "from it with train.init_from (configs/gsm_retrofit_ouro_style_sliding.yaml)")
+
+
 def validate_run(cfg: RunConfig) -> None:
     """Checks the whole tree: each section, then combinations across sections."""
     validate_model(cfg.model, tp=cfg.parallel.tp)
@@ -206,6 +332,9 @@ def validate_run(cfg: RunConfig) -> None:
     _choice(cfg.train.grad_accum_fusion, "train.grad_accum_fusion", ("auto", "on", "off"))
     _choice(cfg.train.parallel_n1, "train.parallel_n1", ("auto", "on", "off"))
     _choice(cfg.train.optimizer_graph, "train.optimizer_graph", ("auto", "on", "off"))
+    _choice(cfg.train.engine, "train.engine", ("megatron", "deepspeed"))
+    if cfg.train.engine == "deepspeed":
+        validate_deepspeed(cfg)
     _choice(cfg.log.wandb, "log.wandb", ("disabled", "offline", "online"))
     _choice(cfg.parallel.backend, "parallel.backend", ("auto", "gloo", "nccl"))
     _need(cfg.parallel.tp >= 1, "parallel.tp", "must be >= 1")

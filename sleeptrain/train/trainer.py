@@ -203,6 +203,11 @@ class Trainer:
         has_ckpt = find_latest_checkpoint(self.run_dir, verify=False) is not None
         if has_ckpt:
             self.changes = check_resume(self.run_dir, cfg)
+        if cfg.train.engine == "megatron" and (self.run_dir / "ds_checkpoints").is_dir():
+            raise ConfigError(
+                f"train.engine: {self.run_dir} holds DeepSpeed checkpoints (train.engine="
+                "deepspeed); resume it with that engine, or convert it (tools/convert.py "
+                "deepspeed-to-run) and start from it with train.init_from")
         if cfg.data.source == "task":
             self.task = build_task(cfg.data.task, **dict(cfg.data.task_args))
             if self.task.vocab_size > cfg.model.vocab_size:
@@ -210,13 +215,7 @@ class Trainer:
                     f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                     f"{cfg.data.task} task's vocabulary ({self.task.vocab_size} tokens)")
         self.data = build_train_data(cfg, self.info, self.task)
-        import sleeptrain  # the package's API module builds the model
-
-        torch.manual_seed(cfg.train.seed)
-        self.model = sleeptrain.build_model(cfg, device=self.device)
-        if self.info.pp_size > 1:
-            self.pipe = _pipeline(cfg, self.model, self.info)
-        self.opt = optimizer_for(cfg, self.model)
+        self._build_model_and_optimizer(trust_checkpoint)
         self._restore(trust_checkpoint)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +227,24 @@ class Trainer:
         self.metrics.truncate_after(self.step)  # nothing past the step the run continues from
         self.peak = _peak_flops(cfg, self.device, self.rank0)
         self.measured_peak = measure_bf16_peak(self.device) if self.device.type == "cuda" else None
+        self._banner(self._speed_paths())
+        self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
+                               every=cfg.log.every, tty=cfg.log.progress)
+
+    def _build_model_and_optimizer(self, trust: bool) -> None:  # noqa: ARG002 - engines' hook
+        """The model (and this rank's pipeline stage) and the optimizer, from the seed."""
+        import sleeptrain  # the package's API module builds the model
+
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = sleeptrain.build_model(self.cfg, device=self.device)
+        if self.info.pp_size > 1:
+            self.pipe = _pipeline(self.cfg, self.model, self.info)
+        self.opt = optimizer_for(self.cfg, self.model)
+
+    def _speed_paths(self) -> str | None:
+        """The one-call N=1 form, fused linears, compiled chains, CUDA graphs and the device
+        optimizer step as the config and device allow; returns why graphs are off (None: on)."""
+        cfg = self.cfg
         is_cuda = self.device.type == "cuda"
         self.parallel = switch_on(cfg.train.parallel_n1, is_cuda)
         self.fused_linears = switch_on(cfg.train.grad_accum_fusion, is_cuda)
@@ -244,9 +261,7 @@ class Trainer:
             # learning rates on the device; with graphs on, the step is one CUDA graph
             graph = self.graphs is not None and switch_on(cfg.train.optimizer_graph, is_cuda)
             self.opt_step = DeviceLrStep(self.opt, self.device, graph=graph, verbose=self.rank0)
-        self._banner(no_graphs)
-        self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
-                               every=cfg.log.every, tty=cfg.log.progress)
+        return no_graphs
 
     def _restore(self, trust: bool) -> None:
         """Resumes from the newest intact checkpoint (damaged ones are skipped and renamed
@@ -275,7 +290,8 @@ class Trainer:
         if not self.rank0:
             return
         cfg, info = self.cfg, self.info
-        n_params = (sum(p.numel() for p in self.model.parameters()) * info.tp_size
+        n_params = (sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size
+                        for p in self.model.parameters()) * info.tp_size
                     if self.pipe is None else param_count(cfg.model))
         dtype = "bf16 autocast" if self.amp else cfg.model.params_dtype
         threads = ""
@@ -658,9 +674,15 @@ def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = No
     installed_here = not stop.installed
     stop.install()  # a signal during start-up is a stop request, not a kill
     try:
+        engine: type[Trainer] = Trainer
+        if cfg.train.engine == "deepspeed":
+            from sleeptrain.train.ds_engine import DeepSpeedTrainer, import_deepspeed
+
+            import_deepspeed()  # the missing-package message before any process group
+            engine = DeepSpeedTrainer
         info = init_parallel(cfg.parallel.tp, cfg.parallel.backend, cfg.train.device,
                              cp=cfg.parallel.cp, pp=cfg.parallel.pp)
-        trainer = Trainer(cfg, info, stop, max_steps=max_steps, source=source)
+        trainer = engine(cfg, info, stop, max_steps=max_steps, source=source)
         try:
             trainer.setup(trust_checkpoint)
             exit_reason = trainer.run()

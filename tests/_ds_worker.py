@@ -14,6 +14,7 @@ A DeepSpeed case gets a JSON file turning on DeepSpeed's communication logger
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def run_case(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     if deepspeed_engine:
         from sleeptrain.train.ds_engine import DeepSpeedTrainer as Engine
 
-        logger = run_dir.parent / f"{run_dir.name}_ds.json"
+        # one file per rank: both ranks writing one file raced (a rank read it half written)
+        rank = os.environ.get("RANK", "0")
+        logger = run_dir.parent / f"{run_dir.name}_ds_rank{rank}.json"
         logger.write_text(json.dumps({"comms_logger": {"enabled": True, "prof_all": True}}))
         cfg.deepspeed.config_file = str(logger)
     else:

@@ -45,6 +45,25 @@ from sleeptrain.sleep.state import SleepState, initial_state
 Prompt = Sequence[int] | torch.Tensor
 
 
+def greedy(first_logits: torch.Tensor, max_new_tokens: int, eos_id: int | None,
+           step: Any) -> torch.Tensor:
+    """Greedy decoding from ``first_logits`` [B, V]: ``step(tokens [B])`` returns the next
+    logits. Returns the new tokens [B, max_new_tokens] (after ``eos_id`` a row repeats it)."""
+    batch = first_logits.shape[0]
+    out = []
+    logits = first_logits
+    done = torch.zeros(batch, dtype=torch.bool, device=first_logits.device)
+    for k in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        out.append(nxt)
+        if k + 1 < max_new_tokens:
+            logits = step(nxt)
+    return torch.stack(out, 1) if out else torch.zeros(batch, 0, dtype=torch.long)
+
+
 def _as_ids(p: Prompt, i: int, vocab: int) -> torch.Tensor:
     """Sample i's token ids as a 1-D CPU int64 tensor (checked)."""
     t = torch.as_tensor(p, dtype=torch.long) if not isinstance(p, torch.Tensor) else p
@@ -368,20 +387,7 @@ class BatchedStream:
         if first_logits.shape[0] != self.batch_size:
             raise ValueError(f"first_logits must be [{self.batch_size}, V], got "
                              f"{tuple(first_logits.shape)}")
-        out = []
-        logits = first_logits
-        done = torch.zeros(self.batch_size, dtype=torch.bool, device=first_logits.device)
-        for k in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out.append(nxt)
-            if k + 1 < max_new_tokens:
-                logits = self.step(nxt)
-        if not out:
-            return torch.zeros(self.batch_size, 0, dtype=torch.long)
-        return torch.stack(out, 1)
+        return greedy(first_logits, max_new_tokens, eos_id, self.step)
 
 
 def generate_batched(model: HybridModel, prompts: Sequence[Prompt],

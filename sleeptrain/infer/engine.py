@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sleeptrain.infer.batched import generate_batched
+from sleeptrain.infer.batched import generate_batched, greedy
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
 from sleeptrain.sleep.state import SleepState, initial_state
@@ -142,18 +142,8 @@ class Stream:
                  eos_id: int | None = None) -> torch.Tensor:
         """Greedy decoding from the logits of the last fed token ([B, V]); returns the new
         tokens [B, max_new_tokens] (after ``eos_id``, a sequence repeats ``eos_id``)."""
-        out = []
-        logits = first_logits
-        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits = self.feed(nxt[:, None], want="last")
-        return torch.stack(out, 1) if out else torch.zeros(self.batch_size, 0, dtype=torch.long)
+        return greedy(first_logits, max_new_tokens, eos_id,
+                      lambda nxt: self.feed(nxt[:, None], want="last"))
 
 
 def generate(model: HybridModel, prompts: list[list[int]], max_new_tokens: int | list[int],

@@ -157,60 +157,22 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
     clipped but left out of this rank's squares.
     """
     params = [p for p in params if p.grad is not None]
-    if pp_group is not None:
-        return _clip_pipeline(params, max_norm, pp_group, {id(p) for p in counted_elsewhere})
-    if not params:
+    if pp_group is None and not params:
         return torch.zeros(())
     group, size, _ = tp_group_and_size()
-    dev = params[0].grad.device
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-
-    def squares(ps: list[torch.Tensor]) -> torch.Tensor:
-        # one multi-tensor norm kernel per dtype instead of three kernels per parameter
-        if not ps:
-            return zero
-        norms = torch._foreach_norm([p.grad.detach() for p in ps])
-        return torch.stack([n.float() for n in norms]).pow(2).sum()
-
-    split = squares([p for p in params if partition_dim(p) is not None])
-    rep = squares([p for p in params if partition_dim(p) is None])
-    if size > 1:
-        split = split.clone()
-        dist.all_reduce(split, group=group)
-    total = (split + rep).sqrt()
-    if math.isfinite(max_norm):
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
-        for dt, grads in by_dtype.items():
-            torch._foreach_mul_(grads, coef.to(dt))
-    return total
-
-
-def _clip_pipeline(params: list[torch.Tensor], max_norm: float, pp_group: Any,
-                   skip: set[int]) -> torch.Tensor:
-    """``clip_grad_norm_`` for a pipeline stage: squares of the counted parameters (TP rules
-    as above) summed over the pipeline group, then every gradient scaled."""
-    group, size, _ = tp_group_and_size()
     dev = params[0].grad.device if params else torch.device("cpu")
-    if dist.get_backend(pp_group) == "nccl" and dev.type != "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if pp_group is not None and dist.get_backend(pp_group) == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())  # a stage without gradients
+    skip = {id(p) for p in counted_elsewhere}
     counted = [p for p in params if id(p) not in skip]
-
-    def squares(ps: list[torch.Tensor]) -> torch.Tensor:
-        if not ps:
-            return torch.zeros((), dtype=torch.float32, device=dev)
-        norms = torch._foreach_norm([p.grad.detach() for p in ps])
-        return torch.stack([n.float() for n in norms]).pow(2).sum()
-
-    split = squares([p for p in counted if partition_dim(p) is not None])
-    rep = squares([p for p in counted if partition_dim(p) is None])
+    split = _grad_squares([p for p in counted if partition_dim(p) is not None], dev)
+    rep = _grad_squares([p for p in counted if partition_dim(p) is None], dev)
     if size > 1:
         split = split.clone()
         dist.all_reduce(split, group=group)
     total_sq = split + rep
-    dist.all_reduce(total_sq, group=pp_group)
+    if pp_group is not None:  # every stage holds its own parameters
+        dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if math.isfinite(max_norm) and params:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -220,6 +182,15 @@ def _clip_pipeline(params: list[torch.Tensor], max_norm: float, pp_group: Any,
         for dt, grads in by_dtype.items():
             torch._foreach_mul_(grads, coef.to(dt))
     return total
+
+
+def _grad_squares(ps: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """The sum of the squared gradient entries of ``ps`` (float32, on ``dev``): one
+    multi-tensor norm kernel per dtype instead of three kernels per parameter."""
+    if not ps:
+        return torch.zeros((), dtype=torch.float32, device=dev)
+    norms = torch._foreach_norm([p.grad.detach() for p in ps])
+    return torch.stack([n.float() for n in norms]).pow(2).sum()
 
 
 __all__ = ["clip_grad_norm_", "full_shape", "gather_last_dim", "gather_tp", "partition_dim",

@@ -54,14 +54,20 @@ def test_two_gpu_training_follows_one_gpu(tmp_path, layout):
     kernels multiply fp32 in TF32 (10-bit mantissa), so a changed summation order moves a
     gradient norm by ~2e-4 relative after four steps (H200, 2026-11-22); CPU runs agree to
     rtol 1e-6 (tests/test_parallel.py)."""
+    _two_gpus_follow_one(tmp_path, [], ["parallel.tp=1", "data.batch_size=4"], layout)
+
+
+def _two_gpus_follow_one(tmp_path, extra, one_only, layout):
+    """Four AdamW steps (fp32 weights and arithmetic) on one GPU and on two with ``layout``:
+    losses and gradient norms agree to rtol 1e-3 (the tests' docstrings say why)."""
     over = [*[o for o in RUN if not o.startswith(("train.device", "parallel.backend",
                                                   "model.params_dtype", "model.gdn_head_dim"))],
             "model.params_dtype=float32", "model.gdn_head_dim=32", "train.precision=fp32",
-            "optim.use_muon=false", *GPU]
+            "optim.use_muon=false", *extra, *GPU]
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
-    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over, "parallel.tp=1",
-              "data.batch_size=4", f"train.run_dir={tmp_path / 'one'}", nproc=1)
+    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over, *one_only,
+              f"train.run_dir={tmp_path / 'one'}", nproc=1)
     _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over, *layout,
               f"train.run_dir={tmp_path / 'two'}")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -79,18 +85,4 @@ def test_pipeline_and_context_parallel_training_follow_one_gpu(tmp_path, layout)
     rows). Tolerance as in the TP/DP test above (rtol 1e-3: fp32 weights, FLA's kernels in
     TF32, other summation orders); on CPU the same layouts agree to 1e-5
     (tests/test_pipeline.py, tests/test_context_parallel.py)."""
-    over = [*[o for o in RUN if not o.startswith(("train.device", "parallel.backend",
-                                                  "model.params_dtype", "model.gdn_head_dim"))],
-            "model.params_dtype=float32", "model.gdn_head_dim=32", "train.precision=fp32",
-            "optim.use_muon=false", "data.batch_size=4", "train.grad_accum=3", *GPU]
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("{}\n")
-    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over,
-              f"train.run_dir={tmp_path / 'one'}", nproc=1)
-    _torchrun("-m", "sleeptrain.cli", "train", str(empty), *over, *layout,
-              f"train.run_dir={tmp_path / 'two'}")
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    for (l2, g2), (l1, g1) in zip(two, one, strict=True):
-        assert l2 == pytest.approx(l1, rel=1e-3)
-        assert g2 == pytest.approx(g1, rel=1e-3)
+    _two_gpus_follow_one(tmp_path, ["data.batch_size=4", "train.grad_accum=3"], [], layout)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -219,6 +220,35 @@ def test_launcher_turns_sigterm_into_a_clean_stop_with_exit_zero(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "stop requested (signal SIGTERM): saved step" in out
     assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_every_rank_names_the_signal_that_only_one_rank_has_received(tmp_path):
+    # The launcher forwards SIGTERM to the ranks one after the other, so rank 0 can take its
+    # stop decision before its own signal arrives: it must still name the signal (CI saw
+    # "another rank's stop request" where the log promises the signal).
+    script = textwrap.dedent(f"""
+        import sys, types, torch, torch.distributed as dist
+        from pathlib import Path
+        from sleeptrain.train.trainer import Trainer
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=rank,
+                                world_size=2)
+        me = types.SimpleNamespace(
+            stop=types.SimpleNamespace(requested=rank == 1, signal=15 if rank == 1 else None),
+            run_dir=Path({str(tmp_path)!r}) / "run{{}}".format(rank), device=torch.device("cpu"),
+            cfg=types.SimpleNamespace(train=types.SimpleNamespace(exit_after_minutes=0)))
+        print(Trainer.stop_requested(me))
+        me.stop.requested, me.stop.signal = False, None
+        print(Trainer.stop_requested(me))
+        dist.destroy_process_group()
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    assert [o.split("\n")[:2] for o, _ in outs] == [["signal SIGTERM", "None"]] * 2
 
 
 @pytest.mark.slow

@@ -88,12 +88,17 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def _max_over_ranks(value: int, device: torch.device) -> int:
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
+
+
+# stop reasons as numbers, so that every rank agrees on one (the largest) and names it: a
+# signal is its number; the STOP file and the time limit come after every signal number
+_STOP_FILE, _STOP_TIME = 1000, 1001
 
 
 def cpu_threads(setting: int, local_ranks: int, d_model: int) -> int:
@@ -530,19 +535,26 @@ class Trainer:
                         "ckpt_bytes": info.bytes})
 
     def stop_requested(self) -> str | None:
-        """Why the run should stop now (signal, STOP file, time limit), agreed by all ranks."""
-        why = None
+        """Why the run should stop now (signal, STOP file, time limit), agreed by all ranks:
+        each rank's reason as a number, the largest wins, so rank 0 names a signal that only
+        another rank has received yet (the launcher forwards it to each rank in turn)."""
         path = stop_file(self.run_dir)
+        code = 0
         if self.stop.requested:
-            why = f"signal {signal.Signals(self.stop.signal).name}"
+            code = int(self.stop.signal)
         elif path.exists():
-            why = f"{path}"
+            code = _STOP_FILE
         elif self.cfg.train.exit_after_minutes > 0 and (
                 time.monotonic() - self.started) / 60 > self.cfg.train.exit_after_minutes:
-            why = f"train.exit_after_minutes={self.cfg.train.exit_after_minutes}"
-        if _any_rank(why is not None, self.device):
-            return why or "another rank's stop request"
-        return None
+            code = _STOP_TIME
+        code = _max_over_ranks(code, self.device)
+        if code == 0:
+            return None
+        if code == _STOP_FILE:
+            return f"{path}"
+        if code == _STOP_TIME:
+            return f"train.exit_after_minutes={self.cfg.train.exit_after_minutes}"
+        return f"signal {signal.Signals(code).name}"
 
     def consume_stop_file(self) -> None:
         """A stop request is done once the run has stopped: the signal is forgotten and the

@@ -356,6 +356,59 @@ def test_load_run_falls_back_without_renaming(tmp_path: Path, capsys: Any) -> No
 # ----------------------------------------------------------------------------- bench tool
 
 
+def _written_dir(root: Path) -> Path:
+    """A directory as another library writes it (files at two depths), with its record."""
+    (root / "sub").mkdir(parents=True)
+    (root / "model_states.pt").write_bytes(os.urandom(5000))
+    (root / "sub" / "optim_0.pt").write_bytes(os.urandom(300))
+    (root / "empty").write_bytes(b"")
+    assert ck.record_dir_digests(root) == 5300
+    return root
+
+
+def test_directory_record_names_every_change(tmp_path: Path) -> None:
+    # the digest record of DeepSpeed's checkpoint directories: every kind of change to the
+    # files is named, before anything is read as a pickle
+    from sleeptrain.train.checkpoint import CorruptCheckpointError
+
+    root = _written_dir(tmp_path / "d")
+    ck.verify_dir_digests(root)
+    record = json.loads((root / ck.DIR_DIGESTS_FILE).read_text())
+    assert sorted(record["sizes"]) == ["empty", "model_states.pt", "sub/optim_0.pt"]
+    data = bytearray((root / "sub" / "optim_0.pt").read_bytes())
+    data[7] ^= 0x20
+    (root / "sub" / "optim_0.pt").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"sub/optim_0.pt does not match its "
+                       rf"sha256 digest in {ck.DIR_DIGESTS_FILE}"):
+        ck.verify_dir_digests(root, trust=True)  # trust never waives a mismatch
+    cases = {"added": lambda r: (r / "sub" / "optim_1.pt").write_bytes(b"x"),
+             "removed": lambda r: (r / "empty").unlink(),
+             "resized": lambda r: (r / "model_states.pt").write_bytes(b"short")}
+    want = {"added": r"sub/optim_1.pt is not in", "removed": r"empty is missing",
+            "resized": r"model_states.pt has 5 bytes, \S+ records 5000"}
+    for name, change in cases.items():
+        root = _written_dir(tmp_path / name)
+        change(root)
+        with pytest.raises(CorruptCheckpointError, match=want[name]):
+            ck.verify_dir_digests(root)
+    root = _written_dir(tmp_path / "garbled")
+    (root / ck.DIR_DIGESTS_FILE).write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="is unreadable"):
+        ck.verify_dir_digests(root)
+
+
+def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
+    root = _written_dir(tmp_path / "d")
+    (root / ck.DIR_DIGESTS_FILE).unlink()
+    with pytest.raises(UntrustedCheckpointError, match=rf"no {ck.DIR_DIGESTS_FILE} in it.*"
+                       "--trust-checkpoint"):
+        ck.verify_dir_digests(root)
+    ck.verify_dir_digests(root, trust=True)
+    (root / ck.DIR_DIGESTS_FILE).write_text(json.dumps({"sizes": {}, "digests": "none"}))
+    with pytest.raises(UntrustedCheckpointError, match="holds no valid digest record"):
+        ck.verify_dir_digests(root)
+
+
 def test_bench_tool_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/bench_ckpt.py", str(out), "--device", "cpu",

@@ -290,7 +290,8 @@ def test_zero3_retrofit_kill_resume_convert_and_verify(tmp_path):
     gradient norms of the uninterrupted run at steps 3 and 4 exactly, and the same weights.
     The uninterrupted run goes through DeepSpeed's launcher, the others through torchrun. The
     final DeepSpeed checkpoint converts (deepspeed-to-run), exports (export-hf, custom code:
-    the pattern has a g block) and passes verify against the converted run (fp32: 1e-4)."""
+    the pattern has a g block) and passes verify against the converted run (fp32: 1e-4).
+    A corrupted checkpoint file is named and skipped (below)."""
     from sleeptrain.convert import import_hf
     from sleeptrain.convert.deepspeed import deepspeed_state_dict
     from sleeptrain.train.ds_engine import DS_DIR, LATEST
@@ -332,6 +333,35 @@ def test_zero3_retrofit_kill_resume_convert_and_verify(tmp_path):
     assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, res
     with pytest.raises(ConversionError, match="step_9: no such DeepSpeed checkpoint"):
         deepspeed_to_run(full, tmp_path / "x", tag="step_9")
+
+    # integrity: every DeepSpeed checkpoint has a digest record, checked before DeepSpeed
+    # unpickles a file. A flipped byte in step 4 of the resumed run: named by the converter;
+    # the trainer skips step 4 (renamed, kept), resumes from step 2 and reproduces steps 3-4.
+    from sleeptrain.train.checkpoint import (
+        DIR_DIGESTS_FILE,
+        CorruptCheckpointError,
+        UntrustedCheckpointError,
+    )
+
+    step4 = cut / DS_DIR / "step_00000004"
+    victim = max((f for f in step4.rglob("*.pt")), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=f"{victim.name} does not match"):
+        deepspeed_state_dict(cut)
+    proc = _train(cut, common)
+    assert "skipping DeepSpeed checkpoint step_00000004" in proc.stdout, proc.stdout[-3000:]
+    assert f"{victim.name} does not match its sha256 digest" in proc.stdout
+    assert (cut / DS_DIR / "corrupt-step_00000004" / victim.name).is_file()
+    assert "resumed from step 2" in proc.stdout
+    assert _metrics(cut)[-2:] == want[-2:]
+    # a checkpoint without a record (written by another tool) is read only when trusted
+    (full / DS_DIR / "step_00000004" / DIR_DIGESTS_FILE).unlink()
+    with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint"):
+        deepspeed_state_dict(full)
+    _, c = deepspeed_state_dict(full, trust=True)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 # --- the recipe configs -------------------------------------------------------------------------

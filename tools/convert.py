@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsr.add_argument("run_dir")
     dsr.add_argument("out")
     dsr.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    dsr.add_argument("--trust-checkpoint", action="store_true",
+                     help="read a checkpoint without sleeptrain's digest record (written "
+                          "before digests existed, or copied from elsewhere): only for files "
+                          "you trust")
     return ap
 
 
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "deepspeed-to-run":
             from sleeptrain.convert.deepspeed import deepspeed_to_run
 
-            cfg, _, step = deepspeed_to_run(args.run_dir, args.out, args.tag)
+            cfg, _, step = deepspeed_to_run(args.run_dir, args.out, args.tag,
+                                            trust=args.trust_checkpoint)
             print(f"wrote {args.out}: step {step}, pattern {cfg.model.pattern} (weights only; "
                   f"export with export-hf, fine-tune further with train.init_from)")
             return 0

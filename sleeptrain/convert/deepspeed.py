@@ -35,10 +35,13 @@ def _tag_of(ckdir: Path, tag: str | None) -> str:
     return tag
 
 
-def deepspeed_state_dict(run_dir: str | Path, tag: str | None = None
+def deepspeed_state_dict(run_dir: str | Path, tag: str | None = None, *, trust: bool = False
                          ) -> tuple[str, dict[str, torch.Tensor]]:
     """(tag, the model's fp32 tensors by sleeptrain name) of a DeepSpeed run's checkpoint
-    ``tag`` (default: the one ``latest`` names)."""
+    ``tag`` (default: the one ``latest`` names). Its files are checked against the digest
+    record the trainer wrote before DeepSpeed unpickles them (CorruptCheckpointError naming
+    the file); a checkpoint without one is refused unless ``trust``."""
+    from sleeptrain.train.checkpoint import verify_dir_digests
     from sleeptrain.train.ds_engine import DS_DIR, import_deepspeed
 
     import_deepspeed()
@@ -46,6 +49,7 @@ def deepspeed_state_dict(run_dir: str | Path, tag: str | None = None
 
     ckdir = Path(run_dir) / DS_DIR
     tag = _tag_of(ckdir, tag)
+    verify_dir_digests(ckdir / tag, trust=trust)
     try:
         full = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
@@ -58,8 +62,8 @@ def deepspeed_state_dict(run_dir: str | Path, tag: str | None = None
     return tag, {k[len(PREFIX):]: v for k, v in full.items()}
 
 
-def deepspeed_to_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None
-                     ) -> tuple[Any, torch.nn.Module, int]:
+def deepspeed_to_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, *,
+                     trust: bool = False) -> tuple[Any, torch.nn.Module, int]:
     """Writes DeepSpeed run ``run_dir``'s checkpoint ``tag`` as the sleeptrain run
     ``out_dir`` (its config with ``train.engine=megatron``, weights at the checkpoint's step,
     no optimizer state); returns (config, model, step)."""
@@ -69,7 +73,7 @@ def deepspeed_to_run(run_dir: str | Path, out_dir: str | Path, tag: str | None =
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConversionError(f"{run}: no config.yaml (not a sleeptrain run directory)")
-    tag, tensors = deepspeed_state_dict(run, tag)
+    tag, tensors = deepspeed_state_dict(run, tag, trust=trust)
     cfg = sleeptrain.load_config(run / "config.yaml", [
         "train.engine=megatron", "train.device=cpu", f"train.run_dir={out_dir}",
         "deepspeed.config_file=''"])

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DIR_DIGESTS_FILE",
     "CheckpointError",
     "CorruptCheckpointError",
     "DigestRecord",
@@ -75,11 +76,15 @@ __all__ = [
     "hash_threads",
     "load_checkpoint",
     "load_verified",
+    "quarantine",
+    "record_dir_digests",
     "restore_rng_state",
     "resume_checkpoint",
     "save_checkpoint",
     "tmp_dir_for",
     "validate_checkpoint",
+    "verify_dir_digests",
+    "write_latest",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -303,15 +308,16 @@ def _is_large(name: str) -> bool:
     return name.startswith("shards/") and name != DCP_METADATA
 
 
-def _mismatches(record: DigestRecord, got: dict[str, str]) -> list[str]:
-    """Reasons, one per file of ``got`` that does not match ``record``, in name order."""
+def _mismatches(record: DigestRecord, got: dict[str, str], where: str = META_FILE) -> list[str]:
+    """Reasons, one per file of ``got`` that does not match ``record`` (read from ``where``),
+    in name order."""
     out = []
     for name in sorted(got):
         d = got[name]
         if d.startswith("error: "):
             out.append(f"{name} cannot be read ({d.removeprefix('error: ')})")
         elif d != record.files[name]:
-            out.append(f"{name} does not match its {record.algo} digest in {META_FILE} "
+            out.append(f"{name} does not match its {record.algo} digest in {where} "
                        f"(recorded {record.files[name][:16]}..., found {d[:16]}...)")
     return out
 
@@ -418,7 +424,7 @@ def _publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
     _fsync_dir(ckpt_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _write_latest(ckpt_dir, name)
+    write_latest(ckpt_dir, name)
 
 
 def save_checkpoint(
@@ -474,8 +480,8 @@ def save_checkpoint(
     return SaveInfo(path=final, bytes=checkpoint_bytes(final), seconds=time.perf_counter() - t0)
 
 
-def _write_latest(ckpt_dir: Path, name: str) -> None:
-    """Atomically make ``checkpoints/latest`` name ``name``."""
+def write_latest(ckpt_dir: Path, name: str) -> None:
+    """Atomically (and durably) make ``ckpt_dir / latest`` name ``name``."""
     latest_tmp = ckpt_dir / f".tmp-latest-{os.getpid()}"
     _write_bytes_synced(latest_tmp, (name + "\n").encode())
     os.replace(latest_tmp, ckpt_dir / LATEST_FILE)
@@ -779,7 +785,7 @@ def _candidates(ckpt_dir: Path) -> tuple[list[str], list[str]]:
     return order, [*steps, *evidence]
 
 
-def _quarantine(path: Path) -> Path:
+def quarantine(path: Path) -> Path:
     """Rename checkpoint ``path`` to ``corrupt-<name>`` (``-1``, ``-2``, ... if taken): kept,
     never loaded, pruned or overwritten. Returns the new path."""
     base = path.parent / f"{CORRUPT_PREFIX}{path.name}"
@@ -834,7 +840,7 @@ def resume_checkpoint(
             kept = ""
             if quarantine and rank == 0:
                 try:
-                    kept = f"; renamed to {_quarantine(path).name} (kept, never loaded again)"
+                    kept = f"; renamed to {quarantine(path).name} (kept, never loaded again)"
                 except OSError as oe:
                     kept = f"; could not rename it: {oe}"
             if rank == 0:
@@ -852,7 +858,7 @@ def resume_checkpoint(
                 f"unverifiable, so the cause is not corruption (a changed config?){earlier}"
             ) from e
         if quarantine and rank == 0 and _read_latest_name(ckpt_dir) != name:
-            _write_latest(ckpt_dir, name)
+            write_latest(ckpt_dir, name)
         if dist is not None:
             dist.barrier()
         return path, state
@@ -862,6 +868,125 @@ def resume_checkpoint(
             f"{ckpt_dir}: the run has checkpoints ({', '.join(evidence)}) but none could be "
             f"used, refusing to start from step 0: {listing}")
     return None
+
+
+# ------------------------------------------------------- directories another library wrote
+
+
+#: The digest record of a checkpoint directory whose files another library wrote (DeepSpeed's
+#: checkpoints: sleeptrain.train.ds_engine); the same record as meta.json's, for every file
+#: under the directory, written after all of them.
+DIR_DIGESTS_FILE = "sleeptrain-digests.json"
+
+
+def _dir_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.as_posix() != (root / DIR_DIGESTS_FILE).as_posix())
+
+
+def _hash_round_robin(root: Path, names: list[str], algo: str, chunk_bytes: int,
+                      sync: bool = False) -> dict[str, str]:
+    """Collective: ``{name: hex digest or 'error: ...'}`` of every file in ``names`` (the
+    same list on every rank), each rank hashing every world-th one (``sync``: and fsyncing
+    it); every rank gets all of them."""
+    _, rank, world = _dist()
+    sizes: dict[str, int] = {}
+    got: dict[str, str] = {}
+    for name in names[rank::world]:
+        try:
+            sizes[name] = (root / name).stat().st_size
+            if sync:
+                fd = os.open(root / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            got[name] = f"error: {e.strerror or e}"
+    got.update(_Hashing(root, sizes, algo, chunk_bytes, None).result())
+    out: dict[str, str] = {}
+    for part in _all_gather(got):
+        out.update(part)
+    return out
+
+
+def record_dir_digests(root: str | os.PathLike[str]) -> int:
+    """Collective: fsyncs and hashes every file under ``root`` (split over the ranks) and
+    writes their sizes and digests to ``root / DIR_DIGESTS_FILE`` (rank 0, fsynced with the
+    directory; the directory's files must all be written and visible to rank 0). Returns the
+    bytes recorded. Raises CheckpointError on every rank if a file cannot be read."""
+    root = Path(root)
+    _, rank, _ = _dist()
+    names = _broadcast(_dir_files(root) if rank == 0 else None)
+    got = _hash_round_robin(root, names, DIGEST_ALGO, DIGEST_CHUNK, sync=True)
+    bad = [f"{n} ({d.removeprefix('error: ')})" for n, d in sorted(got.items())
+           if d.startswith("error: ")]
+    if bad:
+        raise CheckpointError(f"{root}: cannot hash the checkpoint's files: {'; '.join(bad)}")
+    total = 0
+    if rank == 0:
+        sizes = {n: (root / n).stat().st_size for n in names}
+        total = sum(sizes.values())
+        record = {"format": 1, "time": time.time(), "sizes": sizes,
+                  "digests": {"algo": DIGEST_ALGO, "chunk_bytes": DIGEST_CHUNK, "files": got}}
+        _write_bytes_synced(root / DIR_DIGESTS_FILE,
+                            json.dumps(record, indent=1, sort_keys=True).encode())
+        _fsync_dir(root)
+    return total
+
+
+def _read_dir_record(root: Path) -> tuple[str | None, DigestRecord | None, dict[str, int]]:
+    """(problem, record, sizes) of ``root``'s digest record: problem ``untrusted: ...`` (no
+    file, or no valid record in it) or ``corrupt: ...`` (unreadable); else None."""
+    file = root / DIR_DIGESTS_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        return f"untrusted: there is no {DIR_DIGESTS_FILE} in it", None, {}
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"corrupt: {DIR_DIGESTS_FILE} is unreadable ({type(e).__name__}: {e})", None, {}
+    record = _digest_record(meta) if isinstance(meta, dict) else None
+    if record is None:
+        return f"untrusted: {DIR_DIGESTS_FILE} holds no valid digest record", None, {}
+    return None, record, {n: int(v) for n, v in meta["sizes"].items()}
+
+
+def verify_dir_digests(root: str | os.PathLike[str], *, trust: bool = False) -> None:
+    """Collective: checks, before anything in ``root`` is unpickled, that its files are the
+    ones :func:`record_dir_digests` recorded (none missing, none added, same sizes, same
+    digests; hashed split over the ranks). Raises on every rank alike: CorruptCheckpointError
+    naming each file that differs; UntrustedCheckpointError when there is no valid record,
+    unless ``trust`` (then nothing is checked)."""
+    root = Path(root)
+    _, rank, _ = _dist()
+    head = None
+    if rank == 0:
+        problem, record, sizes = _read_dir_record(root)
+        if problem is None and record is not None:
+            on_disk = set(_dir_files(root))
+            wrong = [f"{n} is missing" for n in sorted(set(sizes) - on_disk)]
+            wrong += [f"{n} is not in {DIR_DIGESTS_FILE} (added after the checkpoint was "
+                      "written)" for n in sorted(on_disk - set(sizes))]
+            wrong += [f"{n} has {(root / n).stat().st_size} bytes, {DIR_DIGESTS_FILE} records "
+                      f"{sizes[n]}" for n in sorted(on_disk & set(sizes))
+                      if (root / n).stat().st_size != sizes[n]]
+            if wrong:
+                problem = "corrupt: " + "; ".join(wrong)
+        head = (problem, record)
+    problem, record = _broadcast(head)
+    if problem is not None and problem.startswith("untrusted: "):
+        if trust:
+            return
+        raise UntrustedCheckpointError(
+            f"{root}: {problem.removeprefix('untrusted: ')}, so its files cannot be verified "
+            "before they are unpickled; refusing to load it (pass --trust-checkpoint if you "
+            "trust its source)")
+    if problem is not None:
+        raise CorruptCheckpointError(f"{root}: {problem.removeprefix('corrupt: ')}")
+    got = _hash_round_robin(root, sorted(record.files), record.algo, record.chunk_bytes)
+    bad = _mismatches(record, got, DIR_DIGESTS_FILE)
+    if bad:
+        raise CorruptCheckpointError(f"{root}: " + "; ".join(bad))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ of loss tokens). Decisions, ZeRO-3 settings and checkpoint formats: docs/design.
 from __future__ import annotations
 
 import math
-import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,10 +34,16 @@ from sleeptrain.config.derived import loop_range
 from sleeptrain.config.validate import ConfigError, deepspeed_zero, read_deepspeed_file
 from sleeptrain.sleep.runner import parallel_applies, parallel_loss, window_heads, windowed_loss
 from sleeptrain.train.checkpoint import (
+    DIR_DIGESTS_FILE,
     CheckpointError,
+    CorruptCheckpointError,
     capture_rng_state,
     find_latest_checkpoint,
+    quarantine,
+    record_dir_digests,
     restore_rng_state,
+    verify_dir_digests,
+    write_latest,
 )
 from sleeptrain.train.optim import is_muon_param, uses_weight_decay
 from sleeptrain.train.resume import check_resume
@@ -55,6 +61,7 @@ DS_DIR = "ds_checkpoints"
 #: The file naming the newest complete checkpoint tag (written atomically after every rank
 #: has finished writing; DeepSpeed's own ``latest`` file is not written).
 LATEST = "latest"
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 MISSING = ("train.engine=deepspeed needs the deepspeed package, which cannot be imported "
            "({err}). Install it with pip install -e \".[deepspeed]\" (on a CPU machine no CUDA "
@@ -177,22 +184,36 @@ def param_groups(model: nn.Module, use_muon: bool) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _tag_step(name: str) -> int | None:
+    m = _TAG_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def latest_tag(run_dir: Path) -> str | None:
-    """The tag of the run's newest complete DeepSpeed checkpoint (None: there is none)."""
+    """The tag ``latest`` names (None: there is no ``latest``)."""
     file = run_dir / DS_DIR / LATEST
     if not file.is_file():
         return None
     tag = file.read_text().strip()
-    if not tag or not (run_dir / DS_DIR / tag).is_dir():
-        raise CheckpointError(f"{file} names checkpoint {tag!r}, which is not a directory "
-                              f"under {run_dir / DS_DIR}")
+    if _tag_step(tag) is None:
+        raise CheckpointError(f"{file} names {tag!r}, not a step_<step> checkpoint tag")
     return tag
 
 
-def _write_latest(ckdir: Path, tag: str) -> None:
-    tmp = ckdir / f".{LATEST}.tmp"
-    tmp.write_text(tag + "\n")
-    os.replace(tmp, ckdir / LATEST)
+def resume_candidates(run_dir: Path) -> list[str]:
+    """The tags a resume tries, in order: the one ``latest`` names, then every older step_*
+    tag, newest first. A tag newer than ``latest`` (or any tag without a digest record when
+    there is no ``latest``) is a save that did not finish: never a candidate."""
+    ckdir = run_dir / DS_DIR
+    if not ckdir.is_dir():
+        return []
+    tags = sorted((p.name for p in ckdir.iterdir()
+                   if p.is_dir() and _tag_step(p.name) is not None), key=_tag_step, reverse=True)
+    latest = latest_tag(run_dir)
+    if latest is None:
+        return [t for t in tags if (ckdir / t / DIR_DIGESTS_FILE).is_file()]
+    older = [t for t in tags if _tag_step(t) < _tag_step(latest)]
+    return ([latest] if latest in tags else []) + older
 
 
 def _prune(ckdir: Path, keep_last: int) -> None:
@@ -217,7 +238,7 @@ class DeepSpeedTrainer(Trainer):
 
         deepspeed = import_deepspeed()
         cfg = self.cfg
-        resuming = latest_tag(self.run_dir) is not None
+        resuming = bool(resume_candidates(self.run_dir))
         if find_latest_checkpoint(self.run_dir, verify=False) is not None:
             raise ConfigError(
                 f"train.engine: {self.run_dir} holds checkpoints of the megatron engine; "
@@ -246,16 +267,48 @@ class DeepSpeedTrainer(Trainer):
         self.parallel = self.device.type == "cuda" and self.cfg.train.parallel_n1 != "off"
         return "train.engine=deepspeed runs eagerly"
 
-    def _restore(self, trust: bool) -> None:  # noqa: ARG002 - DeepSpeed's files: no digests
-        """Resumes from the DeepSpeed checkpoint ``latest`` names (model, optimizer, the
-        client state: step, RNG, data position)."""
-        tag = latest_tag(self.run_dir)
-        if tag is None:
+    def _restore(self, trust: bool) -> None:
+        """Resumes from the newest intact DeepSpeed checkpoint (:func:`resume_candidates`):
+        its files verified against its digest record before DeepSpeed unpickles anything; a
+        damaged one is renamed ``corrupt-<tag>`` (kept, never loaded again) with a message and
+        the next older one is tried; one without a record is refused unless ``trust``."""
+        ckdir = self.run_dir / DS_DIR
+        failures: list[str] = []
+        box = [resume_candidates(self.run_dir) if self.rank0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)  # every rank tries rank 0's list
+        named = latest_tag(self.run_dir)
+        if named is not None and named not in box[0]:
+            self.say(f"{ckdir / LATEST} names {named}, which is missing; trying older ones")
+            failures.append(f"{named}: missing")
+        for tag in box[0]:
+            path = ckdir / tag
+            t0 = time.perf_counter()
+            try:
+                verify_dir_digests(path, trust=trust)
+            except CorruptCheckpointError as e:
+                kept = ""
+                if self.rank0:
+                    kept = f"; renamed to {quarantine(path).name} (kept, never loaded again)"
+                self.say(f"skipping DeepSpeed checkpoint {tag}: {e}{kept}")
+                failures.append(f"{tag}: {e}")
+                if dist.is_initialized():
+                    dist.barrier()
+                continue
+            self._load_tag(path, time.perf_counter() - t0)
+            if self.rank0 and latest_tag(self.run_dir) != tag:
+                write_latest(ckdir, tag)
             return
+        if failures:
+            raise CheckpointError(f"{ckdir}: no DeepSpeed checkpoint could be used, refusing to "
+                                  f"start from step 0: {'; '.join(failures)}")
+
+    def _load_tag(self, path: Path, verify_s: float) -> None:
+        """DeepSpeed's load of checkpoint ``path`` (model, optimizer, the client state: step,
+        RNG, data position)."""
         t0 = time.perf_counter()
-        path = self.run_dir / DS_DIR / tag
         try:
-            loaded, client = self.engine.load_checkpoint(str(self.run_dir / DS_DIR), tag=tag)
+            loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         except Exception as e:  # noqa: BLE001 - any failure to load names the checkpoint
             raise CheckpointError(f"{path}: cannot load the DeepSpeed checkpoint: "
                                   f"{type(e).__name__}: {e}") from e
@@ -268,7 +321,8 @@ class DeepSpeedTrainer(Trainer):
         self.resumed_from = path
         if self.rank0:
             print(f"resumed from step {self.step}: DeepSpeed checkpoint {path} in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+                  f"{time.perf_counter() - t0:.1f} s (digests verified in {verify_s:.1f} s)",
+                  flush=True)
 
     def _banner(self, no_graphs: str | None) -> None:
         super()._banner(None)
@@ -327,26 +381,33 @@ class DeepSpeedTrainer(Trainer):
 
     def save(self) -> None:
         """DeepSpeed's checkpoint of every rank under ``ds_checkpoints/step_<step>``, the
-        training state as its client state; ``latest`` is replaced atomically once every rank
-        has written (a crash during the write leaves the previous checkpoint in force)."""
+        training state as its client state, then the digest record of its files (every rank
+        hashing a share: :func:`~sleeptrain.train.checkpoint.record_dir_digests`); ``latest``
+        is replaced atomically after that, so a crash at any point leaves the previous
+        checkpoint in force. A leftover directory of an unfinished save of the same step is
+        removed first (its files would mix with the new ones)."""
         cfg, step = self.cfg, self.step
         t0 = time.perf_counter()
         client = {"step": step, "rng": capture_rng_state(), "nonfinite_total":
                   self.nonfinite_total, "config": to_yaml(cfg), "data": self.data.state_dict()}
         ckdir = self.run_dir / DS_DIR
         tag = f"step_{step:08d}"
+        if self.rank0 and (ckdir / tag).exists() and latest_tag(self.run_dir) != tag:
+            shutil.rmtree(ckdir / tag)
+        if dist.is_initialized():
+            dist.barrier()
         self.engine.save_checkpoint(str(ckdir), tag=tag, client_state=client,
                                     save_latest=False)
         _fault_point("after_shards", step)
         if dist.is_initialized():
             dist.barrier()
+        nbytes = record_dir_digests(ckdir / tag)
         if self.rank0:
-            _write_latest(ckdir, tag)
+            write_latest(ckdir, tag)
             _prune(ckdir, cfg.train.keep_last)
             secs = time.perf_counter() - t0
-            nbytes = sum(f.stat().st_size for f in (ckdir / tag).rglob("*") if f.is_file())
             self.say(f"checkpoint step {step}: {nbytes / 2**30:.3f} GiB in {secs:.1f} s "
-                     f"({ckdir / tag}, DeepSpeed format)")
+                     f"({ckdir / tag}, DeepSpeed format, digests recorded)")
             self._perf({"step": step, "ckpt_s": round(secs, 3), "ckpt_bytes": nbytes})
         if dist.is_initialized():
             dist.barrier()

@@ -76,7 +76,8 @@ __all__ = [
     "hash_threads",
     "load_checkpoint",
     "load_verified",
-    "quarantine",
+    "publish",
+    "quarantine_dir",
     "record_dir_digests",
     "restore_rng_state",
     "resume_checkpoint",
@@ -410,7 +411,7 @@ def _fill_tmp(tmp: Path, step: int, state: dict[str, Any],
     _fsync_dir(tmp)
 
 
-def _publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
+def publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
     """Renames the finished ``tmp`` to ``ckpt_dir/name`` (replacing a checkpoint of the same
     step) and points ``latest`` at it, each step fsynced."""
     final = ckpt_dir / name
@@ -470,7 +471,7 @@ def save_checkpoint(
         elif not prepared.is_dir():
             raise CheckpointError(f"{prepared}: prepared checkpoint directory is missing")
         _fill_tmp(tmp, step, state, extra_files, digests, _digests)
-        _publish(tmp, ckpt_dir, name)
+        publish(tmp, ckpt_dir, name)
     except CheckpointError:
         raise
     except Exception as e:
@@ -785,7 +786,7 @@ def _candidates(ckpt_dir: Path) -> tuple[list[str], list[str]]:
     return order, [*steps, *evidence]
 
 
-def quarantine(path: Path) -> Path:
+def quarantine_dir(path: Path) -> Path:
     """Rename checkpoint ``path`` to ``corrupt-<name>`` (``-1``, ``-2``, ... if taken): kept,
     never loaded, pruned or overwritten. Returns the new path."""
     base = path.parent / f"{CORRUPT_PREFIX}{path.name}"
@@ -840,7 +841,7 @@ def resume_checkpoint(
             kept = ""
             if quarantine and rank == 0:
                 try:
-                    kept = f"; renamed to {quarantine(path).name} (kept, never loaded again)"
+                    kept = f"; renamed to {quarantine_dir(path).name} (kept, never loaded again)"
                 except OSError as oe:
                     kept = f"; could not rename it: {oe}"
             if rank == 0:

@@ -39,7 +39,8 @@ from sleeptrain.train.checkpoint import (
     CorruptCheckpointError,
     capture_rng_state,
     find_latest_checkpoint,
-    quarantine,
+    publish,
+    quarantine_dir,
     record_dir_digests,
     restore_rng_state,
     verify_dir_digests,
@@ -202,8 +203,8 @@ def latest_tag(run_dir: Path) -> str | None:
 
 def resume_candidates(run_dir: Path) -> list[str]:
     """The tags a resume tries, in order: the one ``latest`` names, then every older step_*
-    tag, newest first. A tag newer than ``latest`` (or any tag without a digest record when
-    there is no ``latest``) is a save that did not finish: never a candidate."""
+    tag, newest first (without ``latest``: every tag with a digest record). Saves are
+    written as ``.tmp-*`` tags and renamed when complete (never candidates)."""
     ckdir = run_dir / DS_DIR
     if not ckdir.is_dir():
         return []
@@ -289,7 +290,7 @@ class DeepSpeedTrainer(Trainer):
             except CorruptCheckpointError as e:
                 kept = ""
                 if self.rank0:
-                    kept = f"; renamed to {quarantine(path).name} (kept, never loaded again)"
+                    kept = f"; renamed to {quarantine_dir(path).name} (kept, never loaded again)"
                 self.say(f"skipping DeepSpeed checkpoint {tag}: {e}{kept}")
                 failures.append(f"{tag}: {e}")
                 if dist.is_initialized():
@@ -380,30 +381,32 @@ class DeepSpeedTrainer(Trainer):
                           gnorm, True, batches[0][0].shape[1] - 1, data_s)
 
     def save(self) -> None:
-        """DeepSpeed's checkpoint of every rank under ``ds_checkpoints/step_<step>``, the
-        training state as its client state, then the digest record of its files (every rank
-        hashing a share: :func:`~sleeptrain.train.checkpoint.record_dir_digests`); ``latest``
-        is replaced atomically after that, so a crash at any point leaves the previous
-        checkpoint in force. A leftover directory of an unfinished save of the same step is
-        removed first (its files would mix with the new ones)."""
+        """DeepSpeed's checkpoint of every rank, the training state as its client state,
+        written as tag ``.tmp-step_<step>``; then the digest record of its files (every rank
+        hashing a share: :func:`~sleeptrain.train.checkpoint.record_dir_digests`), the rename
+        to ``step_<step>`` (replacing a checkpoint of the same step) and ``latest``, so a
+        crash at any point leaves the previous checkpoint in force and nothing half written
+        under a step name."""
         cfg, step = self.cfg, self.step
         t0 = time.perf_counter()
         client = {"step": step, "rng": capture_rng_state(), "nonfinite_total":
                   self.nonfinite_total, "config": to_yaml(cfg), "data": self.data.state_dict()}
         ckdir = self.run_dir / DS_DIR
         tag = f"step_{step:08d}"
-        if self.rank0 and (ckdir / tag).exists() and latest_tag(self.run_dir) != tag:
-            shutil.rmtree(ckdir / tag)
+        tmp = ckdir / f".tmp-{tag}"
+        if self.rank0:
+            for left in ckdir.glob(".tmp-*"):  # an unfinished save's (one writer per run)
+                shutil.rmtree(left)
         if dist.is_initialized():
             dist.barrier()
-        self.engine.save_checkpoint(str(ckdir), tag=tag, client_state=client,
+        self.engine.save_checkpoint(str(ckdir), tag=tmp.name, client_state=client,
                                     save_latest=False)
         _fault_point("after_shards", step)
         if dist.is_initialized():
             dist.barrier()
-        nbytes = record_dir_digests(ckdir / tag)
+        nbytes = record_dir_digests(tmp)
         if self.rank0:
-            write_latest(ckdir, tag)
+            publish(tmp, ckdir, tag)
             _prune(ckdir, cfg.train.keep_last)
             secs = time.perf_counter() - t0
             self.say(f"checkpoint step {step}: {nbytes / 2**30:.3f} GiB in {secs:.1f} s "

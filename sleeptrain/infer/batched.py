@@ -88,6 +88,21 @@ def _rows(state: SleepState, a: int, b: int) -> SleepState:
         position=state.position)
 
 
+def stream_settings(stream: Any, model: HybridModel, sleep_cfg: Any | None, passes: int | None,
+                    device: torch.device | str | None) -> None:
+    """The settings a streaming engine (``Stream``, ``BatchedStream``) keeps: ``net``, ``cfg``
+    (the model's sleep settings unless given), ``passes`` (N, >= 1), ``L``, ``sliding``,
+    ``device`` (the model's unless given)."""
+    stream.net = model
+    stream.cfg = sleep_cfg if sleep_cfg is not None else model.sleep_cfg
+    stream.passes = int(stream.cfg.passes if passes is None else passes)
+    if stream.passes < 1:
+        raise ValueError(f"passes must be >= 1, got {stream.passes}")
+    stream.L = int(stream.cfg.window_len)
+    stream.sliding = stream.cfg.eviction == "sliding"
+    stream.device = torch.device(device) if device is not None else model.embed.weight.device
+
+
 class BatchedStream:
     """``batch_size`` samples streamed together with sleep (module docstring)."""
 
@@ -96,15 +111,8 @@ class BatchedStream:
                  cuda_graph: bool = False, graph_warmup: int = 2):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.net = model
-        self.cfg = sleep_cfg if sleep_cfg is not None else model.sleep_cfg
-        self.passes = int(self.cfg.passes if passes is None else passes)
-        if self.passes < 1:
-            raise ValueError(f"passes must be >= 1, got {self.passes}")
-        self.L = int(self.cfg.window_len)
-        self.sliding = self.cfg.eviction == "sliding"
+        stream_settings(self, model, sleep_cfg, passes, device)
         self.carry_len = self.L - 1 if self.sliding else 0
-        self.device = torch.device(device) if device is not None else model.embed.weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self.batch_size = batch_size

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sleeptrain.infer.batched import generate_batched, greedy
+from sleeptrain.infer.batched import generate_batched, greedy, stream_settings
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
 from sleeptrain.sleep.state import SleepState, initial_state
@@ -47,14 +47,7 @@ class Stream:
 
     def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: Any | None = None,
                  passes: int | None = None, device: torch.device | str | None = None):
-        self.net = model
-        self.cfg = sleep_cfg if sleep_cfg is not None else model.sleep_cfg
-        self.passes = int(self.cfg.passes if passes is None else passes)
-        if self.passes < 1:
-            raise ValueError(f"passes must be >= 1, got {self.passes}")
-        self.L = int(self.cfg.window_len)
-        self.sliding = self.cfg.eviction == "sliding"
-        self.device = torch.device(device) if device is not None else model.embed.weight.device
+        stream_settings(self, model, sleep_cfg, passes, device)
         self.batch_size = batch_size
         st = initial_state(model, batch_size, self.device)
         self.win = _Window(start=st, fast=list(st.fast), conv=[None] * model.depth)

@@ -897,11 +897,7 @@ def _hash_round_robin(root: Path, names: list[str], algo: str, chunk_bytes: int,
         try:
             sizes[name] = (root / name).stat().st_size
             if sync:
-                fd = os.open(root / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_dir(root / name)  # a file opened read-only syncs the same way
         except OSError as e:
             got[name] = f"error: {e.strerror or e}"
     got.update(_Hashing(root, sizes, algo, chunk_bytes, None).result())

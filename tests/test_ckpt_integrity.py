@@ -404,9 +404,12 @@ def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
                        "--trust-checkpoint"):
         ck.verify_dir_digests(root)
     ck.verify_dir_digests(root, trust=True)
-    (root / ck.DIR_DIGESTS_FILE).write_text(json.dumps({"sizes": {}, "digests": "none"}))
-    with pytest.raises(UntrustedCheckpointError, match="holds no valid digest record"):
-        ck.verify_dir_digests(root)
+    for bad in ({"sizes": {}, "digests": "none"},
+                {"sizes": {"empty": "0"}, "digests": {"algo": "sha256", "chunk_bytes": 4096,
+                                                      "files": {"empty": "0" * 64}}}):
+        (root / ck.DIR_DIGESTS_FILE).write_text(json.dumps(bad))
+        with pytest.raises(UntrustedCheckpointError, match="holds no valid digest record"):
+            ck.verify_dir_digests(root)
 
 
 def test_bench_tool_runs_on_cpu(tmp_path: Path) -> None:

@@ -943,9 +943,11 @@ def _read_dir_record(root: Path) -> tuple[str | None, DigestRecord | None, dict[
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"corrupt: {DIR_DIGESTS_FILE} is unreadable ({type(e).__name__}: {e})", None, {}
     record = _digest_record(meta) if isinstance(meta, dict) else None
-    if record is None:
+    sizes = meta.get("sizes") if record is not None else None
+    if record is None or not all(isinstance(v, int) and not isinstance(v, bool)
+                                 for v in sizes.values()):
         return f"untrusted: {DIR_DIGESTS_FILE} holds no valid digest record", None, {}
-    return None, record, {n: int(v) for n, v in meta["sizes"].items()}
+    return None, record, dict(sizes)
 
 
 def verify_dir_digests(root: str | os.PathLike[str], *, trust: bool = False) -> None:

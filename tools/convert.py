@@ -6,6 +6,7 @@
     python tools/convert.py verify HF_DIR RUN_DIR [--tokens 1,2,3 | --length 32] [--tol 1e-4]
     torchrun --nproc-per-node=W tools/convert.py reshard RUN_DIR OUT_RUN parallel.tp=T
     python tools/convert.py deepspeed-to-run DS_RUN_DIR OUT_RUN [--tag step_00000100]
+        [--trust-checkpoint]
 
 import-hf reads a Hugging Face directory (config.json + *.safetensors, tensor by tensor): a
 Llama / Qwen2 model, or a flash-linear-attention GatedDeltaNetForCausalLM (pure GDN or a
@@ -28,8 +29,9 @@ latest checkpoint (weights, optimizer and training state) for the layout given b
 overrides, run with that layout's world size; it reads the result back and fails unless the
 logits are identical. deepspeed-to-run reads a train.engine=deepspeed run's DeepSpeed
 checkpoint (ZeRO 0-3, merged by DeepSpeed's zero_to_fp32 utilities; default: the newest
-complete one) and writes it as a sleeptrain run (weights at that step), which export-hf and
-verify then take. Exit status 2: bad arguments or an unconvertible checkpoint.
+complete one; its files checked against the digest record the trainer wrote, before anything
+is unpickled: a checkpoint without one needs --trust-checkpoint) and writes it as a
+sleeptrain run (weights at that step), which export-hf and verify then take. Exit status 2: bad arguments or an unconvertible checkpoint.
 """
 
 from __future__ import annotations

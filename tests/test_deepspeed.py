@@ -133,6 +133,28 @@ def test_megatron_engine_refuses_a_deepspeed_run_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds_checkpoints"]
 
 
+def test_resume_candidates_are_latest_then_older_recorded_tags(tmp_path):
+    """Which DeepSpeed tags a resume tries: the one latest names, then older ones newest
+    first; never a .tmp-* save or a corrupt-* one; without a readable latest, every tag with
+    a digest record."""
+    from sleeptrain.train.checkpoint import DIR_DIGESTS_FILE
+    from sleeptrain.train.ds_engine import DS_DIR, LATEST, resume_candidates
+
+    ck = tmp_path / DS_DIR
+    for name in ["step_00000002", "step_00000004", "step_00000006", ".tmp-step_00000008",
+                 "corrupt-step_00000005"]:
+        (ck / name).mkdir(parents=True)
+    for name in ["step_00000002", "step_00000006"]:
+        (ck / name / DIR_DIGESTS_FILE).write_text("{}")
+    assert resume_candidates(tmp_path) == ["step_00000006", "step_00000002"]
+    (ck / LATEST).write_text("step_00000004\n")
+    assert resume_candidates(tmp_path) == ["step_00000004", "step_00000002"]
+    (ck / LATEST).write_text("step_00000003\n")  # names a missing tag: the older ones
+    assert resume_candidates(tmp_path) == ["step_00000002"]
+    (ck / LATEST).write_bytes(b"\xff garbled")
+    assert resume_candidates(tmp_path) == ["step_00000006", "step_00000002"]
+
+
 _NO_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None; sys.argv = {argv!r}; "
 
 

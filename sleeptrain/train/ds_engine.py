@@ -191,14 +191,14 @@ def _tag_step(name: str) -> int | None:
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    """The tag ``latest`` names (None: there is no ``latest``)."""
-    file = run_dir / DS_DIR / LATEST
-    if not file.is_file():
+    """The tag ``latest`` names (None: no ``latest``, or one that names no step_<step> tag:
+    resume then takes the newest checkpoint with a digest record, as the megatron engine
+    does)."""
+    try:
+        tag = (run_dir / DS_DIR / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    tag = file.read_text().strip()
-    if _tag_step(tag) is None:
-        raise CheckpointError(f"{file} names {tag!r}, not a step_<step> checkpoint tag")
-    return tag
+    return tag if _tag_step(tag) is not None else None
 
 
 def resume_candidates(run_dir: Path) -> list[str]:

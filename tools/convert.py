@@ -31,7 +31,8 @@ logits are identical. deepspeed-to-run reads a train.engine=deepspeed run's Deep
 checkpoint (ZeRO 0-3, merged by DeepSpeed's zero_to_fp32 utilities; default: the newest
 complete one; its files checked against the digest record the trainer wrote, before anything
 is unpickled: a checkpoint without one needs --trust-checkpoint) and writes it as a
-sleeptrain run (weights at that step), which export-hf and verify then take. Exit status 2: bad arguments or an unconvertible checkpoint.
+sleeptrain run (weights at that step), which export-hf and verify then take. Exit status 2:
+bad arguments or an unconvertible checkpoint.
 """
 
 from __future__ import annotations

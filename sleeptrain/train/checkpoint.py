@@ -81,7 +81,9 @@ __all__ = [
     "record_dir_digests",
     "restore_rng_state",
     "resume_checkpoint",
+    "resume_in_order",
     "save_checkpoint",
+    "step_dirs",
     "tmp_dir_for",
     "validate_checkpoint",
     "verify_dir_digests",
@@ -502,7 +504,7 @@ def tmp_dir_for(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-{_step_name(step)}-{os.getpid()}"
 
 
-def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """All ``step_*`` directories, newest step first."""
     out = []
     for p in ckpt_dir.iterdir():
@@ -518,7 +520,7 @@ def _prune(ckpt_dir: Path, new_step: int, keep_last: int) -> None:
     ``corrupt-*`` directory (only ``step_*`` names are considered)."""
     protected = _read_latest_name(ckpt_dir)
     kept = 1  # the new checkpoint
-    for step, path in _step_dirs(ckpt_dir):
+    for step, path in step_dirs(ckpt_dir):
         if step >= new_step or path.name == protected:
             continue
         complete = _problem(path, verify=False) is None
@@ -625,7 +627,7 @@ def find_latest_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = Tr
     if latest is not None and _STEP_RE.match(latest):
         if _problem(ckpt_dir / latest, verify) is None:
             return ckpt_dir / latest
-    for _, path in _step_dirs(ckpt_dir):
+    for _, path in step_dirs(ckpt_dir):
         if path.name != latest and _problem(path, verify) is None:
             return path
     return None
@@ -778,7 +780,7 @@ def _candidates(ckpt_dir: Path) -> tuple[list[str], list[str]]:
     if not ckpt_dir.is_dir():
         return [], []
     latest = _read_latest_name(ckpt_dir)
-    steps = [p.name for _, p in _step_dirs(ckpt_dir)]
+    steps = [p.name for _, p in step_dirs(ckpt_dir)]
     order = ([latest] if latest in steps else []) + [n for n in steps if n != latest]
     evidence = sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(CORRUPT_PREFIX))
     if (ckpt_dir / LATEST_FILE).exists():
@@ -829,13 +831,46 @@ def resume_checkpoint(
     ``quarantine=False`` (read-only users such as eval) renames nothing and keeps ``latest``.
     """
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
-    dist, rank, _ = _dist()
+    _, rank, _ = _dist()
     order, evidence = _broadcast(_candidates(ckpt_dir) if rank == 0 else None)
+    path, state, failures = resume_in_order(
+        ckpt_dir, order, lambda p: load_verified(p, load_fn, trust=trust,
+                                                 map_location=map_location),
+        log=log, quarantine=quarantine)
+    if path is not None:
+        return path, state
+    if failures or evidence:
+        listing = "; ".join(failures) if failures else "none is left to try"
+        raise CheckpointError(
+            f"{ckpt_dir}: the run has checkpoints ({', '.join(evidence)}) but none could be "
+            f"used, refusing to start from step 0: {listing}")
+    return None
+
+
+def resume_in_order(
+    ckpt_dir: Path,
+    order: Sequence[str],
+    attempt: Callable[[Path], Any],
+    *,
+    log: Callable[[str], Any] = print,
+    quarantine: bool = True,
+    what: str = "checkpoint",
+) -> tuple[Path | None, Any, list[str]]:
+    """Collective: ``attempt(ckpt_dir / name)`` for the names of ``order`` (the same list on
+    every rank) until one returns; returns (its path, its result, the reasons of the ones
+    skipped before it), or (None, None, reasons) when every one was damaged.
+
+    A damaged candidate (``attempt`` raised CorruptCheckpointError) is skipped with one line
+    to ``log`` (rank 0, naming it as ``what``) and, with ``quarantine``, renamed by rank 0 to
+    ``corrupt-<name>``; ``latest`` is rewritten to name the one used. Raised at once, nothing
+    renamed: UntrustedCheckpointError; any other CheckpointError (an intact or unverifiable
+    checkpoint that cannot be loaded: an older one would fail alike)."""
+    dist, rank, _ = _dist()
     failures: list[str] = []
     for name in order:
         path = ckpt_dir / name
         try:
-            state = load_verified(path, load_fn, trust=trust, map_location=map_location)
+            result = attempt(path)
         except CorruptCheckpointError as e:
             reason = _one_line(str(e))
             kept = ""
@@ -845,7 +880,7 @@ def resume_checkpoint(
                 except OSError as oe:
                     kept = f"; could not rename it: {oe}"
             if rank == 0:
-                log(f"skipping checkpoint {name}: {reason}{kept}")
+                log(f"skipping {what} {name}: {reason}{kept}")
             if dist is not None:
                 dist.barrier()
             failures.append(f"{name}: {reason}")
@@ -862,13 +897,8 @@ def resume_checkpoint(
             write_latest(ckpt_dir, name)
         if dist is not None:
             dist.barrier()
-        return path, state
-    if failures or evidence:
-        listing = "; ".join(failures) if failures else "none is left to try"
-        raise CheckpointError(
-            f"{ckpt_dir}: the run has checkpoints ({', '.join(evidence)}) but none could be "
-            f"used, refusing to start from step 0: {listing}")
-    return None
+        return path, result, failures
+    return None, None, failures
 
 
 # ------------------------------------------------------- directories another library wrote
@@ -962,13 +992,12 @@ def verify_dir_digests(root: str | os.PathLike[str], *, trust: bool = False) -> 
     if rank == 0:
         problem, record, sizes = _read_dir_record(root)
         if problem is None and record is not None:
-            on_disk = set(_dir_files(root))
-            wrong = [f"{n} is missing" for n in sorted(set(sizes) - on_disk)]
+            on_disk = {n: (root / n).stat().st_size for n in _dir_files(root)}
+            wrong = [f"{n} is missing" for n in sorted(set(sizes) - set(on_disk))]
             wrong += [f"{n} is not in {DIR_DIGESTS_FILE} (added after the checkpoint was "
-                      "written)" for n in sorted(on_disk - set(sizes))]
-            wrong += [f"{n} has {(root / n).stat().st_size} bytes, {DIR_DIGESTS_FILE} records "
-                      f"{sizes[n]}" for n in sorted(on_disk & set(sizes))
-                      if (root / n).stat().st_size != sizes[n]]
+                      "written)" for n in sorted(set(on_disk) - set(sizes))]
+            wrong += [f"{n} has {on_disk[n]} bytes, {DIR_DIGESTS_FILE} records {sizes[n]}"
+                      for n in sorted(set(on_disk) & set(sizes)) if on_disk[n] != sizes[n]]
             if wrong:
                 problem = "corrupt: " + "; ".join(wrong)
         head = (problem, record)

@@ -18,7 +18,6 @@ of loss tokens). Decisions, ZeRO-3 settings and checkpoint formats: docs/design.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -36,15 +35,15 @@ from sleeptrain.sleep.runner import parallel_applies, parallel_loss, window_head
 from sleeptrain.train.checkpoint import (
     DIR_DIGESTS_FILE,
     CheckpointError,
-    CorruptCheckpointError,
     capture_rng_state,
+    checkpoint_step,
     find_latest_checkpoint,
     publish,
-    quarantine_dir,
     record_dir_digests,
     restore_rng_state,
+    resume_in_order,
+    step_dirs,
     verify_dir_digests,
-    write_latest,
 )
 from sleeptrain.train.optim import is_muon_param, uses_weight_decay
 from sleeptrain.train.resume import check_resume
@@ -62,7 +61,6 @@ DS_DIR = "ds_checkpoints"
 #: The file naming the newest complete checkpoint tag (written atomically after every rank
 #: has finished writing; DeepSpeed's own ``latest`` file is not written).
 LATEST = "latest"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 MISSING = ("train.engine=deepspeed needs the deepspeed package, which cannot be imported "
            "({err}). Install it with pip install -e \".[deepspeed]\" (on a CPU machine no CUDA "
@@ -185,20 +183,16 @@ def param_groups(model: nn.Module, use_muon: bool) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _tag_step(name: str) -> int | None:
-    m = _TAG_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
 def latest_tag(run_dir: Path) -> str | None:
     """The tag ``latest`` names (None: no ``latest``, or one that names no step_<step> tag:
     resume then takes the newest checkpoint with a digest record, as the megatron engine
     does)."""
     try:
         tag = (run_dir / DS_DIR / LATEST).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        checkpoint_step(tag)
+    except (OSError, UnicodeDecodeError, CheckpointError):
         return None
-    return tag if _tag_step(tag) is not None else None
+    return tag
 
 
 def resume_candidates(run_dir: Path) -> list[str]:
@@ -208,13 +202,12 @@ def resume_candidates(run_dir: Path) -> list[str]:
     ckdir = run_dir / DS_DIR
     if not ckdir.is_dir():
         return []
-    tags = sorted((p.name for p in ckdir.iterdir()
-                   if p.is_dir() and _tag_step(p.name) is not None), key=_tag_step, reverse=True)
+    tags = step_dirs(ckdir)
     latest = latest_tag(run_dir)
     if latest is None:
-        return [t for t in tags if (ckdir / t / DIR_DIGESTS_FILE).is_file()]
-    older = [t for t in tags if _tag_step(t) < _tag_step(latest)]
-    return ([latest] if latest in tags else []) + older
+        return [p.name for _, p in tags if (p / DIR_DIGESTS_FILE).is_file()]
+    older = [p.name for step, p in tags if step < checkpoint_step(latest)]
+    return ([latest] if (ckdir / latest).is_dir() else []) + older
 
 
 def _prune(ckdir: Path, keep_last: int) -> None:
@@ -274,35 +267,26 @@ class DeepSpeedTrainer(Trainer):
         damaged one is renamed ``corrupt-<tag>`` (kept, never loaded again) with a message and
         the next older one is tried; one without a record is refused unless ``trust``."""
         ckdir = self.run_dir / DS_DIR
-        failures: list[str] = []
-        box = [resume_candidates(self.run_dir) if self.rank0 else None]
+        box = [(resume_candidates(self.run_dir), latest_tag(self.run_dir))
+               if self.rank0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)  # every rank tries rank 0's list
-        named = latest_tag(self.run_dir)
-        if named is not None and named not in box[0]:
+        order, named = box[0]
+        missing = []
+        if named is not None and named not in order:
             self.say(f"{ckdir / LATEST} names {named}, which is missing; trying older ones")
-            failures.append(f"{named}: missing")
-        for tag in box[0]:
-            path = ckdir / tag
+            missing = [f"{named}: missing"]
+
+        def attempt(path: Path) -> None:
             t0 = time.perf_counter()
-            try:
-                verify_dir_digests(path, trust=trust)
-            except CorruptCheckpointError as e:
-                kept = ""
-                if self.rank0:
-                    kept = f"; renamed to {quarantine_dir(path).name} (kept, never loaded again)"
-                self.say(f"skipping DeepSpeed checkpoint {tag}: {e}{kept}")
-                failures.append(f"{tag}: {e}")
-                if dist.is_initialized():
-                    dist.barrier()
-                continue
+            verify_dir_digests(path, trust=trust)
             self._load_tag(path, time.perf_counter() - t0)
-            if self.rank0 and latest_tag(self.run_dir) != tag:
-                write_latest(ckdir, tag)
-            return
-        if failures:
+
+        used, _, failures = resume_in_order(ckdir, order, attempt, log=self.say,
+                                            what="DeepSpeed checkpoint")
+        if used is None and (missing or failures):
             raise CheckpointError(f"{ckdir}: no DeepSpeed checkpoint could be used, refusing to "
-                                  f"start from step 0: {'; '.join(failures)}")
+                                  f"start from step 0: {'; '.join(missing + failures)}")
 
     def _load_tag(self, path: Path, verify_s: float) -> None:
         """DeepSpeed's load of checkpoint ``path`` (model, optimizer, the client state: step,

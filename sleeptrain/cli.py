@@ -192,7 +192,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trust_flag(p: argparse.ArgumentParser) -> None:
+def trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint that has no digest record (written by an older "
                         "sleeptrain or copied from elsewhere): only for files you trust")
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, default=None,
                     help="save and stop after this many optimizer steps in this process "
                          "(the schedule still follows train.steps)")
-    _trust_flag(tr)
+    trust_flag(tr)
     tr.set_defaults(fn=cmd_train)
     pl = sub.add_parser("plan", help="check a config's parallel layout for G GPUs and print "
                         "parameters, sleep-aware FLOPs per token and a per-GPU memory estimate")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="examples (tasks: default train.eval_examples; suites: per cell, 20)")
     ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE);"
                     " tasks: the JSON file (default RUN_DIR/eval.json)")
-    _trust_flag(ev)
+    trust_flag(ev)
     ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=32,
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ge.add_argument("--ids", action="store_true", help="prompts are token ids, not text")
     ge.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's eos")
-    _trust_flag(ge)
+    trust_flag(ge)
     ge.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sleep.passes=4")
     ge.set_defaults(fn=cmd_generate)
     da = sub.add_parser("data", help="task data utilities")

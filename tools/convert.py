@@ -51,6 +51,8 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sleeptrain.cli import trust_flag
+
     ap = argparse.ArgumentParser(prog="convert.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -87,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsr.add_argument("run_dir")
     dsr.add_argument("out")
     dsr.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
-    dsr.add_argument("--trust-checkpoint", action="store_true",
-                     help="read a checkpoint without sleeptrain's digest record (written "
-                          "before digests existed, or copied from elsewhere): only for files "
-                          "you trust")
+    trust_flag(dsr)
     return ap
 
 

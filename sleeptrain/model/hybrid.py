@@ -197,6 +197,9 @@ class HybridModel(nn.Module):
         # sequence parallelism of training windows (sleeptrain.parallel.seqpar); TP>1 only
         self.sp = bool(sequence_parallel) and tp > 1
         self.loop_start, self.loop_end = loop_range(cfg)
+        # checkpointed regions recompute before any backward hook inside them runs (set by
+        # the DeepSpeed engine at ZeRO-3: sleeptrain.sleep.runner._maybe_checkpoint)
+        self.recompute_first = False
         mp = megatron_config(cfg, tp)
         self.mp_config = mp
         self.rope = RopeTables()  # shared by the attention blocks

@@ -89,11 +89,33 @@ class LossOutput:
     token_loss: torch.Tensor | None = None
 
 
-def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+def _through_saved_one(out: Any) -> Any:
+    """Every floating tensor of ``out`` (nested tuples and lists) that requires grad, times
+    a saved scalar one: exact (x * 1 == x, and so its gradient), and in backward the first
+    node of a checkpointed region then needs a saved tensor."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_through_saved_one(o) for o in out)
+    if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
+        return out * torch.ones((), dtype=out.dtype, device=out.device)
+    return out
+
+
+def _maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any,
+                      recompute_first: bool = False) -> Any:
+    """``fn(*args)``, as a non-reentrant activation checkpoint when ``enabled`` and grad is on.
+
+    ``recompute_first`` (``HybridModel.recompute_first``, set by the DeepSpeed engine at
+    ZeRO-3): the region's outputs pass through ``_through_saved_one``, so that in backward
+    the region is recomputed before the gradient reaches any module inside it. ZeRO-3
+    gathers a module's parameters when the gradient reaches the module's output and
+    releases them when the module's forward ends; a recompute started inside a module's
+    backward would end that module's forward again and release its parameters before
+    their gradients are accumulated (docs/design.md, "DeepSpeed engine")."""
     # The model draws no random numbers, so recomputation needs no RNG state: not saving it
     # keeps the checkpointed passes capturable in CUDA graphs (sleeptrain.train.step).
     if enabled and torch.is_grad_enabled():
-        return activation_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        run = (lambda *a: _through_saved_one(fn(*a))) if recompute_first else fn
+        return activation_checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 
@@ -245,7 +267,8 @@ def _sleep(net: HybridModel, h: torch.Tensor, fast: list[torch.Tensor | None],
 
     def run(z_list: list[torch.Tensor], count: int) -> list[torch.Tensor]:
         for _ in range(count):
-            z_list = _maybe_checkpoint(ckpt, lambda *t: tuple(loop.step(list(t))), *z_list)
+            z_list = _maybe_checkpoint(ckpt, lambda *t: tuple(loop.step(list(t))), *z_list,
+                                       recompute_first=net.recompute_first)
             z_list = list(z_list)
         return z_list
 
@@ -431,7 +454,7 @@ def run_window(
 
     h_loop, fast, extras, outs = _maybe_checkpoint(
         bool(sleep_cfg.checkpoint), wake_fn, tokens, state.fast, ctx.kv, ctx.conv, targets, mask,
-        embedded,
+        embedded, recompute_first=net.recompute_first,
     )
     fast = _sleep(net, h_loop, fast, ctx, sleep_passes(passes), sleep_cfg)
     new_state = _evict(net, state, fast, extras, length, sleep_cfg.eviction,

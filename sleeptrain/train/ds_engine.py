@@ -249,6 +249,10 @@ class DeepSpeedTrainer(Trainer):
         for name, p in self.model.named_parameters():
             p.requires_grad_(pred(name))
         conf = deepspeed_config(cfg, self.model, self.info.dp_size, self.device.type == "cuda")
+        # ZeRO-3 releases a module's parameters when its forward ends, also in a checkpoint's
+        # recompute: checkpointed regions are recomputed before their backward reaches any
+        # module (sleeptrain.sleep.runner._maybe_checkpoint)
+        self.model.recompute_first = conf["zero_optimization"]["stage"] == 3
         if conf["zero_optimization"]["stage"] == 3 and cfg.model.tie_embeddings:
             # the output head multiplies by the embedding's weight: ZeRO-3 must gather it for
             # the head's forward too, not only for the embedding's

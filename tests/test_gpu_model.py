@@ -24,11 +24,15 @@ def _grads(model, cfg, tokens, mask, autocast):
     return out.loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("autocast, tol", [(False, 2e-3), (True, 5e-2)])
+@pytest.mark.parametrize("autocast, tol", [(False, 4e-3), (True, 5e-2)])
 def test_fla_model_matches_reference_model(autocast, tol):
-    # Same weights, gdn_backend fla vs chunked (fp32 reference). fp32: FLA's tf32-class
-    # products give ~1e-3 relative; bf16 autocast: both paths round activations to bf16, so
-    # gradients agree to a few percent (relative to each tensor's max).
+    # Same weights, gdn_backend fla vs chunked (fp32 reference). fp32: FLA's products are
+    # TF32 (unit roundoff 4.9e-4), carried through 3 passes over 4 sliding windows; on an
+    # H200 (2026-12-02) the largest difference was embed.weight's, 2.1e-3 of its largest
+    # entry (a first bound of 2e-3 failed there), so the bound is 4e-3 (8 units); a wrong
+    # kernel or state hand-over is off by 1e-1 or more. bf16 autocast: both paths round
+    # activations to bf16, so gradients agree to a few percent (relative to each tensor's
+    # max).
     cfg_f = sleeptrain.load_config(None, [*SMALL, "model.gdn_backend=fla"])
     cfg_r = sleeptrain.load_config(None, [*SMALL, "model.gdn_backend=chunked"])
     m_f = sleeptrain.build_model(cfg_f, seed=1)

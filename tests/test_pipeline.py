@@ -295,7 +295,14 @@ def test_stages_under_bf16_autocast_are_as_close_to_fp64_as_one_process_on_cuda(
     one-process step's, and the losses agree to 1e-4. bf16 rounding alone separates the two
     bf16 steps (they sum the same bf16 terms in other orders): a first version that compared
     them directly at 2e-3 failed on an H200 (2026-12-02, ``embed.weight`` 0.092 apart at a
-    largest entry of 6.1) while the losses agreed to 1e-4; this form has not run on a GPU
+    largest entry of 6.1) while the losses agreed to 1e-4. This form's per-tensor bounds held
+    on an H200 (2026-12-02, second session); its last check then failed: it asked every
+    tensor's one-process gradient to be within 10% of float64 relative to that tensor's own
+    largest entry, and one tensor's float64 gradient is so small that bf16 rounding put it
+    3.7x its size away. The check that the comparison means something (the bf16 steps are
+    the float64 model's, rounded) is now over all gradients together: the largest
+    difference from float64 over every entry within 10% of the largest float64 entry (the
+    failed version's worst case, ``embed.weight``, was 1.5%); this form has not run on a GPU
     yet. A backward taken under autocast (as the runtime once did) would recompute
     fp32-forward matmuls in bf16 and move the pipelined gradients further from float64."""
     import sleeptrain
@@ -337,15 +344,15 @@ def test_stages_under_bf16_autocast_are_as_close_to_fp64_as_one_process_on_cuda(
             if p.grad is not None:
                 summed[n] = p.grad if n not in summed else summed[n] + p.grad
     exact = dict(m64.named_parameters())
-    worst = 0.0
+    worst = largest = 0.0
     for n, p in full.named_parameters():
         g64 = exact[n].grad
         scale = g64.abs().max().item()
         e_one = (p.grad.double() - g64).abs().max().item()
         e_pp = (summed[n].double() - g64).abs().max().item()
-        worst = max(worst, e_one / max(scale, 1e-12))
+        worst, largest = max(worst, e_one), max(largest, scale)
         assert e_pp <= 1.5 * e_one + 1e-4 * scale, (n, e_pp, e_one)
-    assert worst < 0.1  # bf16 rounding, not different models: the comparison means something
+    assert worst < 0.1 * largest  # bf16 rounding, not different models
 
 
 # --- torchrun: PP=2, PP=4, TP=2 x PP=2 against one process (float32) -----------------------

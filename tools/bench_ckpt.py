@@ -57,6 +57,12 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def _progress(repeat: int, kind: str, seconds: float, nbytes: int) -> None:
+    """One measurement as it is taken (a run cut short keeps what it printed)."""
+    print(f"repeat {repeat}: {kind} {seconds:.3f} s ({nbytes / GIB / seconds:.2f} GiB/s)",
+          flush=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The measurements (see the module docstring) as a dict; raises SystemExit(2) when the
     checkpoint would not fit into ``args.out_dir``."""
@@ -109,7 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_train_state(path, state, model, opt)
 
     # an untimed first write: the first touch of the output's pages (tmpfs, the page cache)
+    t0 = time.perf_counter()
     warm = save_sharded_checkpoint(out / "warm-up", 1, model, opt, {"step": 1}, keep_last=1)
+    print(f"untimed first save: {time.perf_counter() - t0:.1f} s", flush=True)
     shutil.rmtree(out / "warm-up", ignore_errors=True)
     del warm
     for r in range(args.repeat):
@@ -121,8 +129,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             info = save_sharded_checkpoint(run_dir, 1, model, opt, {"step": 1}, keep_last=1,
                                            _digests=digests)
             _sync(device)
-            times["save_digests" if digests else "save_plain"].append(time.perf_counter() - t0)
+            kind = "save_digests" if digests else "save_plain"
+            times[kind].append(time.perf_counter() - t0)
             nbytes = checkpoint_bytes(info.path)
+            _progress(r, kind, times[kind][-1], nbytes)
             if digests:
                 order = (True, False) if r % 2 == 0 else (False, True)
                 for verify in order:
@@ -130,13 +140,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     load_verified(info.path, _load, _verify=verify)
                     _sync(device)
-                    times["load_verified" if verify else "load_plain"].append(
-                        time.perf_counter() - t0)
+                    kind = "load_verified" if verify else "load_plain"
+                    times[kind].append(time.perf_counter() - t0)
+                    _progress(r, kind, times[kind][-1], nbytes)
                 names = sorted(str(f.relative_to(info.path)) for f in info.path.rglob("*")
                                if f.is_file() and f.name != "meta.json")
                 t0 = time.perf_counter()
                 digest_files(info.path, names)
                 times["hash_only"].append(time.perf_counter() - t0)
+                _progress(r, "hash_only", times["hash_only"][-1], nbytes)
             shutil.rmtree(run_dir, ignore_errors=True)
 
     med = {k: _median(v) for k, v in times.items()}

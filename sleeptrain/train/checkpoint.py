@@ -158,7 +158,8 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int:
     return int(m.group(1))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync of a file or a directory (opened read-only: both sync that way)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -388,7 +389,7 @@ def _fill_tmp(tmp: Path, step: int, state: dict[str, Any],
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
     for d in {(tmp / f).parent for f in sized}:
-        _fsync_dir(d)
+        _fsync_path(d)
     with open(tmp / STATE_FILE, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
@@ -410,7 +411,7 @@ def _fill_tmp(tmp: Path, step: int, state: dict[str, Any],
         meta["digests"] = {"algo": DIGEST_ALGO, "chunk_bytes": DIGEST_CHUNK,
                            "files": {**given, **digest_files(tmp, todo)}}
     _write_bytes_synced(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
-    _fsync_dir(tmp)
+    _fsync_path(tmp)
 
 
 def publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
@@ -424,7 +425,7 @@ def publish(tmp: Path, ckpt_dir: Path, name: str) -> None:
             shutil.rmtree(old)
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
+    _fsync_path(ckpt_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     write_latest(ckpt_dir, name)
@@ -488,7 +489,7 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     latest_tmp = ckpt_dir / f".tmp-latest-{os.getpid()}"
     _write_bytes_synced(latest_tmp, (name + "\n").encode())
     os.replace(latest_tmp, ckpt_dir / LATEST_FILE)
-    _fsync_dir(ckpt_dir)
+    _fsync_path(ckpt_dir)
 
 
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int:
@@ -797,7 +798,7 @@ def quarantine_dir(path: Path) -> Path:
         k += 1
         target = base.with_name(f"{base.name}-{k}")
     os.rename(path, target)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
     return target
 
 
@@ -927,7 +928,7 @@ def _hash_round_robin(root: Path, names: list[str], algo: str, chunk_bytes: int,
         try:
             sizes[name] = (root / name).stat().st_size
             if sync:
-                _fsync_dir(root / name)  # a file opened read-only syncs the same way
+                _fsync_path(root / name)
         except OSError as e:
             got[name] = f"error: {e.strerror or e}"
     got.update(_Hashing(root, sizes, algo, chunk_bytes, None).result())
@@ -958,7 +959,7 @@ def record_dir_digests(root: str | os.PathLike[str]) -> int:
                   "digests": {"algo": DIGEST_ALGO, "chunk_bytes": DIGEST_CHUNK, "files": got}}
         _write_bytes_synced(root / DIR_DIGESTS_FILE,
                             json.dumps(record, indent=1, sort_keys=True).encode())
-        _fsync_dir(root)
+        _fsync_path(root)
     return total
 
 

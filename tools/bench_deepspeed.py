@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--engine", choices=("deepspeed", "megatron"), default="deepspeed",
+                    help="megatron: the same model, step and data through the megatron engine, "
+                    "for the comparison (its ZeRO settings are not used)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: "
                     "data.seq_len)")
     from sleeptrain.cli import parse_with_overrides
@@ -38,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     import sleeptrain
     from sleeptrain.parallel.state import init_parallel
     from sleeptrain.train.ds_engine import DeepSpeedTrainer
+    from sleeptrain.train.trainer import Trainer
     from sleeptrain.train.signals import process_stop_flag
     from sleeptrain.train.stages import sleep_for_step, stage_at
 
-    cfg = sleeptrain.load_config(args.config, [*args.overrides, "train.engine=deepspeed",
+    cfg = sleeptrain.load_config(args.config, [*args.overrides, f"train.engine={args.engine}",
                                                "train.init_from=''"])
     info = init_parallel(1, cfg.parallel.backend, cfg.train.device)
-    trainer = DeepSpeedTrainer(cfg, info, process_stop_flag())
+    deepspeed = args.engine == "deepspeed"
+    trainer = (DeepSpeedTrainer if deepspeed else Trainer)(cfg, info, process_stop_flag())
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     trainer._build_model_and_optimizer(trust=False)
@@ -72,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = rows * seq * cfg.train.grad_accum * info.dp_size
     out = {"config": args.config, "overrides": args.overrides, "device": str(info.device),
            "gpu": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else
-           None, "world": info.world_size, "zero_stage": trainer.engine.zero_optimization_stage(),
-           "offload_optimizer": bool(cfg.deepspeed.offload_optimizer),
-           "offload_params": bool(cfg.deepspeed.offload_params),
+           None, "world": info.world_size, "engine": args.engine,
+           "zero_stage": trainer.engine.zero_optimization_stage() if deepspeed else None,
+           "offload_optimizer": deepspeed and bool(cfg.deepspeed.offload_optimizer),
+           "offload_params": deepspeed and bool(cfg.deepspeed.offload_params),
            "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()),
            "seq_len": seq, "window_len": sleep_cfg.window_len, "passes": sleep_cfg.passes,
            "tokens_per_step": tokens, "step_s": [round(t, 3) for t in times],

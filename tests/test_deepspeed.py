@@ -476,3 +476,27 @@ def test_gsm_shards_put_the_loss_on_the_answer(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--ops", "9", "--target-len", "1200", "--n", "2", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_bench_deepspeed_runs_both_engines_on_the_same_model_and_data():
+    """tools/bench_deepspeed.py's two engines (issue #24's side-by-side numbers): one step from
+    the same seed-built weights on the same random tokens gives the same loss (fp32 on CPU,
+    bound 1e-5 relative: the engines differ only in reduction order) and the same parameter
+    count, and each JSON line names its engine."""
+    tiny = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_hidden=128",
+            "model.vocab_size=128", "train.grad_accum=1", "data.batch_size=1",
+            "sleep.window_len=64", "train.device=cpu", "train.precision=fp32"]
+    out = {}
+    for engine in ("megatron", "deepspeed"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+             "tools/bench_deepspeed.py", "configs/gsm_retrofit_ouro_style.yaml", "--steps", "1",
+             "--warmup", "0", "--seq-len", "128", "--engine", engine, *tiny],
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        out[engine] = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    meg, ds = out["megatron"], out["deepspeed"]
+    assert (meg["engine"], meg["zero_stage"], ds["engine"]) == ("megatron", None, "deepspeed")
+    assert ds["zero_stage"] in (1, 2, 3)
+    assert meg["params"] == ds["params"] and meg["tokens_per_step"] == ds["tokens_per_step"] == 128
+    assert abs(meg["last_loss"] - ds["last_loss"]) <= 1e-5 * abs(meg["last_loss"])

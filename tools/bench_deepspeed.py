@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import sleeptrain
     from sleeptrain.parallel.state import init_parallel
     from sleeptrain.train.ds_engine import DeepSpeedTrainer
-    from sleeptrain.train.trainer import Trainer
     from sleeptrain.train.signals import process_stop_flag
     from sleeptrain.train.stages import sleep_for_step, stage_at
+    from sleeptrain.train.trainer import Trainer
 
     cfg = sleeptrain.load_config(args.config, [*args.overrides, f"train.engine={args.engine}",
                                                "train.init_from=''"])

@@ -156,6 +156,8 @@ class TrainConfig:
     eval_examples: int = 256
     max_nonfinite: int = 5
     stages: list[StageConfig] = field(default_factory=list)
+    # stop (checkpoint saved, exit 0) once this many minutes of wall-clock have passed since the
+    # trainer was created: set-up, resume and compilation count, as they do in a job's limit
     exit_after_minutes: float = 0.0
     peak_tflops: float = 0.0  # per-GPU bf16 peak for MFU (0: from the GPU's name)
     save_at_end: bool = True  # checkpoint after the last step (benchmarks turn it off)

@@ -571,7 +571,6 @@ class Trainer:
         """Steps until train.steps, a stop request, max_steps or the end of the data; returns
         the exit reason."""
         cfg, total = self.cfg, self.cfg.train.steps
-        self.started = time.monotonic()
         if self.step >= total:
             self._report_finished()
             return "done"

@@ -183,7 +183,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sleeptrain.plan import plan_report, preflight
 
     cfg = load_config(args.config, args.overrides)
-    print(plan_report(cfg, args.gpus, args.seq_len or None, args.gpu_name))
+    print(plan_report(cfg, args.gpus, args.seq_len or None, args.gpu_name,
+                      args.gpu_memory_gib or None))
     if args.preflight:
         for line in preflight(cfg, args.gpus):
             print(f"preflight ok: {line}")
@@ -218,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=4")
     pl.add_argument("--gpus", type=int, required=True, help="world size (GPUs in the job)")
-    pl.add_argument("--seq-len", type=int, default=0, help="tokens per row (default data.seq_len)")
-    pl.add_argument("--gpu-name", default="H100", help="for the throughput line (H100, A100..)")
+    pl.add_argument("--seq-len", type=int, default=0, help="tokens per row (default: the "
+                    "task's rows for data.source=task, else data.seq_len)")
+    pl.add_argument("--gpu-name", default="H100", help="for the throughput line and the "
+                    "memory check (H100, H200, A100..)")
+    pl.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                    help="one GPU's memory for the fit check (default: by --gpu-name)")
     pl.add_argument("--preflight", action="store_true",
                     help="also check shards vs readers and a writable run directory")
     pl.add_argument("--run-dir-file", default="",

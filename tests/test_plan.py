@@ -121,3 +121,27 @@ def test_memory_estimate_state_bytes_are_exact_for_this_trainer():
                       for st in o.state.values() for v in st.values()
                       if torch.is_tensor(v) and v.dim() > 0)
     assert state_bytes == mem["optimizer"]
+
+
+def test_plan_uses_the_task_rows_and_warns_when_the_estimate_exceeds_the_gpu(capsys):
+    """Task configs: rows are the task's (rule110_paper: 104 tokens, 103 inputs), not
+    data.seq_len; a layout whose estimate exceeds one GPU's memory is named as not fitting."""
+    from sleeptrain.data.tasks import build_task
+    from sleeptrain.plan.costs import row_tokens
+
+    cfg = load_config(str(ROOT / "configs" / "rule110_paper.yaml"), [])
+    rows = build_task(cfg.data.task, **dict(cfg.data.task_args)).seq_len - 1
+    assert row_tokens(cfg) == rows == 103 != cfg.data.seq_len
+    assert main(["plan", str(ROOT / "configs" / "rule110_paper.yaml"), "--gpus", "1",
+                 "--gpu-name", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "512 rows x 103 tokens (the rule110 task's rows" in out
+    assert "fits one H200" in out and "WARNING" not in out
+    shards = load_config(str(ROOT / "configs" / "lm_350m_shards.yaml"), [])
+    assert row_tokens(shards) == shards.data.seq_len
+    big = ["data.seq_len=16384", "data.batch_size=2", "sleep.checkpoint=false"]
+    assert main(["plan", str(ROOT / "configs" / "lm_350m_shards.yaml"), "--gpus", "1",
+                 "--gpu-memory-gib", "20", *big]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the estimate" in out and "exceeds one H100's 20 GiB" in out
+    assert "sleep.checkpoint=true" in out

@@ -106,6 +106,16 @@ def linear_weight_count(m: Any) -> int:
     return blocks + m.vocab_size * m.d_model
 
 
+def row_tokens(cfg: DictConfig) -> int:
+    """Input tokens of one training row: the task's rows minus the last token (its target)
+    for ``data.source=task`` (tasks fix their own length), else ``data.seq_len``."""
+    if cfg.data.source == "task":
+        from sleeptrain.data.tasks import build_task
+
+        return int(build_task(cfg.data.task, **dict(cfg.data.task_args)).seq_len) - 1
+    return int(cfg.data.seq_len)
+
+
 def _windows(seq_len: int, window: int) -> int:
     return max(1, math.ceil(seq_len / window))
 
@@ -193,4 +203,4 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
 
 
 __all__ = ["BlockCost", "backward_passes", "block_cost", "linear_weight_count",
-           "memory_estimate", "param_count", "train_flops_per_token"]
+           "memory_estimate", "param_count", "row_tokens", "train_flops_per_token"]

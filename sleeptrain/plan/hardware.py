@@ -14,6 +14,22 @@ PEAK_BF16 = (
 )
 
 
+#: Memory of one GPU (GiB, as torch.cuda reports it) by device-name substring, first match wins.
+MEMORY_GIB = (
+    ("H100 NVL", 93.1), ("H100", 79.6), ("H800", 79.6), ("GH200", 94.5), ("H200", 140.4),
+    ("B200", 178.4), ("A100", 79.2), ("A800", 79.2), ("L40S", 44.4),
+)
+
+
+def device_memory_gib(device_name: str) -> float | None:
+    """Memory of one GPU named ``device_name`` in GiB (None when unknown; the A100's 80 GB
+    model is assumed)."""
+    for key, val in MEMORY_GIB:
+        if key.lower() in device_name.lower():
+            return val
+    return None
+
+
 def peak_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named ``device_name`` (None when unknown)."""
     for key, val in PEAK_BF16:
@@ -43,4 +59,4 @@ def measure_bf16_peak(device: torch.device | str = "cuda", n: int = 8192,
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-__all__ = ["PEAK_BF16", "measure_bf16_peak", "peak_flops"]
+__all__ = ["MEMORY_GIB", "PEAK_BF16", "device_memory_gib", "measure_bf16_peak", "peak_flops"]

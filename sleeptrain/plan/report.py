@@ -7,8 +7,8 @@ from omegaconf import DictConfig
 
 from sleeptrain.config import ConfigError
 from sleeptrain.config.validate import validate_model
-from sleeptrain.plan.costs import memory_estimate, param_count, train_flops_per_token
-from sleeptrain.plan.hardware import peak_flops
+from sleeptrain.plan.costs import memory_estimate, param_count, row_tokens, train_flops_per_token
+from sleeptrain.plan.hardware import device_memory_gib, peak_flops
 
 
 def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
@@ -45,11 +45,13 @@ def check_layout(cfg: DictConfig, gpus: int) -> tuple[int, int]:
 
 
 def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
-                device_name: str = "H100") -> str:
-    """The text ``sleeptrain plan`` prints."""
+                device_name: str = "H100", gpu_memory_gib: float | None = None) -> str:
+    """The text ``sleeptrain plan`` prints: rows of ``seq_len`` tokens (default: the task's
+    rows for ``data.source=task``, else ``data.seq_len``), and a warning when the memory
+    estimate exceeds one GPU's memory (``gpu_memory_gib``, default by ``device_name``)."""
     tp, dp = check_layout(cfg, gpus)
     cp = int(cfg.parallel.cp)
-    T = int(seq_len or cfg.data.seq_len)
+    T = int(seq_len or row_tokens(cfg))
     p = param_count(cfg.model)
     f = train_flops_per_token(cfg, T)
     f1 = train_flops_per_token(cfg, T, passes=1)
@@ -64,8 +66,8 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
     lines = [
         f"layout: {gpus} GPUs = TP {tp} x {f'CP {cp} x ' if cp > 1 else ''}"
         f"{f'PP {pp} x ' if pp > 1 else ''}DP {dp}; global "
-        f"batch {gb} rows x {T} tokens ({cfg.data.batch_size} per rank x "
-        f"{cfg.train.grad_accum} accumulation x {dp})",
+        f"batch {gb} rows x {T} tokens{_row_source(cfg, seq_len)} ({cfg.data.batch_size} per "
+        f"rank x {cfg.train.grad_accum} accumulation x {dp})",
         f"parameters: {p / 1e9:.3f} B ({p:,})",
         f"window {L}{_per_rank(L, cp)}, passes N={cfg.sleep.passes}, eviction "
         f"{cfg.sleep.eviction}, loop blocks {_loop_text(cfg)}",
@@ -79,6 +81,7 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
         f"~{mem['activations'] / gib:.1f} (checkpoint={cfg.sleep.checkpoint}) -> "
         f"~{mem['total'] / gib:.1f} GiB",
     ]
+    lines += _fit_lines(mem["total"], device_name, gpu_memory_gib)
     if pp > 1:
         lines += _pipeline_lines(cfg, T)
     if peak:
@@ -124,6 +127,27 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
         raise ConfigError(f"train.run_dir: {run} is not writable: {e}") from e
     done.append(f"run directory {run} writable")
     return done
+
+
+def _row_source(cfg: DictConfig, seq_len: int | None) -> str:
+    if seq_len or cfg.data.source != "task":
+        return ""
+    return f" (the {cfg.data.task} task's rows; data.seq_len is not used)"
+
+
+def _fit_lines(total: float, device_name: str, gpu_memory_gib: float | None) -> list[str]:
+    """A warning when the per-GPU estimate exceeds the GPU's memory, with what lowers it."""
+    cap = gpu_memory_gib or device_memory_gib(device_name)
+    if cap is None:
+        return [f"GPU memory of {device_name!r} unknown (--gpu-memory-gib): fit not checked"]
+    need = total / 1024**3
+    if need <= cap:
+        return [f"fits one {device_name} ({cap:.0f} GiB) by this estimate "
+                f"({100 * need / cap:.0f}%)"]
+    return [f"WARNING: the estimate ({need:.1f} GiB) exceeds one {device_name}'s {cap:.0f} GiB: "
+            "this layout will run out of memory. Lower it with sleep.checkpoint=true, fewer "
+            "rows per micro-batch (data.batch_size, with train.grad_accum to keep the batch), "
+            "a larger parallel.tp / parallel.cp / parallel.pp, or parallel.shard_optimizer=true"]
 
 
 def _stage_text(mem: dict[str, float]) -> str:

@@ -148,23 +148,62 @@ def backward_passes(sleep: SleepConfig, passes: int) -> int:
     return min(int(sleep.grad_passes), n_sleep)
 
 
+#: Activation values kept per token by one block in backward, in units of d_model values of
+#: the compute dtype, by block kind and kernel path (``activation_coefficients``). "cpu": the
+#: PyTorch reference kernels in fp32 on a CPU, measured with the CPU allocator's exact peak
+#: (2026-12-06, d = 128 and 256, H x dk = d, f = 2.75 d: G 53.3 / 51.6, A 23.0 / 23.0, an MLP
+#: alone 14.0; the
+#: test holds the estimate to a measured step). "cuda": FLA's kernels under bf16 autocast, fit
+#: to three measured GPU runs with checkpointing and one that ran out of memory
+#: (docs/design.md, "Memory estimate"). "recompute": with ``sleep.checkpoint`` the
+#: window-pass being recomputed holds this multiple of its forward activations (CPU measured
+#: 1.4: its gradients live beside them).
+ACTIVATION_COEFFICIENTS = {
+    "cpu": {"gdn": 52.0, "attention": 23.0, "mlp_only": 14.0, "recompute": 1.4},
+    "cuda": {"gdn": 41.0, "attention": 20.0, "mlp_only": 11.0, "recompute": 1.0},
+}
+
+
+def activation_coefficients(cfg: DictConfig) -> dict[str, float]:
+    """The coefficient table of the kernel path this config trains on: CUDA (FLA) unless the
+    run is on a CPU or asks for the PyTorch reference GDN kernels."""
+    on_cpu = cfg.train.device == "cpu" or cfg.model.gdn_backend in ("chunked", "recurrent")
+    return ACTIVATION_COEFFICIENTS["cpu" if on_cpu else "cuda"]
+
+
+def block_activation_values(m: Any, symbol: str, table: dict[str, float], tp: int) -> float:
+    """Values per token that one block of pattern symbol ``symbol`` keeps for its backward, in
+    the compute dtype: the table's coefficient x d_model, a third of it (norms, residual)
+    replicated over tensor-parallel ranks and two thirds split by them."""
+    kind, has_mlp = PATTERN_SYMBOLS[symbol]
+    coef = table.get(kind, 0.0) if kind in ("gdn", "attention") else 0.0
+    if not has_mlp and coef:
+        coef -= table["mlp_only"]
+    elif has_mlp and not coef:
+        coef = table["mlp_only"]
+    return coef * m.d_model * (1 / 3 + 2 / (3 * tp))
+
+
 def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
                     dp: int = 1, stage: int | None = None) -> dict[str, float]:
     """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
     (weights and gradients in ``model.params_dtype``, AdamW two moments, Muon one momentum, in
     the same dtype; split by TP, replicated over DP, or for the optimizer state split over DP
-    with ``parallel.shard_optimizer``: the average share). Activations are a rough estimate for one
-    micro-batch: the window in backward holds ~(8 + 16 / tp) d values per token per block in
-    the compute dtype, and with ``sleep.checkpoint`` the row keeps one fp32 hidden state per
-    token per pass boundary. ``weight_copies``: the fused linears' bf16 weight copies
+    with ``parallel.shard_optimizer``: the average share). Activations are an estimate for one
+    micro-batch: every block keeps ``block_activation_values`` per token of each window-pass
+    in backward (coefficients by block kind and kernel path, ``ACTIVATION_COEFFICIENTS``), all
+    window-passes of a row without ``sleep.checkpoint`` (the last window never sleeps), one
+    window-pass (times the table's ``recompute``) plus one fp32 hidden state per token per
+    pass boundary with it; the head's fp32 logits and their softmax
+    (B L V / tp, 6 bytes a value with bf16 autocast, 8 without) for every window that is kept
+    (one with checkpointing). ``weight_copies``: the fused linears' bf16 weight copies
     (``train.grad_accum_fusion`` on, or auto off CPU, with bf16 autocast and non-bf16
     weights; exact). With context parallelism (``parallel.cp`` = C) a rank holds a chunk of
     ceil(L / C) tokens of every window (and of every row for the checkpointed boundaries);
     the gathered keys/values of a window (2 L Hkv D per attention block) are not counted.
-    Not counted: the fp32 logits of a window's head (B L V / tp x 4 bytes, and their
-    gradient), framework buffers and fragmentation. With pipeline parallelism
-    (``parallel.pp`` > 1) the numbers are one stage's (``stage``; default the stage with the
-    largest total): ``sleeptrain.plan.pipeline.stage_memory``."""
+    Not counted: framework buffers, CUDA graph pools and fragmentation. With pipeline
+    parallelism (``parallel.pp`` > 1) the numbers are one stage's (``stage``; default the
+    stage with the largest total): ``sleeptrain.plan.pipeline.stage_memory``."""
     from sleeptrain.config import loop_range
 
     if int(cfg.parallel.pp) > 1:
@@ -183,24 +222,32 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
     optimizer = size * (mats + 2 * (p - mats)) / tp  # state in the parameters' dtype
     if cfg.parallel.shard_optimizer:
         optimizer /= dp
-    B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
+    B, L = cfg.data.batch_size, int(s.window_len)
     T = int(seq_len or cfg.data.seq_len)
     cp = int(cfg.parallel.cp)  # context parallelism: a rank holds ceil(L / cp) per window
     a, b = loop_range(m)
-    depth = len(m.pattern)
-    nbytes = 4 if cfg.train.precision == "fp32" else 2
-    window = B * math.ceil(L / cp) * depth * nbytes * (8 + 16 / tp) * d
-    if s.checkpoint:
-        acts = window + B * math.ceil(T / cp) * d * 4 * (1 + sleep_passes(s.passes))
-    else:
-        acts = window * _windows(T, L) * (1 + sleep_passes(s.passes) * (b - a) / depth)
     t = cfg.train
-    fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
     amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
+    nbytes = 2 if amp else size
+    table = activation_coefficients(cfg)
+    per_block = [block_activation_values(m, sym, table, tp) for sym in m.pattern]
+    chunk = B * math.ceil(L / cp)
+    wake = chunk * nbytes * sum(per_block)
+    sleep = chunk * nbytes * sum(per_block[a:b]) * sleep_passes(s.passes)
+    logits = chunk * m.vocab_size / tp * (6 if amp else 2 * size)
+    W = _windows(T, L)
+    if s.checkpoint:  # one window-pass recomputed at a time, the boundaries of the whole row
+        acts = (table["recompute"] * wake + logits
+                + B * math.ceil(T / cp) * m.d_model * 4 * (1 + sleep_passes(s.passes)))
+    else:  # every window's wake pass and logits, the sleep passes of all but the last window
+        acts = (wake + logits) * W + sleep * (W - 1)
+    fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
     copies = 2 * linear_weight_count(m) / tp if fusion and amp and size != 2 else 0.0
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": acts,
             "weight_copies": copies, "total": weights + grads + optimizer + acts + copies}
 
 
-__all__ = ["BlockCost", "backward_passes", "block_cost", "linear_weight_count",
+__all__ = ["ACTIVATION_COEFFICIENTS", "BlockCost", "activation_coefficients", "backward_passes",
+           "block_activation_values",
+           "block_cost", "linear_weight_count",
            "memory_estimate", "param_count", "row_tokens", "train_flops_per_token"]

@@ -29,7 +29,12 @@ from sleeptrain.parallel.schedule import (
     stage_of,
     visit_chain,
 )
-from sleeptrain.plan.costs import backward_passes, block_cost
+from sleeptrain.plan.costs import (
+    activation_coefficients,
+    backward_passes,
+    block_activation_values,
+    block_cost,
+)
 from sleeptrain.sleep.runner import sleep_passes
 from sleeptrain.sleep.stage import free_passes
 
@@ -175,7 +180,8 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
                  dp: int = 1) -> list[dict[str, float]]:
     """``memory_estimate``'s bytes per GPU for every pipeline stage (key ``stage``): the
     stage's parameters, gradients and optimizer state (``stage_params``; the tied embedding's
-    copy on the last stage), its blocks' share of a window's activations, and the boundary
+    copy on the last stage), its blocks' share of a window's activations (``memory_estimate``'s
+    per-block rule, logits not counted), and the boundary
     tensors of the micro-batches in flight (``parallel.pp_in_flight``, default all
     ``train.grad_accum``): with ``sleep.checkpoint`` two fp32 hidden states per token per
     visit of the stage (its wake visit and, in the loop range, each sleep pass): the visit's
@@ -188,7 +194,6 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     bounds = stage_bounds(cfg, seq_len=seq_len)
     P = len(bounds) - 1
     size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
-    nbytes = 4 if t.precision == "fp32" else 2
     B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
     T = int(seq_len or cfg.data.seq_len)
     a, b = loop_range(m)
@@ -197,6 +202,9 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     fly = min(int(cfg.parallel.pp_in_flight) or int(t.grad_accum), int(t.grad_accum))
     fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
     amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
+    nbytes = 2 if amp else size
+    table = activation_coefficients(cfg)
+    per_block = [B * L * nbytes * block_activation_values(m, sym, table, tp) for sym in m.pattern]
     costs = [block_cost(m, sym, 1, False) for sym in m.pattern]
     emb = m.vocab_size * m.d_model
     out = []
@@ -207,13 +215,13 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
         weights = grads = size * p / tp
         optimizer = size * (mats + 2 * (p - mats)) / tp / (dp if cfg.parallel.shard_optimizer
                                                            else 1)
-        window = B * L * (hi - lo) * nbytes * (8 + 16 / tp) * d
+        window = sum(per_block[lo:hi])
         loops = max(0, min(b, hi) - max(a, lo))
         visits = 1 + (n_sleep * share if loops else 0)
         if s.checkpoint:
-            acts = window + 2 * fly * B * T * d * 4 * visits
+            acts = table["recompute"] * window + 2 * fly * B * T * d * 4 * visits
         else:
-            loop_part = window * loops / max(hi - lo, 1)
+            loop_part = sum(per_block[max(a, lo):min(b, hi)])
             acts = fly * _windows(cfg, T) * (window + n_sleep * share * loop_part)
         copies = 2 * lin / tp if fusion and amp and size != 2 else 0.0
         out.append({"stage": st, "weights": weights, "grads": grads, "optimizer": optimizer,

@@ -129,6 +129,12 @@ def preflight(cfg: DictConfig, gpus: int) -> list[str]:
     return done
 
 
+#: Share of a GPU's memory the estimate may fill before the report warns: the estimate does
+#: not count allocator fragmentation, CUDA graph pools and framework buffers (a 1.3B run
+#: estimated at 93% of an H200 ran out of memory; docs/design.md, "Memory estimate").
+FIT_MARGIN = 0.85
+
+
 def _row_source(cfg: DictConfig, seq_len: int | None) -> str:
     if seq_len or cfg.data.source != "task":
         return ""
@@ -141,13 +147,19 @@ def _fit_lines(total: float, device_name: str, gpu_memory_gib: float | None) -> 
     if cap is None:
         return [f"GPU memory of {device_name!r} unknown (--gpu-memory-gib): fit not checked"]
     need = total / 1024**3
+    share = f"{need:.1f} GiB, {100 * need / cap:.0f}% of one {device_name}'s {cap:.0f} GiB"
+    if need <= FIT_MARGIN * cap:
+        return [f"fits by this estimate ({share})"]
+    lower = ("Lower it with sleep.checkpoint=true, fewer rows per micro-batch "
+             "(data.batch_size, with train.grad_accum to keep the batch), a larger parallel.tp / "
+             "parallel.cp / parallel.pp, or parallel.shard_optimizer=true")
     if need <= cap:
-        return [f"fits one {device_name} ({cap:.0f} GiB) by this estimate "
-                f"({100 * need / cap:.0f}%)"]
-    return [f"WARNING: the estimate ({need:.1f} GiB) exceeds one {device_name}'s {cap:.0f} GiB: "
-            "this layout will run out of memory. Lower it with sleep.checkpoint=true, fewer "
-            "rows per micro-batch (data.batch_size, with train.grad_accum to keep the batch), "
-            "a larger parallel.tp / parallel.cp / parallel.pp, or parallel.shard_optimizer=true"]
+        return [f"WARNING: the estimate ({share}) leaves less than "
+                f"{100 * (1 - FIT_MARGIN):.0f}% for what it does not count (allocator "
+                f"fragmentation, CUDA graph pools, buffers): this layout may run out of memory. "
+                f"{lower}"]
+    return [f"WARNING: the estimate ({share}) exceeds the GPU: this layout will run out of "
+            f"memory. {lower}"]
 
 
 def _stage_text(mem: dict[str, float]) -> str:

@@ -19,8 +19,11 @@ SMALL = ["model.d_model=256", "model.pattern=AGGA", "model.n_heads=4", "model.n_
 #: was embed.weight's, 2.1e-3 of its largest entry (a first bound of 2e-3 failed there);
 #: rounding only the forward products' operands to TF32 on CPU already moves gradients by
 #: up to ~2e-3 (test below), so the bound is 4e-3; a wrong kernel or state hand-over is off
-#: by 1e-1 or more. bf16 autocast: both paths round activations to bf16, so gradients agree
-#: to a few percent (relative to each tensor's max).
+#: by 1e-1 or more. On an H100 (2026-12-06) blocks.2.mixer.A_log was 2.1e-2 apart, ten
+#: times what TF32 rounding of the products in both directions explains (test below): that
+#: is a finding to explain (docs/benchmarks.md), not a bound to widen. bf16 autocast: both
+#: paths round activations to bf16, so gradients agree to a few percent (relative to each
+#: tensor's max).
 FP32_TOL, BF16_TOL = 4e-3, 5e-2
 
 
@@ -60,27 +63,55 @@ def test_fla_model_matches_reference_model(autocast, tol):
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
-    """x with its mantissa rounded to TF32's 10 bits (to nearest), gradient passed through."""
+    """x (detached) with its mantissa rounded to TF32's 10 bits, to nearest."""
     bits = x.detach().contiguous().view(torch.int32)
-    return x + (((bits + 0x1000) & ~0x1FFF).view(torch.float32) - x).detach()
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """g summed over the dimensions a broadcasting matmul added to an operand of ``shape``."""
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    for i, n in enumerate(shape):
+        if n == 1 and g.shape[i] != 1:
+            g = g.sum(i, keepdim=True)
+    return g
+
+
+class _TF32MatMul(torch.autograd.Function):
+    """a @ b with TF32-rounded operands, and its backward's two products likewise (FLA's
+    kernels multiply fp32 in TF32 in both directions)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.matmul(_tf32(a), _tf32(b))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = _tf32(g)
+        return (_sum_to(torch.matmul(g, _tf32(b).transpose(-1, -2)), a.shape),
+                _sum_to(torch.matmul(_tf32(a).transpose(-1, -2), g), b.shape))
 
 
 class _TF32Products(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul) and \
-                args[0].dtype == torch.float32:
-            args = (_tf32(args[0]), _tf32(args[1]), *args[2:])
+                args[0].dtype == torch.float32 and args[0].dim() >= 2 and args[1].dim() >= 2:
+            with torch._C.DisableTorchFunction():
+                return _TF32MatMul.apply(args[0], args[1])
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.slow
 def test_fp32_bound_covers_tf32_rounding_of_the_gdn_products(monkeypatch):
     """CPU, the GPU test's model in fp32 on the reference kernel, once exact and once with the
-    chunk kernel's matrix products on TF32-rounded operands (the forward's only; FLA also
-    rounds in its backward): the largest gradient difference, relative to each tensor's
-    largest entry, must lie between FP32_TOL / 4 and FP32_TOL -- rounding of this kind
-    reaches the order of the bound, and the bound leaves room above it (measured
-    2026-12-02: 2.1e-3, A_log and dt_bias)."""
+    chunk kernel's matrix products on TF32-rounded operands, in the forward and in the
+    backward: the largest gradient difference, relative to each tensor's largest entry,
+    must lie between FP32_TOL / 4 and FP32_TOL -- rounding of this kind reaches the order
+    of the bound, and the bound leaves room above it (measured 2026-12-06: 2.2e-3, A_log and
+    dt_bias; 2.1e-3 with the forward's products alone)."""
     import sleeptrain.model.kernels.gated_delta as gd
 
     cfg = sleeptrain.load_config(None, [*SMALL[:-1], "train.device=cpu",

@@ -330,29 +330,34 @@ def test_stages_under_bf16_autocast_are_as_close_to_fp64_as_one_process_on_cuda(
         m.load_state_dict({k: v for k, v in weights.items() if m.holds(k)}, strict=False)
     bs = batches(cfg, dev, 3, False)
     denom = float(sum(int(b[1][:, 1:].sum()) for b in bs))
-    ref = 0.0
+    ref = ref64 = 0.0
     for tokens, mask, doc in bs:
         hd = window_heads(mask.cpu(), cfg.sleep.window_len)
         ls, _ = forward_backward(full, tokens, mask, doc, cfg.sleep, denom, True, hd)
         ref += float(ls)
-        forward_backward(m64, tokens, mask, doc, c64.sleep, denom, False, hd)
+        ls64, _ = forward_backward(m64, tokens, mask, doc, c64.sleep, denom, False, hd)
+        ref64 += float(ls64)
     results = local_step(cfg, models, bounds, bs, cfg.sleep, denom, amp=True)
     assert results[-1][0].item() == pytest.approx(ref, rel=1e-4)
+    assert ref == pytest.approx(ref64, rel=1e-2)  # bf16 activations, the same model
     summed: dict[str, torch.Tensor] = {}
     for mdl in models:
         for n, p in mdl.named_parameters():
             if p.grad is not None:
                 summed[n] = p.grad if n not in summed else summed[n] + p.grad
     exact = dict(m64.named_parameters())
-    worst = largest = 0.0
+    rows = []  # (distance of the one-process step from float64, name, float64 scale)
     for n, p in full.named_parameters():
         g64 = exact[n].grad
         scale = g64.abs().max().item()
         e_one = (p.grad.double() - g64).abs().max().item()
         e_pp = (summed[n].double() - g64).abs().max().item()
-        worst, largest = max(worst, e_one), max(largest, scale)
+        rows.append((e_one, n, scale))
         assert e_pp <= 1.5 * e_one + 1e-4 * scale, (n, e_pp, e_one)
-    assert worst < 0.1 * largest  # bf16 rounding, not different models
+    rows.sort(reverse=True)
+    print("largest distances from float64 (one process, bf16):", rows[:6])
+    largest = max(scale for _, _, scale in rows)
+    assert rows[0][0] < 0.1 * largest, (rows[:6], largest)  # bf16 rounding, not other models
 
 
 # --- torchrun: PP=2, PP=4, TP=2 x PP=2 against one process (float32) -----------------------
@@ -611,5 +616,9 @@ def test_plan_prints_the_stage_assignment_bubble_and_stage_memory(capsys):
     assert 0.45 < two["weights"] / one["weights"] < 0.56
     assert 0.2 < four["weights"] / one["weights"] < 0.31
     assert two["activations"] < one["activations"]  # the config caps micro-batches in flight
-    uncapped = memory_estimate(load_config(yaml, ["parallel.pp_in_flight=0"]), 8)
-    assert two["activations"] < 0.6 * uncapped["activations"]
+    uncapped = memory_estimate(load_config(yaml, ["parallel.pp_in_flight=0"]), 8)  # all 16
+    eight = memory_estimate(load_config(yaml, ["parallel.pp_in_flight=8"]), 8)
+    # the boundary tensors grow with the micro-batches in flight (the config's cap: 4)
+    assert two["activations"] < eight["activations"] < uncapped["activations"]
+    assert uncapped["activations"] - eight["activations"] == pytest.approx(
+        2 * (eight["activations"] - two["activations"]))

@@ -50,6 +50,37 @@ def test_chunked_matches_recurrent_fp64(chunk):
         assert (a - b).abs().max() < 1e-10
 
 
+def test_references_keep_their_dtype_inside_an_autocast_region():
+    """The PyTorch references (chunked, recurrent, the context-parallel composition) compute
+    in fp32 also inside a bf16 autocast region (as FLA's kernels keep their state in fp32):
+    values and gradients equal the ones outside it, bit for bit. Before, autocast rounded
+    their products, the state recurrence's included, to bf16."""
+    from sleeptrain.model.kernels import compose_chunk_states
+
+    inp = _inputs(dtype=torch.float32)
+    fns = [lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]),
+           lambda *a: chunked_gated_delta_rule(*a[:5], None, a[5], chunk_size=16)]
+
+    def in_autocast(fn):  # the forward in the region, the backward outside (as in training)
+        def run(*a):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*a)
+        return run
+
+    for fn in fns:
+        plain = _value_and_grads(fn, inp)
+        mixed = _value_and_grads(in_autocast(fn), inp)
+        for a, b in zip([*plain[:2], *plain[2]], [*mixed[:2], *mixed[2]], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    g = torch.Generator().manual_seed(3)
+    m, e, s0 = (torch.randn(*shape, generator=g, requires_grad=True)
+                for shape in ((4, 2, 3, 8, 8), (4, 2, 3, 8, 6), (2, 3, 8, 6)))
+    plain = compose_chunk_states(m, e, s0)[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = compose_chunk_states(m, e, s0)[-1]
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
 def test_grouped_value_heads_read_their_query_key_head():
     # HV = 2H: value head j must use q/k head j // 2, i.e. equal the H=HV computation with
     # q, k repeated per head.

@@ -19,10 +19,30 @@ ground truth for tests).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "fla", "chunked", "recurrent")
+_F = TypeVar("_F", bound=Callable)
+
+
+def _outside_autocast(fn: _F) -> _F:
+    """Runs a PyTorch reference in the dtype it states (fp32, or fp64 for fp64 inputs) also
+    inside an autocast region: autocast would otherwise round its matrix products, the state
+    recurrence's included, to bf16 (FLA's kernels keep the state and their accumulators in
+    fp32 whatever the region). A no-op outside autocast."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -44,6 +64,7 @@ def _zero_state(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.zeros(b, hv, q.shape[-1], dv, dtype=dtype, device=v.device)
 
 
+@_outside_autocast
 def recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,6 +92,7 @@ def recurrent_gated_delta_rule(
     return o.to(out_dtype), s
 
 
+@_outside_autocast
 def chunked_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -239,6 +261,7 @@ def chunk_transition(
     return final[..., dv:], final[..., :dv]
 
 
+@_outside_autocast
 def compose_chunk_states(m: torch.Tensor, e: torch.Tensor, s0: torch.Tensor,
                          upto: int | None = None) -> list[torch.Tensor]:
     """Incoming states of consecutive chunks from their maps m [C, B, HV, d_k, d_k],

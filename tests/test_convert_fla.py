@@ -174,3 +174,22 @@ def test_imported_fla_model_on_gpu_matches_fla_kernels(tmp_path):
     res = compare_logits(a, b)
     print(f"FLA kernels vs imported sleeptrain on GPU: {res}")
     assert res["max_abs_diff"] <= 2e-2 and res["top1_agreement"] >= 0.95, res
+
+
+def test_bench_window_peer_is_fla_model_of_the_same_shapes():
+    """tools/bench_window.py --peer fla times FLA's own model of the run's shapes (pure GDN
+    here: FLA's attention layers need flash-attn): as many parameters as sleeptrain's model,
+    and the same layer count, widths and vocabulary."""
+    import sleeptrain
+    from sleeptrain.plan import param_count
+    from tools.bench_window import PRESETS, fla_peer_model
+
+    cfg = sleeptrain.load_config(None, [*PRESETS["tiny"], "model.pattern=GGGG",
+                                        "train.device=cpu"])
+    peer = fla_peer_model(cfg)
+    ours = sleeptrain.build_model(cfg, device="cpu")
+    assert sum(p.numel() for p in peer.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert peer.config.num_hidden_layers == 4 and peer.config.attn is None
+    assert peer.config.hidden_size == 128 and peer.config.vocab_size == 512
+    big = sleeptrain.load_config(None, [*PRESETS["gdn367m"], "train.device=cpu"])
+    assert param_count(big.model) == 366_956_928

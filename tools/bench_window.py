@@ -38,6 +38,11 @@ PRESETS: dict[str, list[str]] = {
     "1.3b": ["model.d_model=2048", "model.pattern=GGGAGGGAGGGAGGGAGGGAGGGA",
              "model.n_heads=16", "model.n_kv_heads=4", "model.gdn_heads=16",
              "model.gdn_head_dim=128", "model.ffn_hidden=5632", "model.vocab_size=32000"],
+    # the 350m shapes as pure GDN: 366,956,928 parameters, FLA's GatedDeltaNetForCausalLM
+    # of the same shapes has exactly as many (the peer of --peer fla)
+    "gdn367m": ["model.d_model=1024", "model.pattern=" + "G" * 24, "model.n_heads=16",
+                "model.n_kv_heads=4", "model.gdn_heads=8", "model.gdn_head_dim=128",
+                "model.ffn_hidden=2816", "model.vocab_size=32000"],
     "tiny": ["model.d_model=128", "model.pattern=GGGA", "model.n_heads=4",
              "model.n_kv_heads=2", "model.gdn_heads=2", "model.gdn_head_dim=64",
              "model.vocab_size=512"],
@@ -100,6 +105,52 @@ def _kernel_shares(fn, top_n: int = 15) -> dict[str, float]:
     return out
 
 
+def fla_peer_model(cfg: Any) -> torch.nn.Module:
+    """flash-linear-attention's ``GatedDeltaNetForCausalLM`` with the shapes of ``cfg``'s
+    model (G blocks, and A blocks where flash-attn is installed: FLA's attention layer needs
+    it; ``sleeptrain.convert.fla_gdn.config_for``), fp32 weights on the CPU: what a user
+    would otherwise train. Its fused norm, SwiGLU and cross entropy stay on (FLA's
+    defaults)."""
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    from sleeptrain.convert.fla_gdn import config_for
+
+    hf = {k: v for k, v in config_for(cfg).items()
+          if k not in ("architectures", "model_type", "torch_dtype")}
+    return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**hf))
+
+
+def _peer_step(model: torch.nn.Module, ids: torch.Tensor, autocast: bool):
+    """One forward+backward of FLA's model through its own loss (``labels=``: it shifts them
+    and uses its fused cross entropy), as its users train it."""
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return run
+
+
+def peer_rows(cfg: Any, tokens: torch.Tensor, warmup: int, iters: int) -> list[dict[str, Any]]:
+    """FLA's model of the same shapes (``fla_peer_model``) on the first T tokens of every row of
+    ``tokens`` [B, T+1]: fp32 weights under bf16 autocast (sleeptrain's setting), then bf16
+    weights. Seconds per step, peak memory, parameters."""
+    peer = fla_peer_model(cfg).cuda()
+    ids = tokens[:, :-1].contiguous()
+    rows = []
+    for weights, autocast in (("fp32+autocast", True), ("bf16", False)):
+        peer = peer if autocast else peer.to(torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = _time(_peer_step(peer, ids, autocast), warmup, iters)
+        rows.append({"weights": weights, "step_s": t,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                     "params": sum(p.numel() for p in peer.parameters())})
+    del peer
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="350m", choices=sorted(PRESETS))
@@ -122,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grad-accum-fusion", default="on", choices=["on", "off"],
                     help="fused linears: bf16 weight copies once per micro-batch, weight "
                          "gradients accumulated by the GEMM (train.grad_accum_fusion)")
+    ap.add_argument("--peer", default="off", choices=["off", "fla"],
+                    help="fla: also time flash-linear-attention's GatedDeltaNetForCausalLM of "
+                         "the same shapes (G and A blocks) in this process, and report the "
+                         "graphed window-sequential step over it")
     ap.add_argument("--out", default="bench_window.json")
     ap.add_argument("--override", nargs="*", default=[], help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -236,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         results["parallel_vs_sequential"].append(row)
         save()
         print(json.dumps(row), flush=True)
+    if args.peer == "fla":
+        results["peer_fla"] = peer_rows(cfg, tokens, 2, args.iters)
+        for row in results["parallel_vs_sequential"]:
+            row["graphed_over_fla"] = row["graphed_s"] / results["peer_fla"][0]["step_s"]
+        save()
+        print(json.dumps(results["peer_fla"]), flush=True)
     for ckpt in ckpt_modes:
         for n in passes:
             sc = cfg.sleep.copy()
@@ -279,6 +340,17 @@ def _print_markdown(r: dict[str, Any]) -> None:
               f"{_pct(x['graphed_mfu_sheet'])} | {s.get('gdn', 0):.0%} | "
               f"{s.get('attention', 0):.0%} | {s.get('gemm', 0):.0%} | {s.get('other', 0):.0%} | "
               f"{x['par_peak_gib']:.1f} / {emem} / {x['graphed_peak_gib']:.1f} |")
+    if "peer_fla" in r:
+        fla32, fla16 = r["peer_fla"]
+        print(f"\nFLA GatedDeltaNetForCausalLM, same shapes ({fla32['params']:,} parameters): "
+              f"{fla32['step_s'] * 1e3:.1f} ms (fp32 weights, bf16 autocast; peak "
+              f"{fla32['peak_gib']:.1f} GiB), {fla16['step_s'] * 1e3:.1f} ms (bf16 weights)")
+        print("\n| L | graphed ms | graphed / FLA (fp32 + autocast) | graphed / FLA (bf16) |")
+        print("|---|---|---|---|")
+        for x in r["parallel_vs_sequential"]:
+            print(f"| {x['window']} | {x['graphed_s'] * 1e3:.1f} | "
+                  f"{x['graphed_s'] / fla32['step_s']:.3f} | "
+                  f"{x['graphed_s'] / fla16['step_s']:.3f} |")
     print("\n| N | checkpoint | graphed step ms | tok/s | tok/s x N / tok/s(N=1) | "
           "MFU (measured / sheet) | peak GiB | mem / mem(N=1) |")
     print("|---|---|---|---|---|---|---|---|")

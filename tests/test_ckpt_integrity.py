@@ -412,12 +412,14 @@ def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
             ck.verify_dir_digests(root)
 
 
-def test_bench_tool_runs_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warmup", [[], ["--no-warmup"]])
+def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/bench_ckpt.py", str(out), "--device", "cpu",
-                           *TINY], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           *TINY, *warmup], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert ("untimed first save" in proc.stdout) != bool(warmup)
     res = json.loads((out / "bench_ckpt.json").read_text())
     assert res["bytes"] > 0 and res["algo"] == "sha256"
     assert set(res["ratio"]) == {"save", "load"} and all(v > 0 for v in res["ratio"].values())

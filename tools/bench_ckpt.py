@@ -2,7 +2,8 @@
 
 Builds the model of a config (``--config`` plus ``key=value`` overrides) and its optimizer
 state (one optimizer step on zero gradients), writes one untimed checkpoint (first touch of
-the output's pages), then, ``--repeat`` times, in one run (the order alternating):
+the output's pages; ``--no-warmup`` skips it), then, ``--repeat`` times, in one run (the
+order alternating):
 
 * ``save``: ``save_sharded_checkpoint`` without the digest step (``_digests=False``) and with
   it (every shard hashed after writing, digests in meta.json);
@@ -16,7 +17,8 @@ run is refused (exit 2) when the checkpoint's estimated size does not fit. Resul
 table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``, default
 ``OUT_DIR/bench_ckpt.json``). Examples:
 
-    python tools/bench_ckpt.py /dev/shm/bench --config configs/7b_sleep.yaml parallel.tp=1
+    python tools/bench_ckpt.py /dev/shm/bench --config configs/7b_sleep.yaml parallel.tp=1 \
+        --no-warmup
     python tools/bench_ckpt.py /tmp/bench --device cpu model.d_model=64 model.vocab_size=256
 """
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     ap.add_argument("--repeat", type=int, default=1, help="measurements of each kind")
     ap.add_argument("--json", type=Path, default=None, help="result file")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed first save (a 7B checkpoint takes minutes to write "
+                         "from one process; the alternating order still balances the pairs)")
     return ap
 
 
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{out}: {free / GIB:.2f} GiB free", flush=True)
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
     model = sleeptrain.build_model(cfg)
     device = next(model.parameters()).device
     opt = optimizer_for(cfg, model)
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     estimate = sum(t.numel() * t.element_size() for t in tensors.values())
     del tensors
     print(f"model + optimizer state: {estimate / GIB:.2f} GiB "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters on {device})", flush=True)
+          f"({sum(p.numel() for p in model.parameters()):,} parameters on {device}), built in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
     if estimate * 1.05 + 64 * 2**20 > free:
         print(f"error: the checkpoint (~{estimate / GIB:.2f} GiB) does not fit into {out} "
               f"({free / GIB:.2f} GiB free)", file=sys.stderr)
@@ -114,12 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def _load(path: Path, state: dict[str, Any]) -> None:
         load_train_state(path, state, model, opt)
 
-    # an untimed first write: the first touch of the output's pages (tmpfs, the page cache)
-    t0 = time.perf_counter()
-    warm = save_sharded_checkpoint(out / "warm-up", 1, model, opt, {"step": 1}, keep_last=1)
-    print(f"untimed first save: {time.perf_counter() - t0:.1f} s", flush=True)
-    shutil.rmtree(out / "warm-up", ignore_errors=True)
-    del warm
+    if not args.no_warmup:  # an untimed first write: the first touch of the output's pages
+        t0 = time.perf_counter()
+        save_sharded_checkpoint(out / "warm-up", 1, model, opt, {"step": 1}, keep_last=1)
+        print(f"untimed first save: {time.perf_counter() - t0:.1f} s", flush=True)
+        shutil.rmtree(out / "warm-up", ignore_errors=True)
     for r in range(args.repeat):
         for digests in ((False, True) if r % 2 == 0 else (True, False)):
             run_dir = out / f"run-{r}-{'digests' if digests else 'plain'}"

@@ -152,10 +152,9 @@ def backward_passes(sleep: SleepConfig, passes: int) -> int:
 #: the compute dtype, by block kind and kernel path (``activation_coefficients``). "cpu": the
 #: PyTorch reference kernels in fp32 on a CPU, measured with the CPU allocator's exact peak
 #: (2026-12-06, d = 128 and 256, H x dk = d, f = 2.75 d: G 53.3 / 51.6, A 23.0 / 23.0, an MLP
-#: alone 14.0; the
-#: test holds the estimate to a measured step). "cuda": FLA's kernels under bf16 autocast, fit
-#: to three measured GPU runs with checkpointing and one that ran out of memory
-#: (docs/design.md, "Memory estimate"). "recompute": with ``sleep.checkpoint`` the
+#: alone 14.0; the test holds the estimate to a measured step). "cuda": FLA's kernels under
+#: bf16 autocast, fit to recorded GPU runs (two with checkpointing, one that ran out of
+#: memory; docs/design.md, "Memory estimate"). "recompute": with ``sleep.checkpoint`` the
 #: window-pass being recomputed holds this multiple of its forward activations (CPU measured
 #: 1.4: its gradients live beside them).
 ACTIVATION_COEFFICIENTS = {
@@ -176,11 +175,8 @@ def block_activation_values(m: Any, symbol: str, table: dict[str, float], tp: in
     the compute dtype: the table's coefficient x d_model, a third of it (norms, residual)
     replicated over tensor-parallel ranks and two thirds split by them."""
     kind, has_mlp = PATTERN_SYMBOLS[symbol]
-    coef = table.get(kind, 0.0) if kind in ("gdn", "attention") else 0.0
-    if not has_mlp and coef:
-        coef -= table["mlp_only"]
-    elif has_mlp and not coef:
-        coef = table["mlp_only"]
+    mlp = table["mlp_only"]
+    coef = (table[kind] - mlp if kind else 0.0) + (mlp if has_mlp else 0.0)
     return coef * m.d_model * (1 / 3 + 2 / (3 * tp))
 
 
@@ -248,6 +244,5 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
 
 
 __all__ = ["ACTIVATION_COEFFICIENTS", "BlockCost", "activation_coefficients", "backward_passes",
-           "block_activation_values",
-           "block_cost", "linear_weight_count",
-           "memory_estimate", "param_count", "row_tokens", "train_flops_per_token"]
+           "block_activation_values", "block_cost", "linear_weight_count", "memory_estimate",
+           "param_count", "row_tokens", "train_flops_per_token"]

@@ -155,8 +155,8 @@ def backward_passes(sleep: SleepConfig, passes: int) -> int:
 #: alone 14.0; the test holds the estimate to a measured step). "cuda": FLA's kernels under
 #: bf16 autocast, fit to recorded GPU runs (two with checkpointing, one that ran out of
 #: memory; docs/design.md, "Memory estimate"). "recompute": with ``sleep.checkpoint`` the
-#: window-pass being recomputed holds this multiple of its forward activations (CPU measured
-#: 1.4: its gradients live beside them).
+#: window-pass being recomputed holds this multiple of its forward activations (CPU: 1.4, read
+#: from one measured step, d = 192, N = 3: its gradients live beside them).
 ACTIVATION_COEFFICIENTS = {
     "cpu": {"gdn": 52.0, "attention": 23.0, "mlp_only": 14.0, "recompute": 1.4},
     "cuda": {"gdn": 41.0, "attention": 20.0, "mlp_only": 11.0, "recompute": 1.0},

@@ -38,7 +38,8 @@ def _outside_autocast(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        tensor = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        device = tensor.device.type
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 

@@ -38,15 +38,16 @@ PRESETS: dict[str, list[str]] = {
     "1.3b": ["model.d_model=2048", "model.pattern=GGGAGGGAGGGAGGGAGGGAGGGA",
              "model.n_heads=16", "model.n_kv_heads=4", "model.gdn_heads=16",
              "model.gdn_head_dim=128", "model.ffn_hidden=5632", "model.vocab_size=32000"],
-    # the 350m shapes as pure GDN: 366,956,928 parameters, FLA's GatedDeltaNetForCausalLM
-    # of the same shapes has exactly as many (the peer of --peer fla)
-    "gdn367m": ["model.d_model=1024", "model.pattern=" + "G" * 24, "model.n_heads=16",
-                "model.n_kv_heads=4", "model.gdn_heads=8", "model.gdn_head_dim=128",
-                "model.ffn_hidden=2816", "model.vocab_size=32000"],
     "tiny": ["model.d_model=128", "model.pattern=GGGA", "model.n_heads=4",
              "model.n_kv_heads=2", "model.gdn_heads=2", "model.gdn_head_dim=64",
              "model.vocab_size=512"],
 }
+
+
+# the 350m shapes as pure GDN: 366,956,928 parameters, FLA's GatedDeltaNetForCausalLM of the
+# same shapes has exactly as many (the peer of --peer fla)
+PRESETS["gdn367m"] = [o if not o.startswith("model.pattern=") else "model.pattern=" + "G" * 24
+                      for o in PRESETS["350m"]]
 
 
 def _time(fn, warmup: int, iters: int) -> float:

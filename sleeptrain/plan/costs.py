@@ -180,6 +180,17 @@ def block_activation_values(m: Any, symbol: str, table: dict[str, float], tp: in
     return coef * m.d_model * (1 / 3 + 2 / (3 * tp))
 
 
+def block_activation_bytes(cfg: DictConfig, tp: int) -> list[float]:
+    """Bytes per token that each block of ``cfg``'s pattern keeps for its backward: its
+    ``block_activation_values`` in the compute dtype (bf16 under autocast, else the
+    parameters' dtype), on the kernel path of ``activation_coefficients``."""
+    t, m = cfg.train, cfg.model
+    amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
+    nbytes = 2 if amp else {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    table = activation_coefficients(cfg)
+    return [nbytes * block_activation_values(m, sym, table, tp) for sym in m.pattern]
+
+
 def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
                     dp: int = 1, stage: int | None = None) -> dict[str, float]:
     """Bytes per GPU. Weights, gradients and optimizer state are exact for this trainer
@@ -224,12 +235,11 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
     a, b = loop_range(m)
     t = cfg.train
     amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
-    nbytes = 2 if amp else size
     table = activation_coefficients(cfg)
-    per_block = [block_activation_values(m, sym, table, tp) for sym in m.pattern]
+    per_block = block_activation_bytes(cfg, tp)
     chunk = B * math.ceil(L / cp)
-    wake = chunk * nbytes * sum(per_block)
-    sleep = chunk * nbytes * sum(per_block[a:b]) * sleep_passes(s.passes)
+    wake = chunk * sum(per_block)
+    sleep = chunk * sum(per_block[a:b]) * sleep_passes(s.passes)
     logits = chunk * m.vocab_size / tp * (6 if amp else 2 * size)
     W = _windows(T, L)
     if s.checkpoint:  # one window-pass recomputed at a time, the boundaries of the whole row
@@ -244,5 +254,6 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
 
 
 __all__ = ["ACTIVATION_COEFFICIENTS", "BlockCost", "activation_coefficients", "backward_passes",
-           "block_activation_values", "block_cost", "linear_weight_count", "memory_estimate",
-           "param_count", "row_tokens", "train_flops_per_token"]
+           "block_activation_bytes", "block_activation_values", "block_cost",
+           "linear_weight_count", "memory_estimate", "param_count", "row_tokens",
+           "train_flops_per_token"]

@@ -32,7 +32,7 @@ from sleeptrain.parallel.schedule import (
 from sleeptrain.plan.costs import (
     activation_coefficients,
     backward_passes,
-    block_activation_values,
+    block_activation_bytes,
     block_cost,
 )
 from sleeptrain.sleep.runner import sleep_passes
@@ -202,9 +202,8 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     fly = min(int(cfg.parallel.pp_in_flight) or int(t.grad_accum), int(t.grad_accum))
     fusion = switch_on(t.grad_accum_fusion, cuda=t.device != "cpu")
     amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
-    nbytes = 2 if amp else size
-    table = activation_coefficients(cfg)
-    per_block = [B * L * nbytes * block_activation_values(m, sym, table, tp) for sym in m.pattern]
+    recompute = activation_coefficients(cfg)["recompute"]
+    per_block = [B * L * x for x in block_activation_bytes(cfg, tp)]
     costs = [block_cost(m, sym, 1, False) for sym in m.pattern]
     emb = m.vocab_size * m.d_model
     out = []
@@ -219,7 +218,7 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
         loops = max(0, min(b, hi) - max(a, lo))
         visits = 1 + (n_sleep * share if loops else 0)
         if s.checkpoint:
-            acts = table["recompute"] * window + 2 * fly * B * T * d * 4 * visits
+            acts = recompute * window + 2 * fly * B * T * d * 4 * visits
         else:
             loop_part = sum(per_block[max(a, lo):min(b, hi)])
             acts = fly * _windows(cfg, T) * (window + n_sleep * share * loop_part)

@@ -120,7 +120,8 @@ def test_nonfinite_step_that_ends_the_run_is_logged(tmp_path):
     ("data.task_args={width: 8, t_mx: 2}", "data.task_args"),
     ("optim.adamw_betas=[0.9,1.5]", "optim.adamw_betas[1]"),
     ("sleep.random_passes=[0,2]", "sleep.random_passes[0]"),
-    ("train.eval_examples=0", "train.eval_examples")])
+    ("train.eval_examples=0", "train.eval_examples"),
+    ("train.profile_steps=[3,2]", "train.profile_steps")])
 def test_bad_values_are_refused_by_the_config(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         _cfg(tmp_path / "run", override)

@@ -121,8 +121,19 @@ def test_stop_file_triggers_save_and_exit(tmp_path):
 
 def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
     run = tmp_path / "run"
-    train(_cfg(run, "train.steps=6", "train.eval_every=6"))
+    train(_cfg(run, "train.steps=6", "train.eval_every=6", "train.profile_steps=[2,3]"))
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    # the profile of steps 2-3: each step's phases timed, the trace readable
+    prof = json.loads((run / "profile" / "summary_rank0.json").read_text())
+    assert [s["step"] for s in prof["steps"]] == [2, 3]
+    from sleeptrain.train.profiling import PHASES
+
+    for s in prof["steps"]:
+        assert set(s["phases_ms"]) == set(PHASES)
+        assert sum(s["phases_ms"].values()) <= s["wall_ms"]
+        assert s["phases_ms"]["forward_backward"] > 0.5 * s["wall_ms"]
+    assert prof["top"] and not any(t["name"].startswith("sleeptrain/") for t in prof["top"])
+    assert json.loads((run / "profile" / "trace_rank0.json").read_text())["traceEvents"]
     assert (run / "checkpoints" / "latest").is_file()
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev["by_depth"]) == {"1", "2"} and ev["n"] == 16

@@ -190,6 +190,10 @@ class TrainConfig:
     # for d_model < 1024, else the usable cores, at most 8, shared by the node's ranks);
     # printed at start-up
     threads: int = 0
+    # torch.profiler over steps [first, last] (metrics.jsonl step numbers, inclusive): traces,
+    # kernel tables and a per-phase summary in RUN_DIR/profile/ (sleeptrain.train.profiling);
+    # empty: off
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -308,6 +308,10 @@ def validate_run(cfg: RunConfig) -> None:
     _need(cfg.train.seed >= 0, "train.seed", f"must be >= 0, got {cfg.train.seed}")
     _need(cfg.train.threads >= 0, "train.threads", "must be >= 0 (0: auto)")
     _in_range(cfg.train.exit_after_minutes, "train.exit_after_minutes", 0.0)
+    ps = list(cfg.train.profile_steps)
+    _need(not ps or (len(ps) == 2 and all(isinstance(x, int) for x in ps)
+                     and 1 <= ps[0] <= ps[1]), "train.profile_steps",
+          f"must be empty or [first, last] step numbers with 1 <= first <= last, got {ps}")
     _choice(cfg.data.source, "data.source", ("task", "shards"))
     _need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _choice(cfg.data.on_corrupt, "data.on_corrupt", ("error", "skip"))

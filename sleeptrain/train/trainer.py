@@ -72,6 +72,7 @@ from sleeptrain.train.logging import MetricsLogger, ProgressBar
 from sleeptrain.train.optim import optimizer_for
 from sleeptrain.train.optim_step import DeviceLrStep
 from sleeptrain.train.pipeline_step import PipelineStep
+from sleeptrain.train.profiling import StepProfiler, phase
 from sleeptrain.train.resume import check_resume
 from sleeptrain.train.schedule import apply_lr, lr_multiplier
 from sleeptrain.train.signals import StopFlag, process_stop_flag, stop_file
@@ -164,6 +165,7 @@ class Trainer:
     last_eval: dict[str, Any] | None = None
     peak: float | None = None
     measured_peak: float | None = None
+    profiler: StepProfiler | None = None
     started: float = field(default_factory=time.monotonic)
 
     # --- setup ---------------------------------------------------------------------------------
@@ -235,6 +237,8 @@ class Trainer:
         self._banner(self._speed_paths())
         self.bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=self.rank0,
                                every=cfg.log.every, tty=cfg.log.progress)
+        self.profiler = StepProfiler(list(cfg.train.profile_steps), self.run_dir, self.device,
+                                     self.info.rank, self.say)
 
     def _build_model_and_optimizer(self, trust: bool) -> None:  # noqa: ARG002 - engines' hook
         """The model (and this rank's pipeline stage) and the optimizer, from the seed."""
@@ -366,7 +370,8 @@ class Trainer:
         info, device = self.info, self.device
         # the masks on the host once per step: the loss normalizer and which windows need
         # the output head (so that no micro-batch syncs with the host)
-        masks = [mk.cpu() for _, mk, _ in batches]
+        with phase("masks"):
+            masks = [mk.cpu() for _, mk, _ in batches]
         n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
         heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
         if info.dp_size > 1:
@@ -378,26 +383,35 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.int64)
         if self.pipe is not None:
             return self._pipeline_step(batches, sleep_cfg, data_s, n_loss, heads)
-        for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
-            if self.graphs is not None:
-                ls, nc = self.graphs.step(tokens, mask, doc_starts, sleep_cfg, max(n_loss, 1),
-                                          self.amp, hd)
-            else:
-                ls, nc = forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
-                                          max(n_loss, 1), self.amp, hd,
-                                          parallel=self.parallel,
-                                          fused_linears=self.fused_linears,
-                                          context_parallel=info.cp_size > 1)
-            loss_sum += ls.double()
-            correct += nc
-        sync_tp_grads(self.model.parameters())
-        _reduce_grads(self.model, info)
-        if info.dp_size * info.cp_size > 1:  # CP peers hold their chunks' shares
-            dist.all_reduce(loss_sum, group=_reduce_group(info))
-            dist.all_reduce(correct, group=_reduce_group(info))
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.grad_clip
-        gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        with phase("forward_backward"):
+            for (tokens, mask, doc_starts), hd in zip(batches, heads, strict=True):
+                if self.graphs is not None:
+                    ls, nc = self.graphs.step(tokens, mask, doc_starts, sleep_cfg,
+                                              max(n_loss, 1), self.amp, hd)
+                else:
+                    ls, nc = forward_backward(self.model, tokens, mask, doc_starts, sleep_cfg,
+                                              max(n_loss, 1), self.amp, hd,
+                                              parallel=self.parallel,
+                                              fused_linears=self.fused_linears,
+                                              context_parallel=info.cp_size > 1)
+                loss_sum += ls.double()
+                correct += nc
+        return self._reduce_clip_finish(loss_sum, correct, n_loss, batches, data_s)
+
+    def _reduce_clip_finish(self, loss_sum: torch.Tensor, correct: torch.Tensor, n_loss: int,
+                            batches: list[Any], data_s: float) -> StepResult:
+        """TP/DP(/CP) gradient reductions, the loss and count over ranks, the clip, then
+        ``_finish_step``."""
+        info = self.info
+        with phase("reduce_clip"):
+            sync_tp_grads(self.model.parameters())
+            _reduce_grads(self.model, info)
+            if info.dp_size * info.cp_size > 1:  # CP peers hold their chunks' shares
+                dist.all_reduce(loss_sum, group=_reduce_group(info))
+                dist.all_reduce(correct, group=_reduce_group(info))
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            clip = self.cfg.optim.grad_clip
+            gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
         return self._finish_step(loss_sum, correct, gnorm, n_loss, batches, data_s)
 
     def _finish_step(self, loss_sum: torch.Tensor, correct: torch.Tensor,
@@ -406,18 +420,19 @@ class Trainer:
         """The step's one host sync (loss, gradient norm and correct count together) and the
         optimizer update when both are finite."""
         device = self.device
-        loss_t, gnorm_f, correct_n = torch.stack(
-            [loss_sum, gnorm.to(device=device, dtype=torch.float64),
-             correct.to(torch.float64)]).tolist()
+        with phase("sync"):
+            loss_t, gnorm_f, correct_n = torch.stack(
+                [loss_sum, gnorm.to(device=device, dtype=torch.float64),
+                 correct.to(torch.float64)]).tolist()
         loss_val = loss_t / max(n_loss, 1)
         finite = math.isfinite(loss_val) and math.isfinite(gnorm_f)
-        if finite:
-            if self.opt_step is not None:
+        with phase("optimizer"):
+            if not finite:
+                self._zero_grad()
+            elif self.opt_step is not None:
                 self.opt_step.step()
             else:
                 self.opt.step()
-        else:
-            self._zero_grad()
         return StepResult(loss_val, correct_n / max(n_loss, 1), gnorm_f, finite,
                           batches[0][0].shape[1] - 1, data_s)
 
@@ -588,13 +603,16 @@ class Trainer:
                                  min_lr_ratio=cfg.optim.min_lr_ratio)
             apply_lr(self.opt, mult)
             t0 = time.perf_counter()
-            batches = self.data.step_batches(self.step, cfg.train.grad_accum)
-            if batches is None:  # a finite shard stream ended (on every rank at once)
-                self.save()
-                return "data_exhausted"
-            res = self.train_step(batches, sleep_cfg, time.perf_counter() - t0)
+            with self.profiler.step_context(self.step + 1):
+                with phase("data"):
+                    batches = self.data.step_batches(self.step, cfg.train.grad_accum)
+                if batches is None:  # a finite shard stream ended (on every rank at once)
+                    self.save()
+                    return "data_exhausted"
+                res = self.train_step(batches, sleep_cfg, time.perf_counter() - t0)
             self._count(res)
             self.step += 1
+            self.profiler.after_step(self.step)
             self.steps_this_run += 1
             res.seconds = time.perf_counter() - t0
             self.log_step(res, mult, stage, sleep_cfg)
@@ -667,6 +685,8 @@ class Trainer:
             print(f"eval: {_eval_line(self.last_eval, self.cfg)}", flush=True)
 
     def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()  # a run that ended inside the profiled steps
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:

@@ -500,3 +500,14 @@ def test_bench_deepspeed_runs_both_engines_on_the_same_model_and_data():
     assert ds["zero_stage"] in (1, 2, 3)
     assert meg["params"] == ds["params"] and meg["tokens_per_step"] == ds["tokens_per_step"] == 128
     assert abs(meg["last_loss"] - ds["last_loss"]) <= 1e-5 * abs(meg["last_loss"])
+
+
+def test_bench_deepspeed_batch_is_on_the_device():
+    # the mask was once made from the host tokens: every GPU run failed in the loss
+    # ("found at least two devices"); the meta device stands in for a GPU here
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_deepspeed import random_batch
+
+    tokens, mask, starts = random_batch(2, 8, 32, torch.device("meta"), torch.Generator())
+    assert tokens.device.type == mask.device.type == "meta" and starts is None
+    assert tokens.shape == mask.shape == (2, 9) and mask.dtype == torch.bool

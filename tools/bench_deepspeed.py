@@ -19,6 +19,16 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def random_batch(rows: int, seq: int, vocab: int, device: Any, gen: Any) -> tuple:
+    """One micro-batch of random tokens (drawn on the host from ``gen``, so every device
+    gets the same ones) with every target in the loss, tokens and mask on ``device``."""
+    import torch
+
+    tokens = torch.randint(0, vocab, (rows, seq + 1), generator=gen).to(device)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = cfg.data.batch_size
 
-    def batch():
-        tokens = torch.randint(0, cfg.model.vocab_size, (rows, seq + 1), generator=gen)
-        return tokens.to(info.device), torch.ones_like(tokens, dtype=torch.bool), None
-
     sleep_cfg = sleep_for_step(cfg, stage_at(cfg, 0)[1], 0)
     times = []
     for i in range(args.warmup + args.steps):
-        batches = [batch() for _ in range(cfg.train.grad_accum)]
+        batches = [random_batch(rows, seq, cfg.model.vocab_size, info.device, gen)
+                   for _ in range(cfg.train.grad_accum)]
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         t0 = time.perf_counter()

@@ -3,9 +3,10 @@
 
 The trainer marks the phases of a step with ``record_function`` ranges named
 ``sleeptrain/<phase>``: ``data``, ``masks`` (the masks' copy to the host),
-``forward_backward``, ``reduce_clip``, ``sync`` (the step's one host sync: the host waits
-there for the GPU) and ``optimizer``; they cost a few microseconds per step when no profiler
-runs. After the last profiled step each rank writes into ``RUN_DIR/profile/``:
+``forward_backward``, ``reduce_clip``, ``prefetch`` (task data on CUDA: the next step's
+batches, made while the GPU runs this step), ``sync`` (the step's one host sync: the host
+waits there for the GPU) and ``optimizer``; they cost a few microseconds per step when no
+profiler runs. After the last profiled step each rank writes into ``RUN_DIR/profile/``:
 
 * ``trace_rank{R}.json``: the Chrome/Perfetto trace;
 * ``summary_rank{R}.json``: per step the host wall time of each phase, the device kernels'
@@ -30,7 +31,7 @@ import torch
 __all__ = ["PHASES", "StepProfiler", "phase"]
 
 #: the record_function ranges the trainer opens in each step, in order
-PHASES = ("data", "masks", "forward_backward", "reduce_clip", "sync", "optimizer")
+PHASES = ("data", "masks", "forward_backward", "reduce_clip", "prefetch", "sync", "optimizer")
 
 
 def phase(name: str) -> Any:

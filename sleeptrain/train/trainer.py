@@ -59,7 +59,7 @@ from sleeptrain.train.checkpoint import (
     restore_rng_state,
     resume_checkpoint,
 )
-from sleeptrain.train.data import build_train_data
+from sleeptrain.train.data import TaskData, build_train_data
 from sleeptrain.train.dist_ckpt import (
     is_sharded,
     load_model,
@@ -166,6 +166,9 @@ class Trainer:
     peak: float | None = None
     measured_peak: float | None = None
     profiler: StepProfiler | None = None
+    # task data on CUDA: the next step's micro-batches and host masks, made during this step
+    prefetch: bool = False
+    prefetched: tuple[int, list[Any], list[torch.Tensor]] | None = None
     started: float = field(default_factory=time.monotonic)
 
     # --- setup ---------------------------------------------------------------------------------
@@ -239,6 +242,7 @@ class Trainer:
                                every=cfg.log.every, tty=cfg.log.progress)
         self.profiler = StepProfiler(list(cfg.train.profile_steps), self.run_dir, self.device,
                                      self.info.rank, self.say)
+        self.prefetch = _prefetch_on(self.data, self.device, self.pipe)
 
     def _build_model_and_optimizer(self, trust: bool) -> None:  # noqa: ARG002 - engines' hook
         """The model (and this rank's pipeline stage) and the optimizer, from the seed."""
@@ -371,7 +375,7 @@ class Trainer:
         # the masks on the host once per step: the loss normalizer and which windows need
         # the output head (so that no micro-batch syncs with the host)
         with phase("masks"):
-            masks = [mk.cpu() for _, mk, _ in batches]
+            masks = self._host_masks(batches)
         n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
         heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
         if info.dp_size > 1:
@@ -412,7 +416,38 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             clip = self.cfg.optim.grad_clip
             gnorm = clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        self._prefetch_next_step()
         return self._finish_step(loss_sum, correct, gnorm, n_loss, batches, data_s)
+
+    def _step_batches(self) -> list[Any] | None:
+        """This step's micro-batches: made during the previous step (``_prefetch_next_step``)
+        or now."""
+        pre = self.prefetched
+        if pre is not None and pre[0] == self.step:
+            return pre[1]
+        self.prefetched = None
+        return self.data.step_batches(self.step, self.cfg.train.grad_accum)
+
+    def _host_masks(self, batches: list[Any]) -> list[torch.Tensor]:
+        """The micro-batches' loss masks on the host (the loss normalizer and which windows
+        need the head): the prefetched copies, or a copy now (which waits for the device)."""
+        pre, self.prefetched = self.prefetched, None
+        if pre is not None and pre[1] is batches:
+            return pre[2]
+        return [mk.cpu() for _, mk, _ in batches]
+
+    def _prefetch_next_step(self) -> None:
+        """Task data is a pure function of the step number, so the next step's micro-batches
+        and their host masks are made here, while the GPU still runs this step's backward:
+        their kernel launches and the generator's one host sync leave the critical path (the
+        same tensors as made at the next step; a run that stops after this step drops them).
+        Shard streams are stateful (their position is checkpointed) and are not prefetched."""
+        nxt = self.step + 1
+        if not self.prefetch or nxt >= self.cfg.train.steps:
+            return
+        with phase("prefetch"):
+            batches = self.data.step_batches(nxt, self.cfg.train.grad_accum)
+            self.prefetched = (nxt, batches, [mk.cpu() for _, mk, _ in batches])
 
     def _finish_step(self, loss_sum: torch.Tensor, correct: torch.Tensor,
                      gnorm: torch.Tensor, n_loss: int, batches: list[Any],
@@ -605,7 +640,7 @@ class Trainer:
             t0 = time.perf_counter()
             with self.profiler.step_context(self.step + 1):
                 with phase("data"):
-                    batches = self.data.step_batches(self.step, cfg.train.grad_accum)
+                    batches = self._step_batches()
                 if batches is None:  # a finite shard stream ended (on every rank at once)
                     self.save()
                     return "data_exhausted"
@@ -754,6 +789,13 @@ def _peak_flops(cfg: DictConfig, device: torch.device, rank0: bool) -> float | N
     if peak is None and rank0:
         print(f"MFU not logged: unknown peak for {name!r}; set train.peak_tflops", flush=True)
     return peak
+
+
+def _prefetch_on(data: Any, device: torch.device, pipe: Any) -> bool:
+    """Whether the next step's batches are made during this step: task data (a pure
+    function of the step) on CUDA (where it overlaps the GPU's work), without pipeline
+    stages (their micro-batches move through a schedule of their own)."""
+    return isinstance(data, TaskData) and device.type == "cuda" and pipe is None
 
 
 def _pipeline(cfg: DictConfig, model: Any, info: ParallelInfo) -> PipelineStep:

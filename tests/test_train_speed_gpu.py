@@ -40,10 +40,13 @@ def _train(run: Path, *extra: str) -> None:
 
 
 def test_compiled_training_resumes_exactly_in_a_new_process(tmp_path):
-    # train.compile=on (static shapes, deterministic inductor) with CUDA graphs: a run
+    # train.compile=on (static shapes, deterministic inductor) with CUDA graphs and
+    # train.deterministic (without it two uninterrupted runs already differ from step 2 on:
+    # attention's backward accumulates with atomics; sleeptrain.train.determinism): a run
     # interrupted after 4 steps and resumed by a second process (which compiles its own
     # kernels) logs exactly the metrics of the uninterrupted run.
-    common = ["train.compile=on", "train.cuda_graphs=on", "sleep.passes=2", "train.steps=8"]
+    common = ["train.compile=on", "train.cuda_graphs=on", "sleep.passes=2", "train.steps=8",
+              "train.deterministic=true"]
     _train(tmp_path / "whole", *common)
     _train(tmp_path / "parts", *common, "--max-steps", "4")
     _train(tmp_path / "parts", *common)

@@ -138,6 +138,29 @@ def test_prefetched_task_batches_train_exactly_as_made_in_their_step(tmp_path,
     assert made == [*range(1, 12), None] and taken == [False] + [True] * 11
 
 
+def test_deterministic_mode_holds_inside_the_run_only():
+    # train.deterministic: torch's flag, cuDNN, no flash/cuDNN attention, cuBLAS workspace;
+    # all restored afterwards (tests run many trainers in one process)
+    import torch
+
+    from sleeptrain.train.determinism import deterministic_algorithms
+
+    cuda = torch.backends.cuda
+    before = (torch.are_deterministic_algorithms_enabled(), cuda.flash_sdp_enabled(),
+              torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not cuda.flash_sdp_enabled() and not cuda.cudnn_sdp_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", before[3])
+    assert (torch.are_deterministic_algorithms_enabled(), cuda.flash_sdp_enabled(),
+            torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+            ) == before
+    with deterministic_algorithms(False):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]
+
+
 def test_stop_file_triggers_save_and_exit(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

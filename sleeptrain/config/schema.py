@@ -194,6 +194,10 @@ class TrainConfig:
     # kernel tables and a per-phase summary in RUN_DIR/profile/ (sleeptrain.train.profiling);
     # empty: off
     profile_steps: list[int] = field(default_factory=list)
+    # deterministic kernels (torch's deterministic algorithms, cuBLAS workspace, no flash /
+    # cuDNN attention): bitwise-repeatable GPU runs and exact resume, at some speed
+    # (sleeptrain.train.determinism); CPU runs are repeatable without it
+    deterministic: bool = False
 
 
 @dataclass

@@ -60,6 +60,7 @@ from sleeptrain.train.checkpoint import (
     resume_checkpoint,
 )
 from sleeptrain.train.data import TaskData, build_train_data
+from sleeptrain.train.determinism import deterministic_algorithms
 from sleeptrain.train.dist_ckpt import (
     is_sharded,
     load_model,
@@ -750,8 +751,9 @@ def train(cfg: DictConfig, max_steps: int | None = None, source: str | None = No
                              cp=cfg.parallel.cp, pp=cfg.parallel.pp)
         trainer = engine(cfg, info, stop, max_steps=max_steps, source=source)
         try:
-            trainer.setup(trust_checkpoint)
-            exit_reason = trainer.run()
+            with deterministic_algorithms(cfg.train.deterministic):
+                trainer.setup(trust_checkpoint)
+                exit_reason = trainer.run()
         finally:
             trainer.close()
     finally:

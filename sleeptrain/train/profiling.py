@@ -96,21 +96,29 @@ class StepProfiler:
                      + summary_line(summary))
 
 
-def _is_device_kernel(ev: Any) -> bool:
+def _on_device(ev: Any) -> bool:
+    """A GPU-timeline event: a kernel, a copy, or a user range's device-side mirror."""
     dt = getattr(ev, "device_type", None)
-    return dt is not None and dt.name == "CUDA" and not ev.name.startswith("sleeptrain/")
+    return dt is not None and dt.name == "CUDA"
+
+
+def _is_device_kernel(ev: Any) -> bool:
+    """Device work (kernels, copies, memsets), not a user range mirrored onto the GPU
+    timeline (``gpu_user_annotation``: ours, or torch's such as ``Optimizer.step#...``)."""
+    return _on_device(ev) and not getattr(ev, "is_user_annotation", False) \
+        and not ev.name.startswith("sleeptrain/")
 
 
 def summarize(events: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
     """Per profiled step: host wall time of each phase (ms), device kernels (count, summed
     ms); over all profiled steps: the top ``top`` kernels (CUDA) or CPU operators by time.
 
-    Kernels are assigned to the step whose host range contains their launch (kernels run
-    after their launch; a step's last kernels may finish after its host range ends).
+    A kernel counts for the last step whose host range began before the kernel started
+    (the GPU runs behind the host: a step's last kernels may start after its range ends).
     """
     steps: list[dict[str, Any]] = []
     for ev in events:
-        if ev.name.startswith("sleeptrain/step ") and not _is_device_kernel_range(ev):
+        if ev.name.startswith("sleeptrain/step ") and not _on_device(ev):
             steps.append({"step": int(ev.name.split()[-1]), "t0": ev.time_range.start,
                           "t1": ev.time_range.end,
                           "wall_ms": (ev.time_range.end - ev.time_range.start) / 1e3,
@@ -127,7 +135,7 @@ def summarize(events: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
     for ev in events:
         name = ev.name
         if name.startswith("sleeptrain/"):
-            if not name.startswith("sleeptrain/step ") and not _is_device_kernel_range(ev):
+            if not name.startswith("sleeptrain/step ") and not _on_device(ev):
                 s = owner(ev.time_range.start)
                 if s is not None:
                     ph = name.split("/", 1)[1]
@@ -138,11 +146,10 @@ def summarize(events: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
             if not _is_device_kernel(ev):
                 continue
             dur = ev.time_range.end - ev.time_range.start
-            launch = getattr(ev, "correlated_start", None)
-            s = owner(ev.time_range.start if launch is None else launch)
-            if s is None and steps:  # launched in a step, finished after its host range
-                s = max((x for x in steps if x["t0"] <= ev.time_range.start),
-                        key=lambda x: x["t0"], default=None)
+            # the step whose host range holds the kernel's start, else the last step that
+            # began before it (the GPU runs behind the host)
+            s = max((x for x in steps if x["t0"] <= ev.time_range.start),
+                    key=lambda x: x["t0"], default=None)
             if s is not None:
                 s["kernels"] += 1
                 s["kernel_ms"] += dur / 1e3
@@ -163,13 +170,6 @@ def summarize(events: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
             "steps": steps,
             "top": [{"name": n[:160], "calls": int(c), "total_us": round(us, 1),
                      "share": round(us / grand, 4)} for n, (c, us) in ranked]}
-
-
-def _is_device_kernel_range(ev: Any) -> bool:
-    """A user range's device-side copy (the profiler mirrors record_function ranges onto
-    the GPU timeline as ``gpu_user_annotation``)."""
-    dt = getattr(ev, "device_type", None)
-    return dt is not None and dt.name == "CUDA"
 
 
 def summary_line(summary: dict[str, Any]) -> str:

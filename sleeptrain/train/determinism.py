@@ -11,10 +11,11 @@ On: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (torch's ops wi
 deterministic implementation warn, naming themselves), cuBLAS's fixed workspace
 (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` when unset, before the first GEMM), cuDNN's deterministic
 algorithms without autotuning, and scaled-dot-product attention without its flash and cuDNN
-backends (the memory-efficient one honours the deterministic flag). Triton kernels (FLA's GDN
+backends (it then takes the memory-efficient or the math backend). Triton kernels (FLA's GDN
 kernels, inductor's) are outside torch's flag: inductor's deterministic mode covers the
-compiled chains; FLA's kernels are as deterministic as they are written. Everything is
-restored when the run ends (tests run several trainers in one process).
+compiled chains; FLA's kernels are as deterministic as they are written. Measured with the
+PyTorch GDN kernel (H100, 2026-12-06): two runs of one 8-step config were identical, compiled
+and not. Everything is restored when the run ends (tests run several trainers in one process).
 """
 
 from __future__ import annotations

@@ -93,6 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps <= args.skip:
         ap.error(f"--steps {args.steps} must exceed --skip {args.skip}")
+    if args.profile < 0:
+        ap.error(f"--profile {args.profile}: the number of profiled steps must be >= 0")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = []

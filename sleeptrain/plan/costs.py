@@ -106,6 +106,11 @@ def linear_weight_count(m: Any) -> int:
     return blocks + m.vocab_size * m.d_model
 
 
+def param_bytes(m: Any) -> int:
+    """Bytes of one value in ``model.params_dtype``."""
+    return {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+
+
 def row_tokens(cfg: DictConfig) -> int:
     """Input tokens of one training row: the task's rows minus the last token (its target)
     for ``data.source=task`` (tasks fix their own length), else ``data.seq_len``."""
@@ -186,7 +191,7 @@ def block_activation_bytes(cfg: DictConfig, tp: int) -> list[float]:
     parameters' dtype), on the kernel path of ``activation_coefficients``."""
     t, m = cfg.train, cfg.model
     amp = autocast_on(t, "cpu" if t.device == "cpu" else "cuda")
-    nbytes = 2 if amp else {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    nbytes = 2 if amp else param_bytes(m)
     table = activation_coefficients(cfg)
     return [nbytes * block_activation_values(m, sym, table, tp) for sym in m.pattern]
 
@@ -224,7 +229,7 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
     mats = sum(block_cost(m, sym, 1, False).matrices for sym in m.pattern)
     if not cfg.optim.use_muon:
         mats = 0
-    size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    size = param_bytes(m)
     weights = grads = size * p / tp
     optimizer = size * (mats + 2 * (p - mats)) / tp  # state in the parameters' dtype
     if cfg.parallel.shard_optimizer:
@@ -255,5 +260,5 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
 
 __all__ = ["ACTIVATION_COEFFICIENTS", "BlockCost", "activation_coefficients", "backward_passes",
            "block_activation_bytes", "block_activation_values", "block_cost",
-           "linear_weight_count", "memory_estimate", "param_count", "row_tokens",
+           "linear_weight_count", "memory_estimate", "param_bytes", "param_count", "row_tokens",
            "train_flops_per_token"]

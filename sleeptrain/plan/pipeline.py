@@ -34,6 +34,7 @@ from sleeptrain.plan.costs import (
     backward_passes,
     block_activation_bytes,
     block_cost,
+    param_bytes,
 )
 from sleeptrain.sleep.runner import sleep_passes
 from sleeptrain.sleep.stage import free_passes
@@ -193,7 +194,7 @@ def stage_memory(cfg: DictConfig, tp: int, seq_len: int | None = None,
     m, s, t = cfg.model, cfg.sleep, cfg.train
     bounds = stage_bounds(cfg, seq_len=seq_len)
     P = len(bounds) - 1
-    size = {"float32": 4, "float64": 8, "bfloat16": 2}[m.params_dtype]
+    size = param_bytes(m)
     B, L, d = cfg.data.batch_size, int(s.window_len), m.d_model
     T = int(seq_len or cfg.data.seq_len)
     a, b = loop_range(m)

@@ -427,6 +427,39 @@ def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["bench_ckpt.json"]  # checkpoints removed
 
 
+def test_bench_tool_builds_the_state_of_one_step_in_chunks() -> None:
+    """bench_ckpt's optimizer state, built over parameter groups (so a 7B model's gradients
+    never all exist), is that of one step over every parameter: each parameter stepped once
+    (weight decay applied once, AdamW's step count 1), none left without state."""
+    import importlib.util
+
+    from sleeptrain.train.optim import optimizer_for
+    from tests.conftest import tiny_model
+
+    spec = importlib.util.spec_from_file_location("bench_ckpt", ROOT / "tools" / "bench_ckpt.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = []
+    for chunk in (2**40, 1):  # all at once; one parameter per group
+        cfg, model = tiny_model("optim.weight_decay=0.1")
+        opt = optimizer_for(cfg, model)
+        groups = bench.fill_optimizer_state(model, opt, chunk)
+        runs.append((groups, _weights(model), opt.state_dict()))
+    (one, w1, sd1), (many, w2, sd2) = runs
+    assert one == 1 and many == len(w1) > 1
+    assert _same(w1, w2)
+    assert sum(len(sd1[part]["state"]) for part in ("muon", "adamw")) == len(w1)
+    for part in ("muon", "adamw"):
+        s1, s2 = sd1[part]["state"], sd2[part]["state"]
+        assert s1.keys() == s2.keys()
+        for i in s1:
+            assert s1[i].keys() == s2[i].keys()
+            for k in s1[i]:
+                assert torch.equal(torch.as_tensor(s1[i][k]), torch.as_tensor(s2[i][k])), (i, k)
+        if part == "adamw":
+            assert all(float(v["step"]) == 1.0 for v in s2.values())
+
+
 # ----------------------------------------------------------------------------- two ranks
 
 

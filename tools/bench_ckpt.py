@@ -87,6 +87,32 @@ def fill_optimizer_state(model: Any, opt: Any, chunk_bytes: int) -> int:
     return len(groups)
 
 
+def _on_tmpfs(path: Path) -> bool:
+    """Whether ``path`` lies on a memory file system (the longest mount point in /proc/mounts
+    that contains it is tmpfs or ramfs); False where /proc/mounts is missing."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    path = path.resolve()
+    best = ("", "")
+    for point, fstype in mounts:
+        if (path == Path(point) or Path(point) in path.parents) and len(point) > len(best[0]):
+            best = (point, fstype)
+    return best[1] in ("tmpfs", "ramfs")
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -139,6 +165,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if estimate * 1.05 + 64 * 2**20 > free:
         print(f"error: the checkpoint (~{estimate / GIB:.2f} GiB) does not fit into {out} "
               f"({free / GIB:.2f} GiB free)", file=sys.stderr)
+        raise SystemExit(2)
+    # DCP's file writer keeps the CPU copy of every GPU tensor of a rank's file until the file
+    # is closed (torch.distributed.checkpoint.filesystem): one process can hold its whole
+    # checkpoint in host memory while it saves, and on a memory file system the written
+    # checkpoint takes as much again. Refused here with 10% to spare, not killed mid-save.
+    tmpfs = _on_tmpfs(out)
+    need = estimate * (2 if tmpfs else 1) if device.type == "cuda" else 0
+    avail = _mem_available()
+    if avail is not None and need * 1.1 > avail:
+        where = f" plus the checkpoint itself in {out} (tmpfs)" if tmpfs else ""
+        print(f"error: saving may need ~{need / GIB:.2f} GiB of host memory (the process's "
+              f"whole checkpoint copied from the GPU{where}), {avail / GIB:.2f} GiB available: "
+              "write to a disk directory, or use more ranks", file=sys.stderr)
         raise SystemExit(2)
 
     times: dict[str, list[float]] = {k: [] for k in

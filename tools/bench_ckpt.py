@@ -10,8 +10,9 @@ untimed checkpoint (first touch of the output's pages; ``--no-warmup`` skips it)
 * ``save``: ``save_sharded_checkpoint`` without the digest step (``_digests=False``) and with
   it (every shard hashed after writing, digests in meta.json);
 * ``load``: the model and optimizer load of the trainer's resume (``load_train_state``) through
-  ``checkpoint.load_verified``, with verification (small files before, shard files hashed in
-  background threads while loading) and without (``_verify=False``);
+  ``checkpoint.load_verified``, from the state a resumed process starts in (no optimizer state,
+  the saves' pinned host copies released), with verification (small files before, shard
+  files hashed in background threads while loading) and without (``_verify=False``);
 * ``hash``: ``digest_files`` over the whole checkpoint alone (the hash throughput).
 
 Only one checkpoint is on disk at a time; the free space of ``OUT_DIR`` is printed first and the
@@ -19,8 +20,11 @@ run is refused (exit 2) when the checkpoint's estimated size does not fit. Resul
 table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``, default
 ``OUT_DIR/bench_ckpt.json``). Examples:
 
-    python tools/bench_ckpt.py /dev/shm/bench --config configs/7b_sleep.yaml parallel.tp=1 \
+    python tools/bench_ckpt.py /tmp/bench --config configs/7b_sleep.yaml parallel.tp=1 \
         --no-warmup
+
+(The 7B checkpoint from one process: a disk directory on a 128 GB host; in ``/dev/shm`` the
+files and DCP's host copies would not fit together, and the run is refused.)
     python tools/bench_ckpt.py /tmp/bench --device cpu model.d_model=64 model.vocab_size=256
 """
 
@@ -113,6 +117,25 @@ def _mem_available() -> int | None:
     return None
 
 
+def _release_host_cache(device: Any) -> None:
+    """Free the pinned host memory the saves left cached: DCP copies GPU tensors to the CPU
+    with ``non_blocking=True``, into pinned memory that torch's host allocator keeps after
+    the save (81 GiB of host memory stayed in use after a one-process 7B save), which a
+    resumed process does not have and which leaves the page cache too small to hold the
+    checkpoint for its verification."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    release = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or \
+        getattr(torch._C, "_host_emptyCache", None)
+    if release is None:
+        print("note: this torch cannot release pinned host memory; the loads run with the "
+              "saves' pinned copies still allocated", flush=True)
+        return
+    release()
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -186,6 +209,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nbytes = 0
 
     def _load(path: Path, state: dict[str, Any]) -> None:
+        # as in a resumed process: the optimizer has no state yet (loading into the existing
+        # state would hold two copies: 7B at TP=1 ran out of memory on an 80 GB GPU)
+        for o in opt.optimizers:
+            o.state.clear()
         load_train_state(path, state, model, opt)
 
     if not args.no_warmup:  # an untimed first write: the first touch of the output's pages
@@ -207,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             nbytes = checkpoint_bytes(info.path)
             _progress(r, kind, times[kind][-1], nbytes)
             if digests:
+                _release_host_cache(device)
                 order = (True, False) if r % 2 == 0 else (False, True)
                 for verify in order:
                     _sync(device)

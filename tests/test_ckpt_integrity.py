@@ -412,7 +412,7 @@ def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
             ck.verify_dir_digests(root)
 
 
-@pytest.mark.parametrize("warmup", [[], ["--no-warmup"]])
+@pytest.mark.parametrize("warmup", [[], ["--no-warmup", "--digests-first"]])
 def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/bench_ckpt.py", str(out), "--device", "cpu",
@@ -420,6 +420,10 @@ def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert ("untimed first save" in proc.stdout) != bool(warmup)
+    kinds = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("repeat 0:")]
+    assert kinds == (["save_digests", "load_plain", "load_verified", "hash_only", "save_plain"]
+                     if warmup else
+                     ["save_plain", "save_digests", "load_verified", "load_plain", "hash_only"])
     res = json.loads((out / "bench_ckpt.json").read_text())
     assert res["bytes"] > 0 and res["algo"] == "sha256"
     assert set(res["ratio"]) == {"save", "load"} and all(v > 0 for v in res["ratio"].values())

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", type=Path, default=None, help="result file")
     ap.add_argument("--grad-chunk-gib", type=float, default=1.0,
                     help="zero gradients held at once while the optimizer state is built")
+    ap.add_argument("--digests-first", action="store_true",
+                    help="start with the reversed order (save with digests, then without; load "
+                         "plain, then verified): two one-repeat runs cover both orders")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the untimed first save (a 7B checkpoint takes minutes to write "
                          "from one process; the alternating order still balances the pairs)")
@@ -221,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"untimed first save: {time.perf_counter() - t0:.1f} s", flush=True)
         shutil.rmtree(out / "warm-up", ignore_errors=True)
     for r in range(args.repeat):
-        for digests in ((False, True) if r % 2 == 0 else (True, False)):
+        even = (r + args.digests_first) % 2 == 0
+        for digests in ((False, True) if even else (True, False)):
             run_dir = out / f"run-{r}-{'digests' if digests else 'plain'}"
             shutil.rmtree(run_dir, ignore_errors=True)
             _sync(device)
@@ -235,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _progress(r, kind, times[kind][-1], nbytes)
             if digests:
                 _release_host_cache(device)
-                order = (True, False) if r % 2 == 0 else (False, True)
+                order = (True, False) if even else (False, True)
                 for verify in order:
                     _sync(device)
                     t0 = time.perf_counter()

@@ -152,6 +152,49 @@ def test_chunked_digest_is_the_documented_tree(tmp_path: Path) -> None:
         ck.digest_files(tmp_path, ["missing.bin"])
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096, 3 * 4096 + 17])
+def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int) -> None:
+    """StreamDigest over writes of random lengths (across chunk boundaries, and with at most
+    one chunk waiting) gives digest_files' digest of the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    gen = torch.Generator().manual_seed(size)
+    with ThreadPoolExecutor(2) as pool:
+        sd = ck.StreamDigest(pool, 1, chunk_bytes=4096)
+        i = 0
+        while i < size:
+            n = int(torch.randint(1, 5000, (1,), generator=gen))
+            sd.update(data[i:i + n])
+            i += n
+        got = sd.hexdigest()
+    assert sd.size == size
+    assert got == ck.digest_files(tmp_path, ["f"], chunk_bytes=4096)["f"]
+
+
+def test_shard_digests_are_taken_while_writing(tmp_path: Path, monkeypatch: Any) -> None:
+    """The shard files are hashed from the bytes DCP writes, never read back (reading them
+    back is the digest step's whole cost when the page cache cannot hold them); the recorded
+    digests are those of the files on disk."""
+    from sleeptrain.train.dist_ckpt import save_sharded_checkpoint
+
+    cfg, model, opt = _model_opt()
+    reread = ck.digest_files
+
+    def no_shard_rereads(root: Any, names: Any, **kw: Any) -> dict[str, str]:
+        assert not [n for n in names if n.endswith(".distcp")], names
+        return reread(root, names, **kw)
+
+    monkeypatch.setattr(ck, "digest_files", no_shard_rereads)
+    info = save_sharded_checkpoint(tmp_path / "run", 1, model, opt, {"step": 1}, keep_last=1)
+    monkeypatch.undo()
+    files = json.loads((info.path / "meta.json").read_text())["digests"]["files"]
+    shards = sorted(n for n in files if n.endswith(".distcp"))
+    assert shards == ["shards/__0_0.distcp"]
+    assert {n: files[n] for n in shards} == ck.digest_files(info.path, shards)
+
+
 # ----------------------------------------------------------------------------- no unpickling
 
 

@@ -20,8 +20,9 @@ the checkpoint directory, e.g. ``shards/__0_0.distcp``). A file's digest is
 ``H(H(c_0) || H(c_1) || ...)`` over its consecutive ``chunk_bytes`` chunks ``c_i`` (one, empty,
 chunk for an empty file), ``H`` = ``algo`` (sha256: OpenSSL uses the CPU's SHA extensions);
 the chunks are hashed in parallel threads, so one large shard file does not hash at one core's
-speed. Every rank hashes the shard files it wrote right after writing them (still in the page
-cache) and rank 0 gathers the digests into meta.json (:mod:`sleeptrain.train.dist_ckpt`).
+speed. Every rank hashes the shard files it writes from the bytes as they are written
+(:class:`StreamDigest`; no second read) and rank 0 gathers the digests into meta.json
+(:mod:`sleeptrain.train.dist_ckpt`).
 
 Verification. :func:`load_verified` (and :func:`resume_checkpoint`, which walks the run's
 checkpoints newest first and falls back) checks, before anything is unpickled, that the
@@ -67,6 +68,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DigestRecord",
     "SaveInfo",
+    "StreamDigest",
     "UntrustedCheckpointError",
     "capture_rng_state",
     "checkpoint_step",
@@ -285,6 +287,53 @@ def digest_files(root: str | os.PathLike[str], names: Sequence[str], *, algo: st
         if d.startswith("error: "):
             raise CheckpointError(f"{root / name}: cannot hash: {d.removeprefix('error: ')}")
     return out
+
+
+def _bytes_digest(data: bytearray, algo: str) -> bytes:
+    h = hashlib.new(algo)
+    h.update(data)
+    return h.digest()
+
+
+class StreamDigest:
+    """The chunked digest of :func:`digest_files` computed from the bytes as they are written
+    (no second read of the file): each full ``chunk_bytes`` chunk is copied once into its own
+    buffer and hashed in ``pool``; at most ``max_pending`` chunks wait at a time (the writer
+    waits for the oldest), so memory stays bounded. Not thread-safe: one writer per instance."""
+
+    def __init__(self, pool: ThreadPoolExecutor, max_pending: int, *, algo: str = DIGEST_ALGO,
+                 chunk_bytes: int = DIGEST_CHUNK) -> None:
+        self.pool, self.algo, self.chunk_bytes = pool, algo, chunk_bytes
+        self.max_pending = max(1, max_pending)
+        self.buf = bytearray(chunk_bytes)
+        self.fill = 0
+        self.parts: list[Future[bytes]] = []
+        self.size = 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while len(view):
+            take = min(self.chunk_bytes - self.fill, len(view))
+            self.buf[self.fill:self.fill + take] = view[:take]
+            self.fill += take
+            view = view[take:]
+            if self.fill == self.chunk_bytes:
+                self._submit(self.buf)
+                self.buf, self.fill = bytearray(self.chunk_bytes), 0
+
+    def _submit(self, data: bytearray) -> None:
+        pending = [f for f in self.parts[-self.max_pending:] if not f.done()]
+        if len(pending) >= self.max_pending:
+            pending[0].result()
+        self.parts.append(self.pool.submit(_bytes_digest, data, self.algo))
+
+    def hexdigest(self) -> str:
+        """The digest of everything written so far (call once, after the last write)."""
+        if self.fill or not self.parts:  # the last, partial chunk; one empty chunk if empty
+            self._submit(self.buf[:self.fill])
+            self.fill = 0
+        return _compose(self.algo, [f.result() for f in self.parts])
 
 
 def _digest_record(meta: dict[str, Any]) -> DigestRecord | None:

@@ -17,8 +17,8 @@ CPU and the reverse (docs/design.md, "Checkpoints").
 Optimizer state is stored per parameter *name* (``optim.<muon|adamw>.<name>.<key>``), so it
 does not depend on parameter order or on how parameters are split over ranks.
 
-Integrity and trust. After writing, every rank hashes the shard files it wrote (threads, while
-they are in the page cache) and rank 0 records all digests in meta.json
+Integrity and trust. Every rank hashes the shard files it writes from the bytes as DCP writes
+them (threads; no second read) and rank 0 records all digests in meta.json
 (:mod:`sleeptrain.train.checkpoint`, which also verifies them on load). DCP's own reader
 unpickles ``shards/.metadata`` with plain ``pickle``; every load here goes through
 :class:`SafeFileSystemReader` instead, whose unpickler resolves only the classes DCP metadata
@@ -33,6 +33,7 @@ import io
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,18 +183,98 @@ def _union_layout(layout: dict[str, Any]) -> None:
     layout["optim"], layout["groups"] = optim, groups
 
 
-def save_shards(path: Path, tensors: dict[str, Any]) -> None:
+class _DigestingStream:
+    """A shard file being written: every byte written also goes to a StreamDigest."""
+
+    def __init__(self, f: Any, digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def write(self, b: Any) -> int:
+        n = self.f.write(b)
+        self.digest.update(memoryview(b).cast("B")[:n])
+        return n
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+
+def _digesting_file_system(pool: Any, max_pending: int) -> Any:
+    """A DCP ``FileSystem`` whose ``.distcp`` files are hashed as DCP writes them
+    (``fs.digests``: file name -> (hex digest, bytes written)); other files as usual."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from sleeptrain.train.checkpoint import StreamDigest
+
+    class DigestingFileSystem(FileSystem):
+        def __init__(self) -> None:
+            super().__init__()
+            self.digests: dict[str, tuple[str, int]] = {}
+            self.lock = threading.Lock()
+
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Any:
+            path = Path(path)
+            if mode != "wb" or path.suffix != ".distcp":
+                with super().create_stream(path, mode) as f:
+                    yield f
+                return
+            digest = StreamDigest(pool, max_pending)
+            with super().create_stream(path, mode) as f:
+                yield _DigestingStream(f, digest)
+            with self.lock:
+                self.digests[path.name] = (digest.hexdigest(), digest.size)
+
+    return DigestingFileSystem()
+
+
+def save_shards(path: Path, tensors: dict[str, Any], *,
+                digest: bool = False) -> dict[str, tuple[str, int]]:
     """Collective: every rank writes its slices under ``path`` (DCP): rank r the files
-    ``__<r>_<i>.distcp``, rank 0 also ``.metadata``."""
+    ``__<r>_<i>.distcp``, rank 0 also ``.metadata``. ``digest``: each shard file this rank
+    writes is hashed from the bytes as they are written (no second read); returns
+    ``{file name: (hex digest, bytes written)}`` of them (empty without ``digest``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    dcp.save(tensors, checkpoint_id=str(path))
+    from sleeptrain.train.checkpoint import hash_threads
+
+    writer = FileSystemWriter(str(path))
+    if not digest:
+        dcp.save(tensors, storage_writer=writer)
+        return {}
+    threads = hash_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash") as pool:
+        fs = writer.fs = _digesting_file_system(pool, 2 * threads)
+        dcp.save(tensors, storage_writer=writer)
+    return dict(fs.digests)
 
 
-def _own_shard_digests(tmp: Path) -> dict[str, str]:
+def _own_shard_digests(tmp: Path, streamed: dict[str, tuple[str, int]]) -> dict[str, str]:
     """Collective: digests (names relative to the checkpoint directory ``tmp``) of the shard
-    files every rank wrote, each rank hashing its own ``__<rank>_*.distcp`` files (threads);
-    a rank that cannot hash makes every rank raise CheckpointError."""
+    files every rank wrote: each rank's own ``__<rank>_*.distcp`` files from ``streamed``
+    (:func:`save_shards`; a file missing there is hashed from disk, in threads), after
+    checking each file's size against the bytes hashed; a rank that cannot hash makes every
+    rank raise CheckpointError."""
     import torch.distributed as dist
 
     from sleeptrain.train.checkpoint import digest_files
@@ -203,9 +284,19 @@ def _own_shard_digests(tmp: Path) -> dict[str, str]:
     mine = re.compile(rf"^__{rank}_\d+\.distcp$")
     result: dict[str, str] | str
     try:
-        names = sorted(f"{SHARDS_DIR}/{n}" for n in os.listdir(tmp / SHARDS_DIR)
-                       if mine.match(n))
-        result = digest_files(tmp, names)
+        names = sorted(n for n in os.listdir(tmp / SHARDS_DIR) if mine.match(n))
+        result = {}
+        for n in names:
+            if n not in streamed:
+                continue
+            hexd, size = streamed[n]
+            on_disk = (tmp / SHARDS_DIR / n).stat().st_size
+            if on_disk != size:
+                raise CheckpointError(f"{tmp / SHARDS_DIR / n}: {on_disk} bytes on disk, "
+                                      f"{size} written")
+            result[f"{SHARDS_DIR}/{n}"] = hexd
+        result.update(digest_files(tmp, [f"{SHARDS_DIR}/{n}" for n in names
+                                         if n not in streamed]))
     except (OSError, CheckpointError) as e:
         result = f"rank {rank}: {type(e).__name__}: {e}"
     every: list[Any] = [result]
@@ -253,8 +344,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     if multi:
         dist.barrier()
     t0 = time.perf_counter()
-    save_shards(tmp / SHARDS_DIR, tensors)
-    digests = _own_shard_digests(tmp) if _digests else None
+    streamed = save_shards(tmp / SHARDS_DIR, tensors, digest=_digests)
+    digests = _own_shard_digests(tmp, streamed) if _digests else None
     if after_shards is not None:
         after_shards()
     info = None

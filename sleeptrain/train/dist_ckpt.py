@@ -262,7 +262,9 @@ def save_shards(path: Path, tensors: dict[str, Any], *,
     if not digest:
         dcp.save(tensors, storage_writer=writer)
         return {}
-    threads = hash_threads()
+    # 8 threads hash ~7 GiB/s (sha256 with SHA extensions), more than a rank writes; at most
+    # two 16 MiB chunks per thread wait (256 MiB)
+    threads = min(8, hash_threads())
     with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash") as pool:
         fs = writer.fs = _digesting_file_system(pool, 2 * threads)
         dcp.save(tensors, storage_writer=writer)

@@ -8,12 +8,13 @@ untimed checkpoint (first touch of the output's pages; ``--no-warmup`` skips it)
 ``--repeat`` times, in one run (the order alternating):
 
 * ``save``: ``save_sharded_checkpoint`` without the digest step (``_digests=False``) and with
-  it (every shard hashed after writing, digests in meta.json);
+  it (every shard hashed from the bytes as they are written, digests in meta.json);
 * ``load``: the model and optimizer load of the trainer's resume (``load_train_state``) through
   ``checkpoint.load_verified``, from the state a resumed process starts in (no optimizer state,
   the saves' pinned host copies released), with verification (small files before, shard
   files hashed in background threads while loading) and without (``_verify=False``);
-* ``hash``: ``digest_files`` over the whole checkpoint alone (the hash throughput).
+* ``hash``: ``digest_files`` over the whole checkpoint alone (the throughput of reading it
+  back and hashing it, as the verification of a load does).
 
 Only one checkpoint is on disk at a time; the free space of ``OUT_DIR`` is printed first and the
 run is refused (exit 2) when the checkpoint's estimated size does not fit. Results: a markdown
@@ -22,10 +23,10 @@ table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``
 
     python tools/bench_ckpt.py /tmp/bench --config configs/7b_sleep.yaml parallel.tp=1 \
         --no-warmup
-
-(The 7B checkpoint from one process: a disk directory on a 128 GB host; in ``/dev/shm`` the
-files and DCP's host copies would not fit together, and the run is refused.)
     python tools/bench_ckpt.py /tmp/bench --device cpu model.d_model=64 model.vocab_size=256
+
+The 7B checkpoint from one process goes to a disk directory on a 128 GB host: in ``/dev/shm``
+the files and DCP's host copies would not fit together, and the run is refused.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.repeat < 1:
         raise SystemExit("--repeat must be >= 1")
+    if args.grad_chunk_gib <= 0:
+        raise SystemExit("--grad-chunk-gib must be > 0")
     cfg = sleeptrain.load_config(args.config, [*args.overrides, f"train.device={args.device}"])
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -179,8 +182,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = sleeptrain.build_model(cfg)
     device = next(model.parameters()).device
     opt = optimizer_for(cfg, model)
-    if args.grad_chunk_gib <= 0:
-        raise SystemExit("--grad-chunk-gib must be > 0")
     fill_optimizer_state(model, opt, int(args.grad_chunk_gib * GIB))
     tensors, _ = sharded_state(model, opt)
     estimate = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -152,10 +152,13 @@ def test_chunked_digest_is_the_documented_tree(tmp_path: Path) -> None:
         ck.digest_files(tmp_path, ["missing.bin"])
 
 
-@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096, 3 * 4096 + 17])
-def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int) -> None:
-    """StreamDigest over writes of random lengths (across chunk boundaries, and with at most
-    one chunk waiting) gives digest_files' digest of the same bytes."""
+@pytest.mark.parametrize("longest", [5000, 20000])
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096, 3 * 4096 + 17, 40000])
+def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longest: int) -> None:
+    """StreamDigest over writes of random lengths (chunks split between writes, whole chunks
+    hashed from the writer's buffer, at most one copied chunk waiting) gives digest_files'
+    digest of the same bytes; each write's buffer is overwritten once update's futures are
+    done, as a writer reusing it would."""
     from concurrent.futures import ThreadPoolExecutor
 
     data = os.urandom(size)
@@ -165,8 +168,10 @@ def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int) -> No
         sd = ck.StreamDigest(pool, 1, chunk_bytes=4096)
         i = 0
         while i < size:
-            n = int(torch.randint(1, 5000, (1,), generator=gen))
-            sd.update(data[i:i + n])
+            n = int(torch.randint(1, longest, (1,), generator=gen))
+            buf = bytearray(data[i:i + n])
+            sd.wait(sd.update(buf))
+            buf[:] = bytes(len(buf))  # reused by the writer
             i += n
         got = sd.hexdigest()
     assert sd.size == size

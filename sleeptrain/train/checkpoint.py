@@ -297,9 +297,12 @@ def _bytes_digest(data: bytearray, algo: str) -> bytes:
 
 class StreamDigest:
     """The chunked digest of :func:`digest_files` computed from the bytes as they are written
-    (no second read of the file): each full ``chunk_bytes`` chunk is copied once into its own
-    buffer and hashed in ``pool``; at most ``max_pending`` chunks wait at a time (the writer
-    waits for the oldest), so memory stays bounded. Not thread-safe: one writer per instance."""
+    (no second read of the file). :meth:`update` hashes the whole chunks inside the caller's
+    buffer in ``pool`` straight from that buffer and returns their futures: the caller waits
+    for them before the buffer may change (:meth:`wait`), typically while it writes the same
+    buffer to the file. Only the bytes of a chunk split between two buffers are copied, into
+    a buffer of the instance's own, of which at most ``max_pending`` wait to be hashed. Not
+    thread-safe: one writer per instance."""
 
     def __init__(self, pool: ThreadPoolExecutor, max_pending: int, *, algo: str = DIGEST_ALGO,
                  chunk_bytes: int = DIGEST_CHUNK) -> None:
@@ -308,31 +311,51 @@ class StreamDigest:
         self.buf = bytearray(chunk_bytes)
         self.fill = 0
         self.parts: list[Future[bytes]] = []
+        self.owned: list[Future[bytes]] = []
         self.size = 0
 
-    def update(self, data: Any) -> None:
+    def update(self, data: Any) -> list[Future[bytes]]:
+        """Add ``data`` (bytes-like); returns the futures that still read ``data``."""
         view = memoryview(data).cast("B")
         self.size += len(view)
-        while len(view):
-            take = min(self.chunk_bytes - self.fill, len(view))
+        c = self.chunk_bytes
+        if self.fill:  # complete the chunk the previous buffer began
+            take = min(c - self.fill, len(view))
             self.buf[self.fill:self.fill + take] = view[:take]
             self.fill += take
             view = view[take:]
-            if self.fill == self.chunk_bytes:
-                self._submit(self.buf)
-                self.buf, self.fill = bytearray(self.chunk_bytes), 0
+            if self.fill < c:  # data ended inside that chunk
+                return []
+            self._submit_owned()
+        whole = len(view) // c
+        direct = [self.pool.submit(_bytes_digest, view[i * c:(i + 1) * c], self.algo)
+                  for i in range(whole)]
+        self.parts += direct
+        rest = view[whole * c:]
+        self.buf[:len(rest)] = rest
+        self.fill = len(rest)
+        return direct
 
-    def _submit(self, data: bytearray) -> None:
-        pending = [f for f in self.parts[-self.max_pending:] if not f.done()]
-        if len(pending) >= self.max_pending:
-            pending[0].result()
-        self.parts.append(self.pool.submit(_bytes_digest, data, self.algo))
+    @staticmethod
+    def wait(futures: list[Future[bytes]]) -> None:
+        """Wait until ``futures`` (of :meth:`update`) no longer read their buffer."""
+        for f in futures:
+            f.exception()
+
+    def _submit_owned(self) -> None:
+        data, self.buf = self.buf[:self.fill], bytearray(self.chunk_bytes)
+        self.fill = 0
+        self.owned = [f for f in self.owned if not f.done()]
+        if len(self.owned) >= self.max_pending:
+            self.owned.pop(0).exception()
+        fut = self.pool.submit(_bytes_digest, data, self.algo)
+        self.owned.append(fut)
+        self.parts.append(fut)
 
     def hexdigest(self) -> str:
         """The digest of everything written so far (call once, after the last write)."""
         if self.fill or not self.parts:  # the last, partial chunk; one empty chunk if empty
-            self._submit(self.buf[:self.fill])
-            self.fill = 0
+            self._submit_owned()
         return _compose(self.algo, [f.result() for f in self.parts])
 
 

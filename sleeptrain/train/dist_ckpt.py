@@ -190,8 +190,15 @@ class _DigestingStream:
         self.f, self.digest = f, digest
 
     def write(self, b: Any) -> int:
-        n = self.f.write(b)
-        self.digest.update(memoryview(b).cast("B")[:n])
+        # the whole chunks of b are hashed from b itself while it is being written (DCP's
+        # torch.save hands over a tensor's storage as one buffer): no copy of the data
+        reading = self.digest.update(b)
+        try:
+            n = self.f.write(b)
+        finally:
+            self.digest.wait(reading)
+        if n != memoryview(b).nbytes:
+            raise OSError(f"short write: {n} of {memoryview(b).nbytes} bytes")
         return n
 
     def tell(self) -> int:
@@ -263,7 +270,7 @@ def save_shards(path: Path, tensors: dict[str, Any], *,
         dcp.save(tensors, storage_writer=writer)
         return {}
     # 8 threads hash ~7 GiB/s (sha256 with SHA extensions), more than a rank writes; at most
-    # two 16 MiB chunks per thread wait (256 MiB)
+    # two copied 16 MiB chunks per thread wait (256 MiB)
     threads = min(8, hash_threads())
     with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash") as pool:
         fs = writer.fs = _digesting_file_system(pool, 2 * threads)

@@ -156,16 +156,16 @@ def test_chunked_digest_is_the_documented_tree(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096, 3 * 4096 + 17, 40000])
 def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longest: int) -> None:
     """StreamDigest over writes of random lengths (chunks split between writes, whole chunks
-    hashed from the writer's buffer, at most one copied chunk waiting) gives digest_files'
-    digest of the same bytes; each write's buffer is overwritten once update's futures are
-    done, as a writer reusing it would."""
+    hashed from the writer's buffer) gives digest_files' digest of the same bytes; each
+    write's buffer is overwritten once update's futures are done, as a writer reusing it
+    would."""
     from concurrent.futures import ThreadPoolExecutor
 
     data = os.urandom(size)
     (tmp_path / "f").write_bytes(data)
     gen = torch.Generator().manual_seed(size)
     with ThreadPoolExecutor(2) as pool:
-        sd = ck.StreamDigest(pool, 1, chunk_bytes=4096)
+        sd = ck.StreamDigest(pool, chunk_bytes=4096)
         i = 0
         while i < size:
             n = int(torch.randint(1, longest, (1,), generator=gen))

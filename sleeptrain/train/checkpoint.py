@@ -297,65 +297,83 @@ def _bytes_digest(data: bytearray, algo: str) -> bytes:
 
 class StreamDigest:
     """The chunked digest of :func:`digest_files` computed from the bytes as they are written
-    (no second read of the file). :meth:`update` hashes the whole chunks inside the caller's
-    buffer in ``pool`` straight from that buffer and returns their futures: the caller waits
-    for them before the buffer may change (:meth:`wait`), typically while it writes the same
-    buffer to the file. Only the bytes of a chunk split between two buffers are copied, into
-    a buffer of the instance's own, of which at most ``max_pending`` wait to be hashed. Not
-    thread-safe: one writer per instance."""
+    (no second read of the file, no copy). :meth:`update` hashes the caller's buffer in
+    ``pool`` straight from that buffer: its whole chunks in parallel, and the pieces of a chunk
+    split between two buffers in order into that chunk's hash. It returns the futures that
+    read the buffer; the caller waits for them (:meth:`wait`) before the buffer may change,
+    typically while it writes the same buffer to the file. Not thread-safe: one writer per
+    instance."""
 
-    def __init__(self, pool: ThreadPoolExecutor, max_pending: int, *, algo: str = DIGEST_ALGO,
+    def __init__(self, pool: ThreadPoolExecutor, *, algo: str = DIGEST_ALGO,
                  chunk_bytes: int = DIGEST_CHUNK) -> None:
         self.pool, self.algo, self.chunk_bytes = pool, algo, chunk_bytes
-        self.max_pending = max(1, max_pending)
-        self.buf = bytearray(chunk_bytes)
-        self.fill = 0
         self.parts: list[Future[bytes]] = []
-        self.owned: list[Future[bytes]] = []
+        self.fill = 0  # bytes of the chunk in progress
+        self.hash: Any = None  # its hash object, fed by tasks in order
+        self.last: Future[None] | None = None  # the latest of those tasks
         self.size = 0
 
-    def update(self, data: Any) -> list[Future[bytes]]:
+    def update(self, data: Any) -> list[Future[Any]]:
         """Add ``data`` (bytes-like); returns the futures that still read ``data``."""
         view = memoryview(data).cast("B")
         self.size += len(view)
         c = self.chunk_bytes
-        if self.fill:  # complete the chunk the previous buffer began
+        reading: list[Future[Any]] = []
+        if self.fill:  # the chunk an earlier buffer began
             take = min(c - self.fill, len(view))
-            self.buf[self.fill:self.fill + take] = view[:take]
+            reading.append(self._feed(view[:take]))
             self.fill += take
             view = view[take:]
-            if self.fill < c:  # data ended inside that chunk
-                return []
-            self._submit_owned()
+            if self.fill < c:
+                return reading
+            self._close()
         whole = len(view) // c
         direct = [self.pool.submit(_bytes_digest, view[i * c:(i + 1) * c], self.algo)
                   for i in range(whole)]
         self.parts += direct
-        rest = view[whole * c:]
-        self.buf[:len(rest)] = rest
-        self.fill = len(rest)
-        return direct
+        reading += direct
+        if rest := view[whole * c:]:
+            reading.append(self._feed(rest))
+            self.fill = len(rest)
+        return reading
 
     @staticmethod
-    def wait(futures: list[Future[bytes]]) -> None:
+    def wait(futures: list[Future[Any]]) -> None:
         """Wait until ``futures`` (of :meth:`update`) no longer read their buffer."""
         for f in futures:
             f.exception()
 
-    def _submit_owned(self) -> None:
-        data, self.buf = self.buf[:self.fill], bytearray(self.chunk_bytes)
-        self.fill = 0
-        self.owned = [f for f in self.owned if not f.done()]
-        if len(self.owned) >= self.max_pending:
-            self.owned.pop(0).exception()
-        fut = self.pool.submit(_bytes_digest, data, self.algo)
-        self.owned.append(fut)
-        self.parts.append(fut)
+    def _feed(self, piece: memoryview) -> Future[None]:
+        """A task adding ``piece`` to the chunk in progress after the previous one (the tasks
+        it waits for were submitted earlier, so a FIFO pool never deadlocks on them)."""
+        if self.hash is None:
+            self.hash = hashlib.new(self.algo)
+        prev, h = self.last, self.hash
+
+        def add() -> None:
+            if prev is not None:
+                prev.result()
+            h.update(piece)
+
+        self.last = self.pool.submit(add)
+        return self.last
+
+    def _close(self) -> None:
+        """The chunk in progress is complete: its digest becomes the next part."""
+        prev, h = self.last, self.hash or hashlib.new(self.algo)
+
+        def digest() -> bytes:
+            if prev is not None:
+                prev.result()
+            return h.digest()
+
+        self.parts.append(self.pool.submit(digest))
+        self.hash, self.last, self.fill = None, None, 0
 
     def hexdigest(self) -> str:
         """The digest of everything written so far (call once, after the last write)."""
         if self.fill or not self.parts:  # the last, partial chunk; one empty chunk if empty
-            self._submit_owned()
+            self._close()
         return _compose(self.algo, [f.result() for f in self.parts])
 
 

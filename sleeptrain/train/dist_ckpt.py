@@ -190,8 +190,8 @@ class _DigestingStream:
         self.f, self.digest = f, digest
 
     def write(self, b: Any) -> int:
-        # the whole chunks of b are hashed from b itself while it is being written (DCP's
-        # torch.save hands over a tensor's storage as one buffer): no copy of the data
+        # b is hashed from b itself while it is being written (DCP's torch.save hands over a
+        # tensor's storage as one buffer): no copy of the data
         reading = self.digest.update(b)
         try:
             n = self.f.write(b)
@@ -221,7 +221,7 @@ class _DigestingStream:
         return self.f.closed
 
 
-def _digesting_file_system(pool: Any, max_pending: int) -> Any:
+def _digesting_file_system(pool: Any) -> Any:
     """A DCP ``FileSystem`` whose ``.distcp`` files are hashed as DCP writes them
     (``fs.digests``: file name -> (hex digest, bytes written)); other files as usual."""
     import contextlib
@@ -243,7 +243,7 @@ def _digesting_file_system(pool: Any, max_pending: int) -> Any:
                 with super().create_stream(path, mode) as f:
                     yield f
                 return
-            digest = StreamDigest(pool, max_pending)
+            digest = StreamDigest(pool)
             with super().create_stream(path, mode) as f:
                 yield _DigestingStream(f, digest)
             with self.lock:
@@ -269,11 +269,10 @@ def save_shards(path: Path, tensors: dict[str, Any], *,
     if not digest:
         dcp.save(tensors, storage_writer=writer)
         return {}
-    # 8 threads hash ~7 GiB/s (sha256 with SHA extensions), more than a rank writes; at most
-    # two copied 16 MiB chunks per thread wait (256 MiB)
+    # 8 threads hash ~7 GiB/s (sha256 with SHA extensions), more than a rank writes
     threads = min(8, hash_threads())
     with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash") as pool:
-        fs = writer.fs = _digesting_file_system(pool, 2 * threads)
+        fs = writer.fs = _digesting_file_system(pool)
         dcp.save(tensors, storage_writer=writer)
     return dict(fs.digests)
 

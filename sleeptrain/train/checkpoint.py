@@ -209,6 +209,13 @@ def _chunks(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
 
 
+def _bytes_digest(data: Any, algo: str) -> bytes:
+    """``algo`` digest of the bytes-like ``data`` (hashlib releases the GIL while hashing)."""
+    h = hashlib.new(algo)
+    h.update(data)
+    return h.digest()
+
+
 def _chunk_digest(path: Path, offset: int, length: int, algo: str) -> bytes:
     """``algo`` digest of bytes [offset, offset + length) of ``path``, read into this thread's
     reused buffer (hashlib and preadv release the GIL, so threads hash in parallel)."""
@@ -227,9 +234,7 @@ def _chunk_digest(path: Path, offset: int, length: int, algo: str) -> bytes:
             got += n
     finally:
         os.close(fd)
-    h = hashlib.new(algo)
-    h.update(view)
-    return h.digest()
+    return _bytes_digest(view, algo)
 
 
 def _compose(algo: str, parts: Iterable[bytes]) -> str:
@@ -287,12 +292,6 @@ def digest_files(root: str | os.PathLike[str], names: Sequence[str], *, algo: st
         if d.startswith("error: "):
             raise CheckpointError(f"{root / name}: cannot hash: {d.removeprefix('error: ')}")
     return out
-
-
-def _bytes_digest(data: bytearray, algo: str) -> bytes:
-    h = hashlib.new(algo)
-    h.update(data)
-    return h.digest()
 
 
 class StreamDigest:

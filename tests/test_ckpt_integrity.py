@@ -460,7 +460,7 @@ def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
             ck.verify_dir_digests(root)
 
 
-@pytest.mark.parametrize("warmup", [[], ["--no-warmup", "--digests-first"]])
+@pytest.mark.parametrize("warmup", [[], ["--no-warmup", "--digests-first", "--cold"]])
 def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/bench_ckpt.py", str(out), "--device", "cpu",
@@ -468,6 +468,8 @@ def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert ("untimed first save" in proc.stdout) != bool(warmup)
+    # --cold: the cache is dropped before both loads and the hash pass
+    assert proc.stdout.count("after dropping") == (3 if warmup else 0)
     kinds = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("repeat 0:")]
     assert kinds == (["save_digests", "load_plain", "load_verified", "hash_only", "save_plain"]
                      if warmup else
@@ -479,18 +481,39 @@ def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["bench_ckpt.json"]  # checkpoints removed
 
 
-def test_bench_tool_builds_the_state_of_one_step_in_chunks() -> None:
-    """bench_ckpt's optimizer state, built over parameter groups (so a 7B model's gradients
-    never all exist), is that of one step over every parameter: each parameter stepped once
-    (weight decay applied once, AdamW's step count 1), none left without state."""
+def _bench_module():
     import importlib.util
-
-    from sleeptrain.train.optim import optimizer_for
-    from tests.conftest import tiny_model
 
     spec = importlib.util.spec_from_file_location("bench_ckpt", ROOT / "tools" / "bench_ckpt.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_bench_tool_drops_the_page_cache(tmp_path: Path) -> None:
+    """--cold's measurement and eviction: a file just read is wholly cached (mincore), and
+    after the drop none of it is, except on a memory file system (where the file is the
+    cache and DONTNEED keeps it)."""
+    bench = _bench_module()
+    f = tmp_path / "d" / "x.bin"
+    f.parent.mkdir()
+    f.write_bytes(os.urandom(1 << 20))
+    f.read_bytes()
+    assert bench.cached_fraction(f.parent) == 1.0
+    after = bench.drop_page_cache(f.parent)
+    assert after == (1.0 if bench._on_tmpfs(f) else 0.0)
+    assert f.stat().st_size == 1 << 20
+
+
+def test_bench_tool_builds_the_state_of_one_step_in_chunks() -> None:
+    """bench_ckpt's optimizer state, built over parameter groups (so a 7B model's gradients
+    never all exist), is that of one step over every parameter: each parameter stepped once
+    (weight decay applied once, AdamW's step count 1), none left without state."""
+    from sleeptrain.train.optim import optimizer_for
+    from tests.conftest import tiny_model
+
+    bench = _bench_module()
     runs = []
     for chunk in (2**40, 1):  # all at once; one parameter per group
         cfg, model = tiny_model("optim.weight_decay=0.1")

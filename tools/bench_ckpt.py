@@ -16,6 +16,14 @@ untimed checkpoint (first touch of the output's pages; ``--no-warmup`` skips it)
 * ``hash``: ``digest_files`` over the whole checkpoint alone (the throughput of reading it
   back and hashing it, as the verification of a load does).
 
+With ``--cold`` every measurement starts as a training process's first one would: every save
+with no pinned host memory cached (DCP's device-to-host copies allocate it; without ``--cold``
+the first save of the run pays that and the later ones reuse it), every load and the hash pass
+with the checkpoint's files dropped from the page cache (``posix_fadvise(DONTNEED)``; the files
+are fsynced, so their pages are clean), as after a requeue onto other nodes, and the share of
+the files still cached is printed (``mincore``). Without it the first load after a save reads
+what the save left cached and the second what the first read.
+
 Only one checkpoint is on disk at a time; the free space of ``OUT_DIR`` is printed first and the
 run is refused (exit 2) when the checkpoint's estimated size does not fit. Results: a markdown
 table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``, default
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -60,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the untimed first save (a 7B checkpoint takes minutes to write "
                          "from one process; the alternating order still balances the pairs)")
+    ap.add_argument("--cold", action="store_true",
+                    help="start every save without cached pinned host memory and every load and "
+                         "the hash pass with the files dropped from the page cache (Linux), as "
+                         "a fresh process on another node would")
     return ap
 
 
@@ -138,6 +151,76 @@ def _release_host_cache(device: Any) -> None:
               "saves' pinned copies still allocated", flush=True)
         return
     release()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(f for f in root.rglob("*") if f.is_file())
+
+
+def cached_fraction(root: Path) -> float | None:
+    """Share of the pages of the files under ``root`` in the page cache (``mincore`` of a
+    read-only mapping); None where it cannot be asked (not Linux, no libc)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    cached = total = 0
+    for f in _files(root):
+        size = f.stat().st_size
+        if size == 0:
+            continue
+        pages = (size + page - 1) // page
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, size, vec) != 0:
+                    return None
+                cached += sum(b & 1 for b in vec.raw)
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        total += pages
+    return cached / total if total else 0.0
+
+
+def drop_page_cache(root: Path) -> float | None:
+    """Drop the files under ``root`` from the page cache (``posix_fadvise(DONTNEED)`` after an
+    ``fdatasync``, so every page is clean and can go); returns :func:`cached_fraction` after."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    for f in _files(root):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return cached_fraction(root)
+
+
+def _cold(root: Path, enabled: bool) -> None:
+    if not enabled:
+        return
+    before = cached_fraction(root)
+    after = drop_page_cache(root)
+    fmt = lambda x: "unknown" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"page cache of {root.name}: {fmt(before)} of its pages cached, {fmt(after)} after "
+          "dropping", flush=True)
 
 
 def _median(xs: list[float]) -> float:
@@ -229,6 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for digests in ((False, True) if even else (True, False)):
             run_dir = out / f"run-{r}-{'digests' if digests else 'plain'}"
             shutil.rmtree(run_dir, ignore_errors=True)
+            if args.cold:
+                _release_host_cache(device)
             _sync(device)
             t0 = time.perf_counter()
             info = save_sharded_checkpoint(run_dir, 1, model, opt, {"step": 1}, keep_last=1,
@@ -242,6 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _release_host_cache(device)
                 order = (True, False) if even else (False, True)
                 for verify in order:
+                    _cold(info.path, args.cold)
                     _sync(device)
                     t0 = time.perf_counter()
                     load_verified(info.path, _load, _verify=verify)
@@ -249,8 +335,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     kind = "load_verified" if verify else "load_plain"
                     times[kind].append(time.perf_counter() - t0)
                     _progress(r, kind, times[kind][-1], nbytes)
-                names = sorted(str(f.relative_to(info.path)) for f in info.path.rglob("*")
-                               if f.is_file() and f.name != "meta.json")
+                names = [str(f.relative_to(info.path)) for f in _files(info.path)
+                         if f.name != "meta.json"]
+                _cold(info.path, args.cold)
                 t0 = time.perf_counter()
                 digest_files(info.path, names)
                 times["hash_only"].append(time.perf_counter() - t0)
@@ -265,6 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "algo": DIGEST_ALGO,
         "hash_threads": hash_threads(),
         "repeat": args.repeat,
+        "cold": args.cold,
         "seconds": times,
         "median_s": med,
         "gib_per_s": {k: nbytes / GIB / v for k, v in med.items() if v > 0},
@@ -282,7 +370,8 @@ def table(res: dict[str, Any]) -> str:
     rows = [("save", "save_plain", "save_digests", res["ratio"]["save"]),
             ("load", "load_plain", "load_verified", res["ratio"]["load"])]
     lines = [f"checkpoint {res['gib']:.3f} GiB on {res['device']}, {res['algo']} in "
-             f"{res['hash_threads']} threads, median of {res['repeat']}", "",
+             f"{res['hash_threads']} threads, median of {res['repeat']}"
+             + (", page cache dropped before each load" if res.get("cold") else ""), "",
              "| | without digests | with digests | ratio |", "|---|---|---|---|"]
     for what, a, b, ratio in rows:
         lines.append(f"| {what} | {med[a]:.3f} s ({rate.get(a, 0):.2f} GiB/s) | "

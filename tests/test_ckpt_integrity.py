@@ -20,7 +20,11 @@ import pytest
 import torch
 
 from sleeptrain.train import checkpoint as ck
-from sleeptrain.train.checkpoint import CheckpointError, UntrustedCheckpointError
+from sleeptrain.train.checkpoint import (
+    CheckpointError,
+    CorruptCheckpointError,
+    UntrustedCheckpointError,
+)
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +180,88 @@ def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longe
         got = sd.hexdigest()
     assert sd.size == size
     assert got == ck.digest_files(tmp_path, ["f"], chunk_bytes=4096)["f"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_read_digest_equals_the_file_digest(tmp_path: Path, seed: int) -> None:
+    """ReadDigest over a loader's reads (mostly in file order with small gaps, small reads
+    ahead, re-reads behind, a large skip ahead, a part never read) gives digest_files' digest;
+    each read's buffer is overwritten once read()'s futures are done, as a loader reusing it
+    would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = 200_000
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    with ThreadPoolExecutor(2) as pool:
+        rd = ck.ReadDigest(tmp_path / "f", size, pool, algo="sha256", chunk_bytes=4096)
+        pos = 0
+        while pos < size - 30_000:
+            kind = rand(0, 10)
+            if kind == 0:  # a small read ahead (a zip directory)
+                at, n = min(size - 10, pos + rand(100, 9000)), rand(1, 10)
+            elif kind == 1:  # a re-read behind
+                at, n = rand(0, pos + 1), rand(1, 5000)
+            elif kind == 2:  # a large skip ahead
+                at, n = pos + rand(5000, 20_000), rand(4097, 12_000)
+            else:  # the next item, after a small gap
+                at, n = pos + rand(0, 200), rand(1, 12_000)
+            n = min(n, size - at)
+            buf = bytearray(data[at:at + n])
+            ck.StreamDigest.wait(rd.read(at, buf))
+            buf[:] = bytes(n)  # reused by the loader
+            if kind != 1:
+                pos = max(pos, at + n)
+        got = rd.hexdigest()  # the rest never read
+    assert got == ck.digest_files(tmp_path, ["f"], chunk_bytes=4096)["f"]
+
+
+@pytest.mark.parametrize("piece", [None, 12_293], ids=["piece-default", "piece-12293"])
+def test_verified_load_hashes_the_shards_from_its_reads(tmp_path: Path, monkeypatch: Any,
+                                                        piece: int | None) -> None:
+    """A verified load hashes the shard files from the bytes DCP reads (a large read in
+    pieces, each hashed while the next is read): it reads back from the file only the gaps
+    between tensors (zip headers, tensors of at most 4 KiB), here under 2% of the shard; a
+    byte flipped inside a large tensor is still named."""
+    from sleeptrain.train import dist_ckpt
+    from sleeptrain.train.dist_ckpt import save_sharded_checkpoint
+    from sleeptrain.train.trainer import load_train_state
+
+    if piece is not None:
+        monkeypatch.setattr(dist_ckpt._DigestingReader, "PIECE", piece)
+
+    cfg, model, opt = _model_opt("model.d_model=128", "model.vocab_size=4096")
+    info = save_sharded_checkpoint(tmp_path / "run", 1, model, opt, {"step": 1}, keep_last=1)
+    shard = info.path / "shards" / "__0_0.distcp"
+    reread = {"bytes": 0}
+    pread = ck._pread_exact
+
+    def counting(path: Path, offset: int, view: memoryview) -> None:
+        if path.suffix == ".distcp":
+            reread["bytes"] += len(view)
+        pread(path, offset, view)
+
+    monkeypatch.setattr(ck, "_pread_exact", counting)
+
+    def load(path: Path, state: dict[str, Any]) -> None:
+        for o in opt.optimizers:
+            o.state.clear()
+        load_train_state(path, state, model, opt)
+
+    ck.load_verified(info.path, load)
+    assert 0 < reread["bytes"] < 0.02 * shard.stat().st_size
+    with shard.open("r+b") as f:  # the middle of the file: inside the embedding's moments
+        f.seek(shard.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(CorruptCheckpointError, match=r"shards/__0_0\.distcp does not match"):
+        ck.load_verified(info.path, load)
 
 
 def test_shard_digests_are_taken_while_writing(tmp_path: Path, monkeypatch: Any) -> None:

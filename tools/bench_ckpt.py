@@ -12,9 +12,9 @@ untimed checkpoint (first touch of the output's pages; ``--no-warmup`` skips it)
 * ``load``: the model and optimizer load of the trainer's resume (``load_train_state``) through
   ``checkpoint.load_verified``, from the state a resumed process starts in (no optimizer state,
   the saves' pinned host copies released), with verification (small files before, shard
-  files hashed in background threads while loading) and without (``_verify=False``);
+  files hashed from the bytes the load reads) and without (``_verify=False``);
 * ``hash``: ``digest_files`` over the whole checkpoint alone (the throughput of reading it
-  back and hashing it, as the verification of a load does).
+  back and hashing it, as a verification that reads the files does).
 
 With ``--cold`` every measurement starts as a training process's first one would: every save
 with no pinned host memory cached (DCP's device-to-host copies allocate it; without ``--cold``

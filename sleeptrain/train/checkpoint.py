@@ -27,11 +27,13 @@ speed. Every rank hashes the shard files it writes from the bytes as they are wr
 Verification. :func:`load_verified` (and :func:`resume_checkpoint`, which walks the run's
 checkpoints newest first and falls back) checks, before anything is unpickled, that the
 checkpoint is complete and that the small files (state.pt, ``shards/.metadata``, extra files)
-match their digests; the ``.distcp`` shard files are hashed in background threads, split over
-the ranks (each rank the files its writer rank wrote, the rest round-robin), while the model and
-optimizer are loaded, and the verdict is gathered so every rank decides the same before training
-continues. A checkpoint without a valid digest record (format 1, written before digests existed,
-or a meta.json without them) is refused unless the caller passes ``trust=True``.
+match their digests; the ``.distcp`` shard files are hashed from the bytes the load reads
+(:class:`ReadDigest`, fed by ``dist_ckpt.SafeFileSystemReader``; what the load does not read is
+hashed from the files afterwards), split over the ranks (each rank the files its writer rank
+wrote, the rest round-robin), and the verdict is gathered so every rank decides the same before
+training continues. A checkpoint without a valid digest record (format 1, written before
+digests existed, or a meta.json without them) is refused unless the caller passes
+``trust=True``.
 
 A checkpoint is written into ``.tmp-step_00000123-<pid>/`` (every file fsynced, meta.json last),
 renamed to its final name (atomic on POSIX) and the parent directory fsynced; only then is
@@ -45,6 +47,8 @@ hosts sharing a file system) are not supported.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -53,7 +57,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +71,7 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "DigestRecord",
+    "ReadDigest",
     "SaveInfo",
     "StreamDigest",
     "UntrustedCheckpointError",
@@ -80,6 +85,7 @@ __all__ = [
     "load_verified",
     "publish",
     "quarantine_dir",
+    "read_digest_for",
     "record_dir_digests",
     "restore_rng_state",
     "resume_checkpoint",
@@ -100,8 +106,9 @@ FORMAT_VERSION = 2
 STALE_TMP_AGE_S = 3600.0
 #: digest algorithm of new checkpoints (measured: docs/design.md, "Checkpoints")
 DIGEST_ALGO = "sha256"
-#: bytes per hashed chunk: the unit of parallelism (threads, ranks)
-DIGEST_CHUNK = 16 << 20
+#: bytes per hashed chunk: the unit of parallelism (threads, ranks), and the most a write or a
+#: read waits for one thread's hash of its buffer's last chunk (docs/design.md, "Digests")
+DIGEST_CHUNK = 1 << 20
 #: algorithms a digest record may name (collision-resistant ones only)
 DIGEST_ALGOS = frozenset({"sha256", "sha512", "blake2b", "sha3_256"})
 CORRUPT_PREFIX = "corrupt-"
@@ -216,6 +223,22 @@ def _bytes_digest(data: Any, algo: str) -> bytes:
     return h.digest()
 
 
+def _pread_exact(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes of ``path`` from ``offset`` (preadv releases the GIL);
+    CheckpointError if the file ends first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{path}: ends at byte {offset + got}, "
+                                      f"expected at least {offset + len(view)} bytes")
+            got += n
+    finally:
+        os.close(fd)
+
+
 def _chunk_digest(path: Path, offset: int, length: int, algo: str) -> bytes:
     """``algo`` digest of bytes [offset, offset + length) of ``path``, read into this thread's
     reused buffer (hashlib and preadv release the GIL, so threads hash in parallel)."""
@@ -223,17 +246,7 @@ def _chunk_digest(path: Path, offset: int, length: int, algo: str) -> bytes:
     if buf is None or len(buf) < length:
         buf = _tls.buf = bytearray(length)
     view = memoryview(buf)[:length]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                raise CheckpointError(f"{path}: ends at byte {offset + got}, "
-                                      f"expected at least {offset + length} bytes")
-            got += n
-    finally:
-        os.close(fd)
+    _pread_exact(path, offset, view)
     return _bytes_digest(view, algo)
 
 
@@ -369,11 +382,134 @@ class StreamDigest:
         self.parts.append(self.pool.submit(digest))
         self.hash, self.last, self.fill = None, None, 0
 
+    def update_from_file(self, path: Path, offset: int, length: int) -> None:
+        """Add bytes [offset, offset + length) of the file ``path``: the whole chunks read and
+        hashed by the pool (in parallel, nothing to wait for), the pieces of a chunk begun or
+        left unfinished read here into buffers of their own."""
+        c, end = self.chunk_bytes, offset + length
+        while offset < end:
+            if self.fill == 0 and end - offset >= c:
+                self.parts.append(self.pool.submit(_chunk_digest, path, offset, c, self.algo))
+                self.size += c
+                offset += c
+                continue
+            piece = memoryview(bytearray(min(c - self.fill, end - offset)))
+            _pread_exact(path, offset, piece)
+            self.update(piece)  # its tasks keep the buffer alive
+            offset += len(piece)
+
     def hexdigest(self) -> str:
         """The digest of everything written so far (call once, after the last write)."""
         if self.fill or not self.parts:  # the last, partial chunk; one empty chunk if empty
             self._close()
         return _compose(self.algo, [f.result() for f in self.parts])
+
+
+class ReadDigest:
+    """The chunked digest of one file taken from the reads of a loader (DCP reading a shard
+    file), so that verifying a load reads nothing twice: bytes are hashed in file order from
+    the loader's buffer as it reads them (:meth:`read` returns the futures still reading the
+    buffer, as :meth:`StreamDigest.update` does). A read behind what is hashed is ignored; a
+    small read ahead (a zip header or directory of ``torch.save``'s format, at most
+    :attr:`SMALL` bytes) is left for later; a larger read ahead first reads the gap from the
+    file (small, in the page cache, in a loader reading in file order). :meth:`hexdigest`
+    reads what the loader never read."""
+
+    SMALL = 4096
+
+    def __init__(self, path: Path, size: int, pool: ThreadPoolExecutor, *, algo: str,
+                 chunk_bytes: int) -> None:
+        self.path, self.size = path, size
+        self.stream = StreamDigest(pool, algo=algo, chunk_bytes=chunk_bytes)
+        self.front = 0  # bytes [0, front) are hashed
+        self.lock = threading.Lock()  # a loader reading one file in several threads
+
+    def read(self, pos: int, data: Any) -> list[Future[Any]]:
+        """The loader read ``data`` (bytes-like) at offset ``pos`` of the file; returns the
+        futures that still read ``data`` (wait for them, :meth:`StreamDigest.wait`, before
+        the buffer changes)."""
+        view = memoryview(data).cast("B")
+        end = pos + len(view)
+        with self.lock:
+            if end <= self.front:
+                return []
+            if pos > self.front:
+                if len(view) <= self.SMALL:
+                    return []
+                self.stream.update_from_file(self.path, self.front, pos - self.front)
+                self.front = pos
+            reading = self.stream.update(view[self.front - pos:])
+            self.front = end
+        return reading
+
+    def hexdigest(self) -> str:
+        """The file's digest (call once, after the loader's last read)."""
+        with self.lock:
+            if self.front < self.size:
+                self.stream.update_from_file(self.path, self.front, self.size - self.front)
+                self.front = self.size
+            return self.stream.hexdigest()
+
+
+#: the shard digests of the load_verified in progress in this context (read by the DCP reader)
+_LOAD_DIGESTS: contextvars.ContextVar[_LoadDigests | None] = contextvars.ContextVar(
+    "sleeptrain_load_digests", default=None)
+
+
+class _LoadDigests:
+    """The digests of this rank's share of a checkpoint's shard files during one load: files
+    the load opens are hashed from its reads (:func:`read_digest_for`), the rest (and what
+    the load did not read) from the files by :meth:`result`, in threads."""
+
+    def __init__(self, root: Path, sizes: dict[str, int], algo: str, chunk_bytes: int) -> None:
+        self.root, self.sizes, self.algo, self.chunk_bytes = root, sizes, algo, chunk_bytes
+        self.pool = ThreadPoolExecutor(hash_threads(), thread_name_prefix="ckpt-hash")
+        self.files: dict[str, ReadDigest] = {}
+
+    def reader(self, path: Path) -> ReadDigest | None:
+        """The digest fed by the reads of file ``path`` (None: not this rank's to verify)."""
+        try:
+            name = Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).as_posix()
+        except ValueError:
+            return None
+        return self._file(name) if name in self.sizes else None
+
+    def _file(self, name: str) -> ReadDigest:
+        if name not in self.files:
+            self.files[name] = ReadDigest(self.root / name, self.sizes[name], self.pool,
+                                          algo=self.algo, chunk_bytes=self.chunk_bytes)
+        return self.files[name]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        token = _LOAD_DIGESTS.set(self)
+        try:
+            yield
+        finally:
+            _LOAD_DIGESTS.reset(token)
+
+    def result(self) -> dict[str, str]:
+        """``{name: hex digest or 'error: ...'}`` of every file of this rank's share."""
+        out: dict[str, str] = {}
+        try:
+            for name in self.sizes:
+                try:
+                    out[name] = self._file(name).hexdigest()
+                except (OSError, CheckpointError) as e:
+                    out[name] = f"error: {type(e).__name__}: {e}"
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def cancel(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_digest_for(path: str | os.PathLike[str]) -> ReadDigest | None:
+    """The :class:`ReadDigest` the reads of file ``path`` feed, when a verified load
+    (:func:`load_verified`) of its checkpoint is in progress in this context; else None."""
+    digests = _LOAD_DIGESTS.get()
+    return digests.reader(Path(path)) if digests is not None else None
 
 
 def _digest_record(meta: dict[str, Any]) -> DigestRecord | None:
@@ -396,7 +532,7 @@ def _digest_record(meta: dict[str, Any]) -> DigestRecord | None:
 
 
 def _is_large(name: str) -> bool:
-    """Whether ``name`` is a tensor shard file (verified in the background while loading)
+    """Whether ``name`` is a tensor shard file (verified from the reads of the load)
     rather than a small file verified before anything is unpickled."""
     return name.startswith("shards/") and name != DCP_METADATA
 
@@ -791,8 +927,9 @@ def load_verified(
 
     Order: completeness and the digests of the small files (state.pt, ``shards/.metadata``,
     extra files) on every rank before anything is unpickled; then ``state.pt``; then the
-    ``.distcp`` files are hashed in background threads (this rank's share) while ``load_fn``
-    runs; then every rank's digests and load errors are gathered, so all ranks raise the same
+    ``.distcp`` files (this rank's share) are hashed from the bytes ``load_fn``'s DCP loads
+    read (:func:`read_digest_for`) and, after it, from the files where it read nothing;
+    then every rank's digests and load errors are gathered, so all ranks raise the same
     error or none. Errors name the checkpoint and the file: CorruptCheckpointError when it is
     incomplete or a file does not match its digest; UntrustedCheckpointError when it has no
     valid digest record and not ``trust``; plain CheckpointError when its files are intact
@@ -832,11 +969,12 @@ def load_verified(
         large = [n for n in sorted(record.files) if _is_large(n)]
         mine = {n: (meta or {})["sizes"][n] for i, n in enumerate(large)
                 if _owner(n, i, world) == rank}
-        hashing = _Hashing(path, mine, record.algo, record.chunk_bytes)
+        hashing = _LoadDigests(path, mine, record.algo, record.chunk_bytes)
     err = None
     try:
         if load_fn is not None:
-            load_fn(path, state)
+            with hashing.active() if hashing is not None else contextlib.nullcontext():
+                load_fn(path, state)
     except CheckpointError as e:
         err = _one_line(str(e))
     except BaseException:

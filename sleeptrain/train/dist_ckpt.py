@@ -29,6 +29,7 @@ through a planner that refuses non-tensor entries (DCP would ``torch.load`` them
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -427,8 +428,97 @@ def read_dcp_metadata(file: Path) -> Any:
     return md
 
 
+class _DigestingReader:
+    """A shard file being read: every byte read also goes to a ReadDigest, hashed from the
+    reader's own buffer (no copy, no second read). A large read is done in pieces of
+    :attr:`PIECE` bytes, each hashed (in the digest's threads) while the next is read; the
+    read returns once nothing reads the buffer any more."""
+
+    PIECE = 8 << 20
+
+    def __init__(self, f: Any, digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def readinto(self, b: Any) -> int:
+        from sleeptrain.train.checkpoint import StreamDigest
+
+        view = memoryview(b).cast("B")
+        pos, done, reading = self.f.tell(), 0, []
+        try:
+            while done < len(view):
+                piece = view[done:done + self.PIECE]
+                n = self.f.readinto(piece)
+                if not n:
+                    break
+                reading += self.digest.read(pos + done, piece[:n])
+                done += n
+                if n < len(piece):
+                    break
+        finally:
+            StreamDigest.wait(reading)
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        pos = self.f.tell()
+        data = self.f.read(size)
+        if data:  # immutable: the digest's tasks keep it alive, nothing to wait for
+            self.digest.read(pos, data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+
+def _reading_file_system() -> Any:
+    """A DCP ``FileSystem`` whose ``.distcp`` files, when a verified load of their checkpoint
+    is in progress (``checkpoint.read_digest_for``), are hashed from DCP's reads."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from sleeptrain.train.checkpoint import read_digest_for
+
+    class ReadingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Any:
+            digest = read_digest_for(path) if mode == "rb" else None
+            with super().create_stream(path, mode) as f:
+                yield f if digest is None else _DigestingReader(f, digest)
+
+    return ReadingFileSystem()
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file system reader with :func:`read_dcp_metadata` in place of ``pickle.load``."""
+    """DCP's file system reader with :func:`read_dcp_metadata` in place of ``pickle.load``,
+    reading every file in the order of its bytes (so a verified load hashes from the reads:
+    ``checkpoint.ReadDigest``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.fs = _reading_file_system()
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        def where(item: Any) -> tuple[str, int]:
+            info = self.storage_data[item.storage_index]
+            return str(info.relative_path), int(info.offset)
+
+        return dataclasses.replace(plan, items=sorted(plan.items, key=where))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.metadata import StorageMeta

@@ -47,7 +47,22 @@ def build_model(cfg: DictConfig, device: torch.device | str | None = None,
                            tp_group=tp_group(), cp=context_parallel(), stage=stage)
     finally:
         torch.set_rng_state(gen_state)
-    return model.to(info.device if device is None else device)
+    model = model.to(info.device if device is None else device)
+    _warn_fla_fp32(cfg, next(model.parameters()).device)
+    return model
+
+
+def _warn_fla_fp32(cfg: DictConfig, device: torch.device) -> None:
+    """Warn when this model's GDN gradients in fp32 come from FLA's less exact TileLang
+    backward (``kernels.gated_delta.fla_fp32_gate_caveat``)."""
+    from sleeptrain.model.kernels.gated_delta import fla_fp32_gate_caveat
+
+    if device.type != "cuda" or cfg.train.precision != "fp32" or \
+            cfg.model.gdn_backend not in ("auto", "fla") or cfg.model.params_dtype == "float64":
+        return
+    note = fla_fp32_gate_caveat(device)
+    if note is not None:
+        warnings.warn(note, stacklevel=3)
 
 
 def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),

@@ -391,3 +391,23 @@ def test_flash_attention_matches_sdpa_on_gpu():
         a = attention(q, k, v, window=window, backend="flash").float()
         b = attention(q, k, v, window=window, backend="sdpa").float()
         assert (a - b).abs().max().item() < 2e-2  # bf16 outputs of two kernels
+
+
+@pytest.mark.parametrize("capability, version, caveat", [
+    ((9, 0), "3.6.0", True), ((9, 0), "3.4.0", True), ((9, 0), "3.7.1", False),
+    ((9, 0), "3.3.1", False), ((8, 0), "3.6.0", False), ((10, 0), "3.5.0", False),
+    ((9, 0), "3.7.0+git1a2b", True)])
+def test_fla_fp32_gate_caveat_names_hopper_with_the_miscompiling_triton(
+        monkeypatch, capability, version, caveat):
+    """The caveat (FLA's TileLang backward, issue #640's Triton range) is raised exactly on
+    Hopper with Triton >= 3.4 and < 3.7.1."""
+    triton = pytest.importorskip("triton")
+    from sleeptrain.model.kernels.gated_delta import fla_fp32_gate_caveat
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(triton, "__version__", version)
+    note = fla_fp32_gate_caveat()
+    assert (note is not None) == caveat
+    if caveat:
+        assert "#640" in note and version in note and "gdn_backend=chunked" in note

@@ -168,6 +168,43 @@ def fla_available() -> bool:
     return True
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version string ("3.7.1+git1234" -> (3, 7, 1))."""
+    out = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def fla_fp32_gate_caveat(device: torch.device | int | None = None) -> str | None:
+    """Why FLA's fp32 gate gradients are less exact on this GPU and Triton, or None.
+
+    On Hopper (compute capability 9.x) with Triton >= 3.4 and < 3.7.1, FLA 0.6.0 refuses its
+    Triton kernel for the gated backward (``chunk_bwd_dqkwg``, miscompiled there: FLA issue
+    #640) and runs its TileLang kernel, whose gate gradients (``A_log``, ``dt_bias``) in
+    fp32 were 2.1e-2 of their largest entry from float64 on an H100, every run alike, against
+    at most 2.8e-3 for every other parameter (docs/benchmarks.md, 2026-12-06). Under bf16
+    autocast (the default on CUDA) this is below bf16's own rounding."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    version = _version(getattr(triton, "__version__", ""))
+    if torch.cuda.get_device_capability(device)[0] != 9 or not (3, 4) <= version < (3, 7, 1):
+        return None
+    return (f"FLA runs the gated delta rule's backward with its TileLang kernel on this Hopper "
+            f"GPU with Triton {triton.__version__} (its Triton kernel is miscompiled by "
+            "Triton >= 3.4 and < 3.7.1, FLA issue #640); in fp32 its gate gradients (A_log, "
+            "dt_bias) were 2.1e-2 of their largest entry from float64 on an H100, ten times "
+            "any other parameter's (docs/benchmarks.md). For fp32-exact gate gradients use "
+            "Triton >= 3.7.1 or model.gdn_backend=chunked (slower).")
+
+
 def fla_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

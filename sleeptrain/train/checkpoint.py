@@ -442,12 +442,17 @@ class ReadDigest:
             self.front = end
         return reading
 
-    def hexdigest(self) -> str:
-        """The file's digest (call once, after the loader's last read)."""
+    def finish(self) -> None:
+        """After the loader's last read: hash what it never read (whole chunks in the pool)."""
         with self.lock:
             if self.front < self.size:
                 self.stream.update_from_file(self.path, self.front, self.size - self.front)
                 self.front = self.size
+
+    def hexdigest(self) -> str:
+        """The file's digest (call once, after the loader's last read)."""
+        self.finish()
+        with self.lock:
             return self.stream.hexdigest()
 
 
@@ -492,7 +497,14 @@ class _LoadDigests:
         """``{name: hex digest or 'error: ...'}`` of every file of this rank's share."""
         out: dict[str, str] = {}
         try:
+            for name in self.sizes:  # every file's remaining chunks queued first
+                try:
+                    self._file(name).finish()
+                except (OSError, CheckpointError) as e:
+                    out[name] = f"error: {type(e).__name__}: {e}"
             for name in self.sizes:
+                if name in out:
+                    continue
                 try:
                     out[name] = self._file(name).hexdigest()
                 except (OSError, CheckpointError) as e:

@@ -556,6 +556,8 @@ def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     assert ("untimed first save" in proc.stdout) != bool(warmup)
     # --cold: the cache is dropped before both loads and the hash pass
     assert proc.stdout.count("after dropping") == (3 if warmup else 0)
+    if Path("/proc/self/io").exists():  # each load's bytes read, as multiples of its size
+        assert proc.stdout.count("read calls returned") == 2
     kinds = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("repeat 0:")]
     assert kinds == (["save_digests", "load_plain", "load_verified", "hash_only", "save_plain"]
                      if warmup else

@@ -24,6 +24,10 @@ are fsynced, so their pages are clean), as after a requeue onto other nodes, and
 the files still cached is printed (``mincore``). Without it the first load after a save reads
 what the save left cached and the second what the first read.
 
+After each load the bytes the process read are printed as multiples of the checkpoint's size
+(``/proc/self/io``): ``rchar``, every read call's bytes (a verification that read the shards
+a second time would show about 2x), and ``read_bytes``, what came from storage.
+
 Only one checkpoint is on disk at a time; the free space of ``OUT_DIR`` is printed first and the
 run is refused (exit 2) when the checkpoint's estimated size does not fit. Results: a markdown
 table on stdout (median seconds, GiB/s, ratio with/without) and JSON (``--json``, default
@@ -213,6 +217,28 @@ def drop_page_cache(root: Path) -> float | None:
     return cached_fraction(root)
 
 
+def io_counters() -> dict[str, int] | None:
+    """This process's ``rchar`` (bytes returned by its read calls, page cache or not) and
+    ``read_bytes`` (bytes it made the kernel fetch from storage) of /proc/self/io; None
+    where that cannot be read."""
+    try:
+        fields = dict(line.split(": ") for line in
+                      Path("/proc/self/io").read_text().splitlines())
+        return {k: int(fields[k]) for k in ("rchar", "read_bytes")}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _io_note(before: dict[str, int] | None, after: dict[str, int] | None,
+             nbytes: int) -> str:
+    if before is None or after is None:
+        return ""
+    calls = (after["rchar"] - before["rchar"]) / nbytes
+    storage = (after["read_bytes"] - before["read_bytes"]) / nbytes
+    return (f"  read calls returned {calls:.2f}x the checkpoint's bytes, storage reads "
+            f"{storage:.2f}x")
+
+
 def _cold(root: Path, enabled: bool) -> None:
     if not enabled:
         return
@@ -329,12 +355,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for verify in order:
                     _cold(info.path, args.cold)
                     _sync(device)
-                    t0 = time.perf_counter()
+                    io0, t0 = io_counters(), time.perf_counter()
                     load_verified(info.path, _load, _verify=verify)
                     _sync(device)
                     kind = "load_verified" if verify else "load_plain"
                     times[kind].append(time.perf_counter() - t0)
                     _progress(r, kind, times[kind][-1], nbytes)
+                    if note := _io_note(io0, io_counters(), nbytes):
+                        print(note, flush=True)
                 names = [str(f.relative_to(info.path)) for f in _files(info.path)
                          if f.name != "meta.json"]
                 _cold(info.path, args.cold)

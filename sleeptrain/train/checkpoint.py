@@ -257,37 +257,6 @@ def _compose(algo: str, parts: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-class _Hashing:
-    """Background hashing of whole files: each file's chunks are submitted to a thread pool at
-    construction; :meth:`result` waits and returns ``{name: hex digest or 'error: ...'}``."""
-
-    def __init__(self, root: Path, sizes: dict[str, int], algo: str, chunk_bytes: int,
-                 threads: int | None = None) -> None:
-        self.algo = algo
-        n_chunks = sum(len(_chunks(s, chunk_bytes)) for s in sizes.values())
-        workers = max(1, min(threads or hash_threads(), n_chunks))
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash")
-        self.futures: dict[str, list[Future[bytes]]] = {
-            name: [self.pool.submit(_chunk_digest, root / name, off, n, algo)
-                   for off, n in _chunks(size, chunk_bytes)]
-            for name, size in sizes.items()}
-
-    def result(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        try:
-            for name, futs in self.futures.items():
-                try:
-                    out[name] = _compose(self.algo, [f.result() for f in futs])
-                except (OSError, CheckpointError) as e:
-                    out[name] = f"error: {type(e).__name__}: {e}"
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        return out
-
-    def cancel(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def digest_files(root: str | os.PathLike[str], names: Sequence[str], *, algo: str = DIGEST_ALGO,
                  chunk_bytes: int = DIGEST_CHUNK, threads: int | None = None) -> dict[str, str]:
     """``{name: hex digest}`` of the files ``root / name`` (the chunked digest of the module
@@ -457,22 +426,26 @@ class ReadDigest:
 
 
 #: the shard digests of the load_verified in progress in this context (read by the DCP reader)
-_LOAD_DIGESTS: contextvars.ContextVar[_LoadDigests | None] = contextvars.ContextVar(
+_LOAD_DIGESTS: contextvars.ContextVar[_Hashing | None] = contextvars.ContextVar(
     "sleeptrain_load_digests", default=None)
 
 
-class _LoadDigests:
-    """The digests of this rank's share of a checkpoint's shard files during one load: files
-    the load opens are hashed from its reads (:func:`read_digest_for`), the rest (and what
-    the load did not read) from the files by :meth:`result`, in threads."""
+class _Hashing:
+    """The digests of the files ``root / name`` (``sizes``: name -> bytes), in threads: while
+    :meth:`active`, the files a loader opens are hashed from its reads
+    (:func:`read_digest_for`); :meth:`result` hashes the rest, and what the loader did not
+    read, from the files."""
 
-    def __init__(self, root: Path, sizes: dict[str, int], algo: str, chunk_bytes: int) -> None:
+    def __init__(self, root: Path, sizes: dict[str, int], algo: str, chunk_bytes: int,
+                 threads: int | None = None) -> None:
         self.root, self.sizes, self.algo, self.chunk_bytes = root, sizes, algo, chunk_bytes
-        self.pool = ThreadPoolExecutor(hash_threads(), thread_name_prefix="ckpt-hash")
+        n_chunks = sum(len(_chunks(size, chunk_bytes)) for size in sizes.values())
+        workers = max(1, min(threads or hash_threads(), n_chunks))
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash")
         self.files: dict[str, ReadDigest] = {}
 
     def reader(self, path: Path) -> ReadDigest | None:
-        """The digest fed by the reads of file ``path`` (None: not this rank's to verify)."""
+        """The digest fed by the reads of file ``path`` (None: not one of these files)."""
         try:
             name = Path(os.path.abspath(path)).relative_to(os.path.abspath(self.root)).as_posix()
         except ValueError:
@@ -494,7 +467,7 @@ class _LoadDigests:
             _LOAD_DIGESTS.reset(token)
 
     def result(self) -> dict[str, str]:
-        """``{name: hex digest or 'error: ...'}`` of every file of this rank's share."""
+        """``{name: hex digest or 'error: ...'}`` of every file."""
         out: dict[str, str] = {}
         try:
             for name in self.sizes:  # every file's remaining chunks queued first
@@ -981,7 +954,7 @@ def load_verified(
         large = [n for n in sorted(record.files) if _is_large(n)]
         mine = {n: (meta or {})["sizes"][n] for i, n in enumerate(large)
                 if _owner(n, i, world) == rank}
-        hashing = _LoadDigests(path, mine, record.algo, record.chunk_bytes)
+        hashing = _Hashing(path, mine, record.algo, record.chunk_bytes)
     err = None
     try:
         if load_fn is not None:

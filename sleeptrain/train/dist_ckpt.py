@@ -184,11 +184,25 @@ def _union_layout(layout: dict[str, Any]) -> None:
     layout["optim"], layout["groups"] = optim, groups
 
 
-class _DigestingStream:
-    """A shard file being written: every byte written also goes to a StreamDigest."""
+class _HashedFile:
+    """A DCP file stream whose bytes also go to a digest (the writer's or the reader's)."""
 
     def __init__(self, f: Any, digest: Any) -> None:
         self.f, self.digest = f, digest
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+
+class _DigestingStream(_HashedFile):
+    """A shard file being written: every byte written also goes to a StreamDigest."""
 
     def write(self, b: Any) -> int:
         # b is hashed from b itself while it is being written (DCP's torch.save hands over a
@@ -202,9 +216,6 @@ class _DigestingStream:
             raise OSError(f"short write: {n} of {memoryview(b).nbytes} bytes")
         return n
 
-    def tell(self) -> int:
-        return self.f.tell()
-
     def flush(self) -> None:
         self.f.flush()
 
@@ -213,13 +224,6 @@ class _DigestingStream:
 
     def writable(self) -> bool:
         return True
-
-    def close(self) -> None:
-        self.f.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.f.closed
 
 
 def _digesting_file_system(pool: Any) -> Any:
@@ -428,16 +432,13 @@ def read_dcp_metadata(file: Path) -> Any:
     return md
 
 
-class _DigestingReader:
+class _DigestingReader(_HashedFile):
     """A shard file being read: every byte read also goes to a ReadDigest, hashed from the
     reader's own buffer (no copy, no second read). A large read is done in pieces of
     :attr:`PIECE` bytes, each hashed (in the digest's threads) while the next is read; the
     read returns once nothing reads the buffer any more."""
 
     PIECE = 8 << 20
-
-    def __init__(self, f: Any, digest: Any) -> None:
-        self.f, self.digest = f, digest
 
     def readinto(self, b: Any) -> int:
         from sleeptrain.train.checkpoint import StreamDigest
@@ -468,21 +469,11 @@ class _DigestingReader:
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         return self.f.seek(offset, whence)
 
-    def tell(self) -> int:
-        return self.f.tell()
-
     def readable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
         return True
-
-    def close(self) -> None:
-        self.f.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.f.closed
 
 
 def _reading_file_system() -> Any:

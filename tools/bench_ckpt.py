@@ -242,11 +242,13 @@ def _io_note(before: dict[str, int] | None, after: dict[str, int] | None,
 def _cold(root: Path, enabled: bool) -> None:
     if not enabled:
         return
-    before = cached_fraction(root)
-    after = drop_page_cache(root)
-    fmt = lambda x: "unknown" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    print(f"page cache of {root.name}: {fmt(before)} of its pages cached, {fmt(after)} after "
-          "dropping", flush=True)
+    before, after = cached_fraction(root), drop_page_cache(root)
+    print(f"page cache of {root.name}: {_percent(before)} of its pages cached, "
+          f"{_percent(after)} after dropping", flush=True)
+
+
+def _percent(x: float | None) -> str:
+    return "unknown" if x is None else f"{100 * x:.1f}%"
 
 
 def _median(xs: list[float]) -> float:

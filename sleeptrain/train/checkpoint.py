@@ -405,8 +405,7 @@ class ReadDigest:
             if pos > self.front:
                 if len(view) <= self.SMALL:
                     return []
-                self.stream.update_from_file(self.path, self.front, pos - self.front)
-                self.front = pos
+                self._from_file(pos)
             reading = self.stream.update(view[self.front - pos:])
             self.front = end
         return reading
@@ -414,9 +413,13 @@ class ReadDigest:
     def finish(self) -> None:
         """After the loader's last read: hash what it never read (whole chunks in the pool)."""
         with self.lock:
-            if self.front < self.size:
-                self.stream.update_from_file(self.path, self.front, self.size - self.front)
-                self.front = self.size
+            self._from_file(self.size)
+
+    def _from_file(self, end: int) -> None:
+        """Hash bytes [front, end) from the file (the lock held)."""
+        if self.front < end:
+            self.stream.update_from_file(self.path, self.front, end - self.front)
+            self.front = end
 
     def hexdigest(self) -> str:
         """The file's digest (call once, after the loader's last read)."""

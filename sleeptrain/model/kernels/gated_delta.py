@@ -202,8 +202,7 @@ def fla_fp32_gate_caveat(device: torch.device | int | None = None) -> str | None
             "Triton >= 3.4 and < 3.7.1, FLA issue #640); in fp32 its gate gradients (A_log, "
             "dt_bias) were 2.1e-2 of their largest entry from float64 on an H100, eight "
             "times any other parameter's (docs/benchmarks.md). For fp32-exact gate gradients "
-            "use "
-            "Triton >= 3.7.1 or model.gdn_backend=chunked (slower).")
+            "use Triton >= 3.7.1 or model.gdn_backend=chunked (slower).")
 
 
 def fla_gated_delta_rule(

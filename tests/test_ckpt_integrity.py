@@ -546,22 +546,25 @@ def test_directory_without_record_needs_trust(tmp_path: Path) -> None:
             ck.verify_dir_digests(root)
 
 
-@pytest.mark.parametrize("warmup", [[], ["--no-warmup", "--digests-first", "--cold"]])
+@pytest.mark.parametrize("warmup", [["--no-hash"], ["--no-warmup", "--digests-first", "--cold",
+                                                    "--load-pairs", "2"]])
 def test_bench_tool_runs_on_cpu(tmp_path: Path, warmup: list[str]) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "tools/bench_ckpt.py", str(out), "--device", "cpu",
                            *TINY, *warmup], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert ("untimed first save" in proc.stdout) != bool(warmup)
-    # --cold: the cache is dropped before both loads and the hash pass
-    assert proc.stdout.count("after dropping") == (3 if warmup else 0)
+    cold = "--cold" in warmup
+    assert ("untimed first save" in proc.stdout) != cold
+    # --cold: the cache is dropped before the four loads (two pairs) and the hash pass
+    assert proc.stdout.count("after dropping") == (5 if cold else 0)
     if Path("/proc/self/io").exists():  # each load's bytes read, as multiples of its size
-        assert proc.stdout.count("read calls returned") == 2
+        assert proc.stdout.count("read calls returned") == (4 if cold else 2)
     kinds = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("repeat 0:")]
-    assert kinds == (["save_digests", "load_plain", "load_verified", "hash_only", "save_plain"]
-                     if warmup else
-                     ["save_plain", "save_digests", "load_verified", "load_plain", "hash_only"])
+    assert kinds == (["save_digests", "load_plain", "load_verified", "load_verified",
+                      "load_plain", "hash_only", "save_plain"]
+                     if cold else  # --no-hash
+                     ["save_plain", "save_digests", "load_verified", "load_plain"])
     res = json.loads((out / "bench_ckpt.json").read_text())
     assert res["bytes"] > 0 and res["algo"] == "sha256"
     assert set(res["ratio"]) == {"save", "load"} and all(v > 0 for v in res["ratio"].values())

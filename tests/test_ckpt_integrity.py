@@ -221,19 +221,29 @@ def test_read_digest_equals_the_file_digest(tmp_path: Path, seed: int) -> None:
     assert got == ck.digest_files(tmp_path, ["f"], chunk_bytes=4096)["f"]
 
 
-@pytest.mark.parametrize("piece", [None, 12_293], ids=["piece-default", "piece-12293"])
+@pytest.mark.parametrize("piece,by_size", [(None, False), (12_293, False), (None, True)],
+                         ids=["piece-default", "piece-12293", "cuda-layout"])
 def test_verified_load_hashes_the_shards_from_its_reads(tmp_path: Path, monkeypatch: Any,
-                                                        piece: int | None) -> None:
+                                                        piece: int | None,
+                                                        by_size: bool) -> None:
     """A verified load hashes the shard files from the bytes DCP reads (a large read in
     pieces, each hashed while the next is read): it reads back from the file only the gaps
     between tensors (zip headers, tensors of at most 4 KiB), here under 2% of the shard; a
-    byte flipped inside a large tensor is still named."""
+    byte flipped inside a large tensor is still named. ``cuda-layout``: the shard written as
+    DCP writes GPU tensors (its overlapping loader orders them by size, so model and optimizer
+    tensors alternate in the file): a resume that loaded the model and the optimizer in two
+    passes re-read 40% of the 7B checkpoint (docs/benchmarks.md)."""
+    from torch.distributed.checkpoint import filesystem
+
     from sleeptrain.train import dist_ckpt
     from sleeptrain.train.dist_ckpt import save_sharded_checkpoint
     from sleeptrain.train.trainer import load_train_state
 
     if piece is not None:
         monkeypatch.setattr(dist_ckpt._DigestingReader, "PIECE", piece)
+    if by_size:  # what DCP's _OverlappingCpuLoader (CUDA) does before writing
+        monkeypatch.setattr(filesystem._SerialCpuLoader, "start_loading",
+                            lambda self: self.items.sort(key=lambda item: item[0]))
 
     cfg, model, opt = _model_opt("model.d_model=128", "model.vocab_size=4096")
     info = save_sharded_checkpoint(tmp_path / "run", 1, model, opt, {"step": 1}, keep_last=1)

@@ -565,6 +565,12 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     (``step_N``) at this process's TP size; a missing or extra tensor is named. Reads the
     shard metadata with the restricted unpickler but checks no digests: use
     :func:`load_model_weights` (or ``checkpoint.load_verified``) for that."""
+    _load(Path(path) / SHARDS_DIR, _model_targets(path, model))
+
+
+def _model_targets(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """The tensors DCP loads the model weights of checkpoint ``path`` into (the parameters
+    themselves), after checking that the checkpoint holds exactly this model's tensors."""
     shards = Path(path) / SHARDS_DIR
     have = {k.removeprefix("model.") for k in _stored_keys(shards) if k.startswith("model.")}
     ours = _model_tensors(model)
@@ -575,8 +581,20 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     if missing or extra:
         raise CheckpointError(f"{path}: model tensors do not match this model: missing "
                               f"{missing[:8]}, unexpected {extra[:8]}")
-    tensors = {f"model.{n}": _as_saved(t.detach(), d) for n, (t, d) in ours.items()}
-    _load(shards, tensors)  # in place: DTensors wrap the local parameters
+    # in place: DTensors wrap the local parameters
+    return {f"model.{n}": _as_saved(t.detach(), d) for n, (t, d) in ours.items()}
+
+
+def load_model_and_optimizer(path: Path, model: torch.nn.Module, opt: Any,
+                             layout: dict[str, Any]) -> None:
+    """Collective: :func:`load_model` and :func:`load_optimizer` in one DCP load, so each
+    shard file is read once, in the order of its bytes (DCP's writer orders GPU tensors by
+    size, so model and optimizer tensors alternate in the file: two loads would each skip
+    over the other's, and a verified load would hash the skipped bytes from the file)."""
+    targets = _model_targets(path, model)
+    optim, apply = _optimizer_targets(path, opt, layout, model)
+    _load(Path(path) / SHARDS_DIR, {**targets, **optim})
+    apply()
 
 
 def load_model_from(path: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
@@ -607,6 +625,17 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any],
     """Collective: restores the optimizer state and hyper-parameters saved with
     :func:`sharded_state` into ``opt`` (built for ``model`` at this TP size; a pipeline
     stage's model takes its own parameters' state, whatever the saved pipeline size)."""
+    tensors, apply = _optimizer_targets(path, opt, layout, model)
+    if tensors:
+        _load(Path(path) / SHARDS_DIR, tensors)
+    apply()
+
+
+def _optimizer_targets(path: Path, opt: Any, layout: dict[str, Any],
+                       model: torch.nn.Module | None) -> tuple[dict[str, Any], Any]:
+    """The tensors DCP loads ``opt``'s saved state into (new ones, after checking the saved
+    layout against ``opt``), and the function that then hands them to ``opt`` with the saved
+    hyper-parameters."""
     parts = _optim_parts(opt)
     if set(parts) != set(layout["optim"]):
         raise CheckpointError(f"{path}: optimizer parts {sorted(layout['optim'])} saved, this "
@@ -636,8 +665,13 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any],
                     local = torch.zeros(shape, dtype=dt)
                     tensors[f"optim.{part}.{name}.{key}"] = local
                 locals_[f"optim.{part}.{name}.{key}"] = local
-    if tensors:
-        _load(Path(path) / SHARDS_DIR, tensors)
+    return tensors, lambda: _apply_optimizer_state(path, parts, layout, locals_)
+
+
+def _apply_optimizer_state(path: Path, parts: dict[str, torch.optim.Optimizer],
+                           layout: dict[str, Any], locals_: dict[str, torch.Tensor]) -> None:
+    """Hands the loaded state tensors ``locals_`` and the saved hyper-parameters to each
+    optimizer part."""
     for part, o in parts.items():
         sd = o.state_dict()  # this optimizer's structure: groups with param indices
         groups = layout["groups"][part]
@@ -673,6 +707,6 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / SHARDS_DIR).is_dir()
 
 
-__all__ = ["SHARDS_DIR", "SafeFileSystemReader", "is_sharded", "load_model", "load_model_from",
-           "load_model_weights", "load_optimizer", "read_dcp_metadata", "save_sharded_checkpoint",
-           "save_shards", "sharded_state"]
+__all__ = ["SHARDS_DIR", "SafeFileSystemReader", "is_sharded", "load_model",
+           "load_model_and_optimizer", "load_model_from", "load_model_weights", "load_optimizer",
+           "read_dcp_metadata", "save_sharded_checkpoint", "save_shards", "sharded_state"]

@@ -64,9 +64,9 @@ from sleeptrain.train.determinism import deterministic_algorithms
 from sleeptrain.train.dist_ckpt import (
     is_sharded,
     load_model,
+    load_model_and_optimizer,
     load_model_from,
     load_model_weights,
-    load_optimizer,
     save_sharded_checkpoint,
 )
 from sleeptrain.train.logging import MetricsLogger, ProgressBar
@@ -876,9 +876,10 @@ def load_train_state(path: Path, state: dict[str, Any], model: torch.nn.Module,
     """Model weights and optimizer state of checkpoint ``path`` (its ``state.pt`` already
     loaded as ``state``), sharded or (single-file checkpoints of earlier versions) not."""
     if is_sharded(path):
-        load_model(path, model)
-        if state["optim_layout"]["optim"]:  # empty: weights only (a converted checkpoint)
-            load_optimizer(path, opt, state["optim_layout"], model)
+        if state["optim_layout"]["optim"]:
+            load_model_and_optimizer(path, model, opt, state["optim_layout"])
+        else:  # weights only (a converted checkpoint)
+            load_model(path, model)
         return
     if "model" not in state:
         raise CheckpointError(f"{path}: holds neither shards/ nor a 'model' entry")

@@ -632,7 +632,8 @@ def load_optimizer(path: Path, opt: Any, layout: dict[str, Any],
 
 
 def _optimizer_targets(path: Path, opt: Any, layout: dict[str, Any],
-                       model: torch.nn.Module | None) -> tuple[dict[str, Any], Any]:
+                       model: torch.nn.Module | None
+                       ) -> tuple[dict[str, Any], Callable[[], None]]:
     """The tensors DCP loads ``opt``'s saved state into (new ones, after checking the saved
     layout against ``opt``), and the function that then hands them to ``opt`` with the saved
     hyper-parameters."""

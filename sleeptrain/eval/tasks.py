@@ -33,7 +33,7 @@ def _depth_masks(loss_mask: torch.Tensor, answer_index: torch.Tensor,
     return out
 
 
-def _forward(model: Any, tokens: torch.Tensor, masks: list[torch.Tensor], sleep_cfg: Any,
+def _forward(model: Any, tokens: torch.Tensor, masks: list[torch.Tensor], sleep_cfg: SleepConfig,
              heads: list[bool], autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(wake-pass argmax predictions [B, T-1], summed answer cross-entropy per mask [D],
     float64): one ``windowed_loss`` pass with per-token losses, summed under each mask."""
@@ -94,7 +94,7 @@ def evaluate_task(model: SleepModel, task: Any, sleep_cfg: SleepConfig, n_exampl
         model.train(was_training)
 
 
-def _layout(task: Any, sleep_cfg: Any, device: torch.device | str
+def _layout(task: Any, sleep_cfg: SleepConfig, device: torch.device | str
             ) -> tuple[list[int], torch.Tensor, torch.Tensor, list[bool]]:
     """(test depth values, on the device; answer positions [n_answers]; the windows holding
     an answer, for ``windowed_loss``'s ``heads``)."""
@@ -106,7 +106,7 @@ def _layout(task: Any, sleep_cfg: Any, device: torch.device | str
             torch.tensor(task.answer_positions, dtype=torch.long, device=device), heads)
 
 
-def _evaluate_host(model: Any, task: Any, sleep_cfg: Any, n_examples: int, batch_size: int,
+def _evaluate_host(model: Any, task: Any, sleep_cfg: SleepConfig, n_examples: int, batch_size: int,
                    seed: int, device: torch.device | str, autocast: bool) -> dict[str, Any]:
     """``evaluate_task`` with ``Example``s built on the host and counted there."""
     depth_list, depth_values, answer_index, heads = _layout(task, sleep_cfg, device)
@@ -143,8 +143,9 @@ def _evaluate_host(model: Any, task: Any, sleep_cfg: Any, n_examples: int, batch
     return _result(depth_list, counts, all_ex, all_ex_right)
 
 
-def _evaluate_device(model: Any, task: Any, sleep_cfg: Any, n_examples: int, batch_size: int,
-                     seed: int, device: torch.device | str, autocast: bool) -> dict[str, Any]:
+def _evaluate_device(model: Any, task: Any, sleep_cfg: SleepConfig, n_examples: int,
+                     batch_size: int, seed: int, device: torch.device | str,
+                     autocast: bool) -> dict[str, Any]:
     """``evaluate_task`` with ``device_batch`` batches counted on the device."""
     from sleeptrain.data.tasks.device import check_counter_task, device_batch
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from sleeptrain.config import SleepConfig
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, run_window, sleep_passes, wake_blocks
 from sleeptrain.sleep.state import SleepState, initial_state
@@ -88,8 +89,8 @@ def _rows(state: SleepState, a: int, b: int) -> SleepState:
         position=state.position)
 
 
-def stream_settings(stream: Any, model: HybridModel, sleep_cfg: Any | None, passes: int | None,
-                    device: torch.device | str | None) -> None:
+def stream_settings(stream: Any, model: HybridModel, sleep_cfg: SleepConfig | None,
+                    passes: int | None, device: torch.device | str | None) -> None:
     """The settings a streaming engine (``Stream``, ``BatchedStream``) keeps: ``net``, ``cfg``
     (the model's sleep settings unless given), ``passes`` (N, >= 1), ``L``, ``sliding``,
     ``device`` (the model's unless given)."""
@@ -106,7 +107,7 @@ def stream_settings(stream: Any, model: HybridModel, sleep_cfg: Any | None, pass
 class BatchedStream:
     """``batch_size`` samples streamed together with sleep (module docstring)."""
 
-    def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: Any | None = None,
+    def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: SleepConfig | None = None,
                  passes: int | None = None, device: torch.device | str | None = None,
                  cuda_graph: bool = False, graph_warmup: int = 2):
         if batch_size < 1:

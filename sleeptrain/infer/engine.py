@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sleeptrain.config import SleepConfig
 from sleeptrain.infer.batched import generate_batched, greedy, stream_settings
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
@@ -45,7 +46,7 @@ class _Window:
 class Stream:
     """A batch of sequences consumed window by window with sleep (module docstring)."""
 
-    def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: Any | None = None,
+    def __init__(self, model: HybridModel, batch_size: int, sleep_cfg: SleepConfig | None = None,
                  passes: int | None = None, device: torch.device | str | None = None):
         stream_settings(self, model, sleep_cfg, passes, device)
         self.batch_size = batch_size

@@ -160,9 +160,10 @@ def test_chunked_digest_is_the_documented_tree(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096, 3 * 4096 + 17, 40000])
 def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longest: int) -> None:
     """StreamDigest over writes of random lengths (chunks split between writes, whole chunks
-    hashed from the writer's buffer) gives digest_files' digest of the same bytes; each
-    write's buffer is overwritten once update's futures are done, as a writer reusing it
-    would."""
+    hashed from the writer's buffer in SPREAD tasks, writes of at most COPY bytes copied and
+    hashed later)
+    gives digest_files' digest of the same bytes; each write's buffer is overwritten once
+    update's futures are done, as a writer reusing it would."""
     from concurrent.futures import ThreadPoolExecutor
 
     data = os.urandom(size)
@@ -170,6 +171,7 @@ def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longe
     gen = torch.Generator().manual_seed(size)
     with ThreadPoolExecutor(2) as pool:
         sd = ck.StreamDigest(pool, chunk_bytes=4096)
+        sd.COPY, sd.SPREAD = 2000, 2  # both kinds of write; tasks of one and of several chunks
         i = 0
         while i < size:
             n = int(torch.randint(1, longest, (1,), generator=gen))
@@ -200,6 +202,7 @@ def test_read_digest_equals_the_file_digest(tmp_path: Path, seed: int) -> None:
 
     with ThreadPoolExecutor(2) as pool:
         rd = ck.ReadDigest(tmp_path / "f", size, pool, algo="sha256", chunk_bytes=4096)
+        rd.stream.COPY, rd.stream.SPREAD = 3000, 2  # reads copied and hashed from the buffer
         pos = 0
         while pos < size - 30_000:
             kind = rand(0, 10)

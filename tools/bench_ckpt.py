@@ -18,7 +18,8 @@ untimed checkpoint (first touch of the output's pages; ``--no-warmup`` skips it)
 
 ``--load-pairs K`` loads each checkpoint saved with digests K times each way, the order of a
 pair reversed from the one before (``--load-pairs 2``: both orders in one process, as two
-one-repeat runs with and without ``--digests-first`` give them for the loads).
+one-repeat runs with and without ``--digests-first`` give them for the loads);
+``--load-pairs 0`` times the saves only (``--repeat 2``: both save orders in one process).
 
 With ``--cold`` every measurement starts as a training process's first one would: every save
 with no pinned host memory cached (DCP's device-to-host copies allocate it; without ``--cold``
@@ -27,6 +28,10 @@ with the checkpoint's files dropped from the page cache (``posix_fadvise(DONTNEE
 are fsynced, so their pages are clean), as after a requeue onto other nodes, and the share of
 the files still cached is printed (``mincore``). Without it the first load after a save reads
 what the save left cached and the second what the first read.
+
+Each save with digests also prints how long its writer waited for the hashing of the buffers
+it had handed over (``StreamDigest.wait``, timed by this tool around the library's call): the
+part of the digest step that is not hidden behind the write.
 
 After each load the bytes the process read are printed as multiples of the checkpoint's size
 (``/proc/self/io``): ``rchar``, every read call's bytes (a verification that read the shards
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-pairs", type=int, default=1,
                     help="verified and plain loads of each checkpoint saved with digests, the "
                          "order reversed from one pair to the next (2 covers both orders in "
-                         "one process)")
+                         "one process; 0: saves only)")
     ap.add_argument("--no-hash", action="store_true",
                     help="skip the hash-only pass (its ~40 s for the 7B checkpoint)")
     return ap
@@ -271,6 +276,37 @@ def _progress(repeat: int, kind: str, seconds: float, nbytes: int) -> None:
           flush=True)
 
 
+class _WaitClock:
+    """Seconds spent in ``StreamDigest.wait`` while installed (``with`` block): a save's
+    writer waiting for the hash of the buffers it wrote. Patches the class attribute for the
+    block only; the writer calls it from DCP's writer threads, hence the lock."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seconds, self.lock = 0.0, threading.Lock()
+
+    def __enter__(self) -> _WaitClock:
+        from sleeptrain.train.checkpoint import StreamDigest
+
+        self.cls, self.orig = StreamDigest, StreamDigest.__dict__["wait"]
+        inner = self.orig.__func__
+
+        def timed(futures: list[Any]) -> None:
+            t0 = time.perf_counter()
+            try:
+                inner(futures)
+            finally:
+                with self.lock:
+                    self.seconds += time.perf_counter() - t0
+
+        self.cls.wait = staticmethod(timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cls.wait = self.orig
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The measurements (see the module docstring) as a dict; raises SystemExit(2) when the
     checkpoint would not fit into ``args.out_dir``."""
@@ -290,8 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.repeat < 1:
         raise SystemExit("--repeat must be >= 1")
-    if args.load_pairs < 1:
-        raise SystemExit("--load-pairs must be >= 1")
+    if args.load_pairs < 0:
+        raise SystemExit("--load-pairs must be >= 0")
     if args.grad_chunk_gib <= 0:
         raise SystemExit("--grad-chunk-gib must be > 0")
     cfg = sleeptrain.load_config(args.config, [*args.overrides, f"train.device={args.device}"])
@@ -332,7 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     times: dict[str, list[float]] = {k: [] for k in
                                      ("save_plain", "save_digests", "load_plain",
-                                      "load_verified", "hash_only")}
+                                      "load_verified", "hash_only", "save_hash_wait")}
     nbytes = 0
 
     def _load(path: Path, state: dict[str, Any]) -> None:
@@ -356,13 +392,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _release_host_cache(device)
             _sync(device)
             t0 = time.perf_counter()
-            info = save_sharded_checkpoint(run_dir, 1, model, opt, {"step": 1}, keep_last=1,
-                                           _digests=digests)
-            _sync(device)
+            with _WaitClock() as clock:
+                info = save_sharded_checkpoint(run_dir, 1, model, opt, {"step": 1},
+                                               keep_last=1, _digests=digests)
+                _sync(device)
             kind = "save_digests" if digests else "save_plain"
             times[kind].append(time.perf_counter() - t0)
             nbytes = checkpoint_bytes(info.path)
             _progress(r, kind, times[kind][-1], nbytes)
+            if digests:
+                times["save_hash_wait"].append(clock.seconds)
+                print(f"  the writer waited {clock.seconds:.3f} s for hashes", flush=True)
             if digests:
                 _release_host_cache(device)
                 first = (True, False) if even else (False, True)
@@ -400,9 +440,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold": args.cold,
         "seconds": times,
         "median_s": med,
-        "gib_per_s": {k: nbytes / GIB / v for k, v in med.items() if v > 0},
-        "ratio": {"save": med["save_digests"] / med["save_plain"],
-                  "load": med["load_verified"] / med["load_plain"]},
+        "gib_per_s": {k: nbytes / GIB / v for k, v in med.items()
+                      if v > 0 and k != "save_hash_wait"},
+        "ratio": {what: med[f"{what}_{b}"] / med[f"{what}_{a}"]
+                  for what, a, b in (("save", "plain", "digests"), ("load", "plain", "verified"))
+                  if f"{what}_{a}" in med},
         "config": args.config,
         "overrides": args.overrides,
     }
@@ -413,15 +455,20 @@ def table(res: dict[str, Any]) -> str:
     """Markdown table of :func:`run`'s result."""
     med, rate = res["median_s"], res["gib_per_s"]
     rows = [("save", "save_plain", "save_digests", res["ratio"]["save"]),
-            ("load", "load_plain", "load_verified", res["ratio"]["load"])]
+            ("load", "load_plain", "load_verified", res["ratio"].get("load"))]
+    pairs = res.get("load_pairs", 1)
+    loads = f"{res['repeat'] * pairs} loads and " if pairs else ""
     lines = [f"checkpoint {res['gib']:.3f} GiB on {res['device']}, {res['algo']} in "
-             f"{res['hash_threads']} threads, median of "
-             f"{res['repeat'] * res.get('load_pairs', 1)} loads and {res['repeat']} saves"
-             + (", page cache dropped before each load" if res.get("cold") else ""), "",
+             f"{res['hash_threads']} threads, median of {loads}{res['repeat']} saves"
+             + (", page cache dropped before each load" if res.get("cold") and pairs else ""), "",
              "| | without digests | with digests | ratio |", "|---|---|---|---|"]
     for what, a, b, ratio in rows:
+        if a not in med:  # --load-pairs 0
+            continue
         lines.append(f"| {what} | {med[a]:.3f} s ({rate.get(a, 0):.2f} GiB/s) | "
                      f"{med[b]:.3f} s ({rate.get(b, 0):.2f} GiB/s) | {ratio:.3f} |")
+    if "save_hash_wait" in med:
+        lines.append(f"| save: writer waiting for hashes | | {med['save_hash_wait']:.3f} s | |")
     if "hash_only" in med:
         lines.append(f"| hash only | | {med['hash_only']:.3f} s "
                      f"({rate.get('hash_only', 0):.2f} GiB/s) | |")

@@ -26,6 +26,7 @@ import warnings
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 warnings.filterwarnings("ignore")
 
@@ -106,7 +107,7 @@ def _kernel_shares(fn, top_n: int = 15) -> dict[str, float]:
     return out
 
 
-def fla_peer_model(cfg: Any) -> torch.nn.Module:
+def fla_peer_model(cfg: DictConfig) -> torch.nn.Module:
     """flash-linear-attention's ``GatedDeltaNetForCausalLM`` with the shapes of ``cfg``'s
     model (G blocks, and A blocks where flash-attn is installed: FLA's attention layer needs
     it; ``sleeptrain.convert.fla_gdn.config_for``), fp32 weights on the CPU: what a user
@@ -132,7 +133,8 @@ def _peer_step(model: torch.nn.Module, ids: torch.Tensor, autocast: bool):
     return run
 
 
-def peer_rows(cfg: Any, tokens: torch.Tensor, warmup: int, iters: int) -> list[dict[str, Any]]:
+def peer_rows(cfg: DictConfig, tokens: torch.Tensor, warmup: int, iters: int
+              ) -> list[dict[str, Any]]:
     """FLA's model of the same shapes (``fla_peer_model``) on the first T tokens of every row of
     ``tokens`` [B, T+1]: fp32 weights under bf16 autocast (sleeptrain's setting), then bf16
     weights. Seconds per step, peak memory, parameters."""

@@ -161,9 +161,8 @@ def test_chunked_digest_is_the_documented_tree(tmp_path: Path) -> None:
 def test_streamed_digest_equals_the_file_digest(tmp_path: Path, size: int, longest: int) -> None:
     """StreamDigest over writes of random lengths (chunks split between writes, whole chunks
     hashed from the writer's buffer in SPREAD tasks, writes of at most COPY bytes copied and
-    hashed later)
-    gives digest_files' digest of the same bytes; each write's buffer is overwritten once
-    update's futures are done, as a writer reusing it would."""
+    hashed later) gives digest_files' digest of the same bytes; each write's buffer is
+    overwritten once update's futures are done, as a writer reusing it would."""
     from concurrent.futures import ThreadPoolExecutor
 
     data = os.urandom(size)

@@ -288,9 +288,29 @@ def parse_with_overrides(parser: argparse.ArgumentParser,
     return args
 
 
+def _groups_alive() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported: no group
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. The process groups it initialized are destroyed before it returns
+    (those it found are left): a gloo group alive at interpreter exit can abort the process in
+    its worker threads (SIGABRT, "terminate called without an active exception") after a run
+    that finished."""
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
+    found = _groups_alive()
+    try:
+        return _run(args)
+    finally:
+        if not found and _groups_alive():
+            from sleeptrain.parallel import destroy_parallel
+
+            destroy_parallel()
+
+
+def _run(args: argparse.Namespace) -> int:
     from sleeptrain.config import ConfigError
 
     try:

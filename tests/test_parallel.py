@@ -105,6 +105,43 @@ def _one_process(tmp_path_factory, muon: bool) -> list[tuple[float, float]]:
     return _ONE[muon]
 
 
+def test_the_cli_destroys_the_process_groups_it_initialized(tmp_path):
+    """A gloo group alive at interpreter exit can abort the process in its threads (seen in CI:
+    SIGABRT, "terminate called without an active exception", on one of four ranks after the
+    run had finished). main() destroys the groups it initialized and leaves those it found."""
+    import torch.distributed as dist
+
+    from sleeptrain.cli import main
+    from sleeptrain.parallel import destroy_parallel, init_parallel
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    argv = ["train", str(empty), *RUN, "train.steps=1", "data.batch_size=2"]
+    assert main([*argv, f"train.run_dir={tmp_path / 'a'}"]) == 0
+    assert dist.is_initialized()  # this session's group, found: left alone
+    destroy_parallel()
+    try:
+        assert main([*argv, f"train.run_dir={tmp_path / 'b'}"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        init_parallel(tp=1, backend="gloo", device="cpu")
+
+
+def test_a_group_init_parallel_created_is_destroyed_at_exit():
+    """Scripts that build models through the API (torchrun workers) do not destroy the group
+    themselves: init_parallel registers that at exit. atexit runs the last registered first, so
+    a hook registered before init_parallel sees the state after init_parallel's."""
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('alive' if dist.is_initialized() else 'destroyed'))\n"
+            "from sleeptrain.parallel import init_parallel\n"
+            "init_parallel(tp=1, backend='gloo', device='cpu')\n"
+            "assert dist.is_initialized()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "destroyed"
+
+
 SHARDED = "parallel.shard_optimizer=true"
 
 

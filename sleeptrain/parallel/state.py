@@ -7,6 +7,7 @@ idempotent: a second call with the same layout returns the existing one.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
             os.close(fd)
             os.unlink(path)
             dist.init_process_group(backend=be, init_method=f"file://{path}", rank=0, world_size=1)
+        _destroy_at_exit()
     world = dist.get_world_size()
     if world % (tp * cp * pp) != 0:
         what = f"parallel.tp={tp} x parallel.cp={cp}" + (f" x parallel.pp={pp}" if pp > 1
@@ -123,6 +125,21 @@ def init_parallel(tp: int = 1, backend: str = "auto", device: str = "auto",
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         pp_size=mpu.get_pipeline_model_parallel_world_size(),
     )
+
+
+_AT_EXIT = False
+
+
+def _destroy_at_exit() -> None:
+    """Registers (once) ``destroy_parallel`` to run at interpreter exit, for the group
+    ``init_parallel`` created: a gloo group still alive when the interpreter finalizes can abort
+    the process from its worker threads (SIGABRT, "terminate called without an active
+    exception"), after a run that finished. The CLI destroys its groups itself before
+    returning; this covers scripts that build models through the API under torchrun."""
+    global _AT_EXIT
+    if not _AT_EXIT:
+        atexit.register(destroy_parallel)
+        _AT_EXIT = True
 
 
 def destroy_parallel() -> None:

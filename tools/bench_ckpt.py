@@ -403,7 +403,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if digests:
                 times["save_hash_wait"].append(clock.seconds)
                 print(f"  the writer waited {clock.seconds:.3f} s for hashes", flush=True)
-            if digests:
                 _release_host_cache(device)
                 first = (True, False) if even else (False, True)
                 orders = [first if k % 2 == 0 else first[::-1] for k in range(args.load_pairs)]

@@ -27,7 +27,7 @@ SMALL = ["model.d_model=256", "model.pattern=AGGA", "model.n_heads=4", "model.n_
 #: what TF32 rounding explains (test below); only the gate gradient comes out of that
 #: backward this far (kernels.gated_delta.fla_fp32_gate_caveat; docs/benchmarks.md). There,
 #: and for those two tensors only, the bound is GATE_TOL_TILELANG (2.3x the measurement);
-#: every other tensor keeps FP32_TOL. Not yet run on a GPU with this bound.
+#: every other tensor keeps FP32_TOL. Passed with this bound on an H100 (2026-12-07).
 FP32_TOL, BF16_TOL, GATE_TOL_TILELANG = 4e-3, 5e-2, 5e-2
 
 

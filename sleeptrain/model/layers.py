@@ -287,8 +287,8 @@ class Attention(nn.Module):
         if chunks is not None:  # the window's keys/values; this chunk sees those up to its end
             k, v = gather_window(torch.stack([k, v]), chunks, dim=2).unbind(0)
         if segment is not None:
-            pad = (-t) % segment
-            qs, ks, vs = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (q, k, v))
+            pad = (-t) % segment  # none in sleeptrain's own callers (runner._parallel_hidden)
+            qs, ks, vs = (F.pad(z, (0, 0, 0, 0, 0, pad)) if pad else z for z in (q, k, v))
             n = (t + pad) // segment
             qs, ks, vs = (z.reshape(b * n, segment, *z.shape[2:]) for z in (qs, ks, vs))
             o = attention_op(qs, ks, vs, None, None, self.backend)
@@ -409,7 +409,7 @@ class GatedDeltaNet(nn.Module):
             return fused.gdn_inputs(y, conv_state, *args, compiled=self.compiled)
         pad = (-t) % segment
         n = (t + pad) // segment
-        ys = F.pad(y, (0, 0, 0, 0, 0, pad)).reshape(b * n, segment, h, gw)
+        ys = (F.pad(y, (0, 0, 0, 0, 0, pad)) if pad else y).reshape(b * n, segment, h, gw)
         outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args,
                                 compiled=self.compiled)[:-1]
         outs = [o.reshape(b, n * segment, *o.shape[2:])[:, :t] for o in outs]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sleeptrain.config import SleepConfig
@@ -482,6 +483,21 @@ def parallel_hidden(net: HybridModel, tokens: torch.Tensor, window_len: int,
     sliding: banded causal attention of width ``window_len`` and a continuous conv. The
     GDN recurrence runs through the whole sequence in one kernel call in both cases.
     """
+    return _parallel_hidden(net, tokens, window_len, eviction)[:, : tokens.shape[1]]
+
+
+def _parallel_hidden(net: HybridModel, tokens: torch.Tensor, window_len: int,
+                     eviction: str) -> torch.Tensor:
+    """``parallel_hidden`` before its last slice: with hard eviction the sequence is padded
+    at its end to a whole number of windows first (pad tokens come after every real one, and
+    every layer is causal, so the real positions' values do not change), and the hidden
+    states of the padded length are returned. Every layer's block-diagonal view of its
+    activations ([B, T] -> [B * windows, L]) is then a reshape, where a sequence with a
+    short last window would pad and slice each activation of each layer (a copy apiece,
+    forward and backward)."""
+    pad = (-tokens.shape[1]) % window_len if eviction == "hard" else 0
+    if pad:
+        tokens = F.pad(tokens, (0, pad))
     ctx = BlockContext(
         pos_start=0,
         window=window_len if eviction == "sliding" else None,
@@ -516,11 +532,15 @@ def parallel_loss(model: HybridModel, tokens: torch.Tensor, loss_mask: torch.Ten
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     ldt = torch.float64 if model.dtype == torch.float64 else torch.float32
     mask = loss_mask[:, 1:].to(ldt)
-    h = parallel_hidden(model, inputs, sleep_cfg.window_len, sleep_cfg.eviction)
+    h = _parallel_hidden(model, inputs, sleep_cfg.window_len, sleep_cfg.eviction)
+    t, extra = inputs.shape[1], h.shape[1] - inputs.shape[1]
+    if extra:  # the padded tail (see _parallel_hidden) has no targets: weight 0 in the loss
+        targets, mask = F.pad(targets, (0, extra)), F.pad(mask, (0, extra))
     local = model.logits(h)
     loss_sum = (model.cross_entropy(local, targets) * mask).sum()
     preds = model.argmax(local.detach())
     n_correct = ((preds == targets) & (mask > 0)).sum()
+    preds = preds[:, :t]
     n_tokens = loss_mask[:, 1:].sum().to(torch.int64)
     loss = loss_sum / n_tokens.clamp(min=1).to(loss_sum.dtype)
     n_windows = -(-inputs.shape[1] // sleep_cfg.window_len)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sleeptrain.config import SleepConfig, load_config
+from sleeptrain.config import SleepConfig, load_config, switch_on
 from sleeptrain.parallel.state import context_parallel, init_parallel, tp_group
 from sleeptrain.sleep.runner import windowed_loss
 from sleeptrain.sleep.wrapper import SleepModel
@@ -76,7 +76,9 @@ def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
     unpickled, of its shard files while loading -- and a damaged one (incomplete, a digest
     mismatch) is skipped with a line on stderr naming it and the file. A checkpoint without
     digests (format 1) needs ``trust``. The model is the whole model (``parallel.pp=1``,
-    ``parallel.cp=1`` unless ``overrides`` say otherwise) at the run's TP size. Raises
+    ``parallel.cp=1`` unless ``overrides`` say otherwise) at the run's TP size, its layers'
+    elementwise chains compiled as the run's ``train.compile`` says (auto: on CUDA), as in
+    training (evaluation and streaming inference then launch the same fused kernels). Raises
     CheckpointError naming what is missing or what failed."""
     import sys
     from pathlib import Path
@@ -103,6 +105,8 @@ def load_run(run_dir: Any, overrides: list[str] | tuple[str, ...] = (),
     path, state = found
     cfg.sleep = sleep_in_force(cfg, int(state["step"]), overrides)
     model.use_sleep(cfg.sleep)
+    cuda = next(model.parameters()).device.type == "cuda"
+    model.set_kernels(compile=switch_on(cfg.train.compile, cuda))
     return cfg, model.eval(), path
 
 

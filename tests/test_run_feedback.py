@@ -307,6 +307,11 @@ def test_a_stage_n_reaches_training_evaluation_step_window_and_streaming(tmp_pat
     assert Stream(model, 1).passes == 3  # streaming inference's default
     cfg2, model2, _ = load_run(run, ["sleep.passes=2"])  # an explicit N wins
     assert cfg2.sleep.passes == 2 and model2.sleep_cfg.passes == 2
+    # the layers' chains compiled as train.compile says (auto: only on CUDA), as in training
+    chained = [m for m in model.modules() if hasattr(type(m), "compiled")]
+    assert chained and not any(m.compiled for m in chained)
+    _, model3, _ = load_run(run, ["train.compile=on"])
+    assert all(m.compiled for m in model3.modules() if hasattr(type(m), "compiled"))
 
 
 def test_a_run_whose_checkpoints_are_all_damaged_stops_with_their_names(tmp_path):

@@ -6,7 +6,8 @@ prefill a short context untimed (first calls of the window shapes), prefill ``ba
 contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
 ``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
 (on CUDA the decode step is captured as a CUDA graph after two eager steps unless
-``--cuda-graph off``). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
+``--cuda-graph off``), the layers' elementwise chains compiled on CUDA as in training
+(``--compile``, default auto: on for CUDA; ``HybridModel.set_kernels``). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
 growth of the peak RSS (``--cpu-memory``: also the exact peak of live bytes in PyTorch's CPU
 allocator, from a second, profiled run).
 
@@ -42,6 +43,7 @@ def _child(args) -> None:
     from bench_window import PRESETS
 
     import sleeptrain
+    from sleeptrain.config import switch_on
     from sleeptrain.infer import BatchedStream
 
     dev = torch.device(args.device)
@@ -53,6 +55,7 @@ def _child(args) -> None:
     cfg = sleeptrain.load_config(None, over)
     model = sleeptrain.build_model(cfg, device=dev)
     model.eval()
+    model.set_kernels(compile=switch_on(args.compile, dev.type == "cuda"))
     graph = dev.type == "cuda" if args.cuda_graph == "auto" else args.cuda_graph == "on"
     g = torch.Generator().manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -100,7 +103,7 @@ def _child(args) -> None:
 
     row = {"context": args.context, "batch": args.batch, "preset": args.preset,
            "device": args.device, "window": args.window, "passes": args.passes,
-           "eviction": args.eviction}
+           "eviction": args.eviction, "compile": args.compile}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         row.update(run())
@@ -157,6 +160,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--decode-warmup", type=int, default=8)
     ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="torch.compile of the layers' elementwise chains (auto: on CUDA)")
     ap.add_argument("--cpu-memory", action="store_true",
                     help="CPU: also the allocator's exact peak (a second, profiled run)")
     ap.add_argument("--profile", action="store_true", help="print a profile of 4 decode steps")
@@ -207,7 +212,7 @@ def main() -> None:
         for b in batches:
             cmd = [sys.executable, __file__, "--context", str(c), "--batch", str(b)]
             for k in ("preset", "device", "window", "passes", "eviction", "decode",
-                      "decode_warmup", "cuda_graph"):
+                      "decode_warmup", "cuda_graph", "compile"):
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
             cmd += ["--cpu-memory"] if args.cpu_memory else []
             cmd += ["--profile"] if args.profile else []

@@ -172,8 +172,9 @@ GPU_MODEL = ["model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "mode
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
-def test_cuda_graph_decode_equals_eager(eviction):
+@pytest.mark.parametrize("eviction,compiled", [("hard", False), ("sliding", False),
+                                               ("hard", True)])
+def test_cuda_graph_decode_equals_eager(eviction, compiled):
     """On CUDA (fp32 model, FLA / SDPA kernels), batch of 4 samples of lengths 5..71, window
     16: (1) the batched prefill's last-token logits equal one unbatched ``Stream`` per sample
     to 2e-3 x (1 + the largest |logit|): other batch sizes pick other tilings of FLA's fp32
@@ -185,12 +186,16 @@ def test_cuda_graph_decode_equals_eager(eviction):
     decode step replayed as a CUDA graph gives the eager step's logits and state over 48
     teacher-forced tokens (3 windows: sleep and eviction between replays) to 1e-5: the same
     kernels on the same inputs, so a larger difference is a capture bug (a stale buffer or a
-    missed update), not rounding."""
+    missed update), not rounding. ``compiled``: the layers' elementwise chains compiled, as
+    ``load_run`` sets them on CUDA (the eager warm-up steps compile them, the graph replays
+    the generated kernels); the bounds are the same: the fp32 chains' compiled and eager
+    forms differ by float rounding only (tests/test_fused_gpu.py)."""
     import sleeptrain
     from tests.conftest import TINY
 
     cfg = sleeptrain.load_config(None, [*TINY, *GPU_MODEL, f"sleep.eviction={eviction}"])
     model = sleeptrain.build_model(cfg, seed=0).eval()
+    model.set_kernels(compile=compiled)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).cuda() for n in (5, 16, 40, 71)]
     forced = torch.randint(0, 256, (4, 48), generator=g).cuda()

@@ -255,6 +255,60 @@ def test_gdn_conv_state_and_segments_in_the_layer():
         assert torch.equal(outs[-1], tail.transpose(1, 2))
 
 
+@pytest.mark.parametrize("hv", [3, 6])
+def test_gdn_token_step_matches_the_references(hv):
+    # One token of the rule (decoding) from a random state, grouped value heads included
+    # (hv=6 over 3 query/key heads): fused.gdn_token_step vs the recurrent and chunked
+    # references, output and new state, fp64: the same sums in other orders, ~1e-15; 1e-12.
+    from sleeptrain.model.kernels import fused
+
+    q, k, v, g, beta, s0 = (x.detach() for x in _inputs(t=1, hv=hv))
+    o, s = fused.gdn_token_step(q, k, v, g, beta, s0)
+    for ref in (recurrent_gated_delta_rule(q, k, v, g, beta, None, s0),
+                chunked_gated_delta_rule(q, k, v, g, beta, None, s0)):
+        assert o.shape == ref[0].shape and s.shape == ref[1].shape
+        assert (o - ref[0]).abs().max().item() <= 1e-12
+        assert (s - ref[1]).abs().max().item() <= 1e-12
+    # the state changes (the comparison is not of two untouched copies)
+    assert (s - s0).abs().max().item() > 1e-3
+
+
+def test_a_decoding_gdn_layer_with_compiled_chains_takes_the_token_step(monkeypatch):
+    # GatedDeltaNet.forward for one token without gradients, chains compiled (on CPU they run
+    # as the references): the token step, with the layer's output, new state and conv state
+    # equal to the configured backend's (fp64, 1e-12); with gradients on, or T > 1, or the
+    # chains eager, the backend runs.
+    import sleeptrain
+    from sleeptrain.model.kernels import fused
+    from tests.conftest import TINY
+
+    model = sleeptrain.build_model(sleeptrain.load_config(None, [*TINY, "model.pattern=G"]),
+                                   seed=0)
+    gdn = model.blocks[0].mixer
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, model.cfg.d_model, dtype=torch.float64, generator=g)
+    state = torch.randn(2, gdn.hv_local, gdn.dk, gdn.dv, dtype=torch.float64, generator=g)
+    conv = torch.randn(2, gdn.conv_channels, gdn.kernel - 1, dtype=torch.float64, generator=g)
+    calls = []
+    step = fused.gdn_token_step
+    monkeypatch.setattr(fused, "gdn_token_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    with torch.no_grad():
+        ref = gdn(x, state, conv)
+        gdn.compiled = True
+        got = gdn(x, state, conv)
+        zero = gdn(x, None, conv)
+        gdn.compiled = False
+        zero_ref = gdn(x, None, conv)
+    assert len(calls) == 2
+    for a, b in zip((*got, *zero), (*ref, *zero_ref), strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-12
+    gdn.compiled = True
+    gdn(x, state, conv)  # gradients on: the backend
+    with torch.no_grad():
+        gdn(torch.cat([x, x], dim=1), state, conv)  # two tokens: the backend
+    assert len(calls) == 2
+
+
 def test_qkv_rope_equals_its_parts():
     # fused.qkv_rope against split + reshape + apply_rope (fp64, |diff| <= 1e-12), values and
     # the projection's gradient; and RopeTables' kept tables equal freshly computed ones.
@@ -364,6 +418,27 @@ def test_fla_decode_lengths_match_reference_on_gpu(t):
     for name, a, b in (("o", o_f, o_r), ("state", s_f, s_r)):
         err = (a.double() - b).abs().max().item()
         assert err <= 5e-2 * max(1.0, b.abs().max().item()), f"{name}: {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_token_step_matches_reference_on_gpu(dtype):
+    # The decode step's rule compiled (fused.gdn_token_step, what a decoding GDN layer runs
+    # with compiled chains) vs the fp64 recurrent reference, grouped value heads: bf16 inputs
+    # 5e-2 as above; fp32 inputs 1e-4 relative (fp32 sums over dk=64, no TF32 products).
+    from sleeptrain.model.kernels import fused
+
+    inp = [x.detach() for x in _inputs(b=4, t=1, h=4, hv=8, dk=64, dv=64, dtype=dtype,
+                                        device="cuda")]
+    with torch.no_grad():
+        o_r, s_r = recurrent_gated_delta_rule(*[x.double() for x in inp[:5]], None,
+                                              inp[5].double())
+        o_c, s_c = fused.gdn_token_step(*inp, compiled=True)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    assert o_c.dtype == dtype and s_c.dtype == torch.float32
+    for name, a, b in (("o", o_c, o_r), ("state", s_c, s_r)):
+        err = (a.double() - b).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
 
 
 @pytest.mark.gpu

@@ -437,6 +437,14 @@ class GatedDeltaNet(nn.Module):
         left = seq[:, end - km1 : end]
         return left.transpose(1, 2), seq[:, seq.shape[1] - km1:].transpose(1, 2).contiguous()
 
+    def _state_in(self, state: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """The incoming fast weights in the rule's compute dtype (fp32; fp64 for fp64 v),
+        zeros for None."""
+        dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+        if state is None:
+            return v.new_zeros(v.shape[0], self.hv_local, self.dk, self.dv, dtype=dt)
+        return state.to(dt)
+
     def _chunk_rule(self, y: torch.Tensor, state: torch.Tensor | None,
                     conv_state: torch.Tensor | None, chunks: WindowChunks
                     ) -> tuple[torch.Tensor, ...]:
@@ -488,6 +496,8 @@ class GatedDeltaNet(nn.Module):
         (the parallel form of hard eviction); the delta rule itself always runs through.
         ``chunks``: context parallelism (``_chunk_rule``): x is this rank's chunk of the
         window; S out and the conv state are the whole window's (the same on every rank).
+        One token without gradients (decoding) with the chains compiled runs the rule as
+        ``fused.gdn_token_step`` (compiled on CUDA), else the configured backend.
         """
         y = column(self.in_proj, x, sp)
         b, t = x.shape[:2]
@@ -498,8 +508,12 @@ class GatedDeltaNet(nn.Module):
             z, o, s_new, new_conv = self._chunk_rule(y, state, conv_state, chunks)
         else:
             q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
-            o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                        backend=self.backend, chunk_size=self.chunk_size)
+            if t == 1 and self.compiled and not torch.is_grad_enabled():  # decoding
+                o, s_new = fused.gdn_token_step(q, k, v, g, beta, self._state_in(state, v),
+                                                compiled=True)
+            else:
+                o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                            backend=self.backend, chunk_size=self.chunk_size)
         of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype,
                                   compiled=self.compiled)
         return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

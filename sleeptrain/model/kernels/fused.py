@@ -101,6 +101,30 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@_fusable
+def gdn_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                   beta: torch.Tensor, state: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule for one token per row (decoding): q, k [B, 1, H, dk]
+    (L2-normalized), v [B, 1, HV, dv], g, beta [B, 1, HV], state [B, HV, dk, dv] in its
+    compute dtype (fp32; fp64 for fp64 inputs). Returns (o [B, 1, HV, dv] in v's dtype, the
+    new state): S <- exp(g) S, S <- S + k (beta (v - S^T k))^T, o = S^T q / sqrt(dk), value
+    head j reading query/key head j // (HV / H) -- ``recurrent_gated_delta_rule`` for one
+    token, written with elementwise products and sums (autocast leaves them in the state's
+    dtype). Compiled it is a few generated kernels that read and write the state once, where
+    FLA's chunk path runs its kernels over a 64-token chunk padded from one token."""
+    r = v.shape[2] // q.shape[2]
+    cdt = state.dtype
+    qf = q[:, 0].to(cdt).repeat_interleave(r, dim=1) * q.shape[-1] ** -0.5
+    kf = k[:, 0].to(cdt).repeat_interleave(r, dim=1)
+    s = state * g[:, 0].to(cdt).exp()[..., None, None]
+    pred = (kf[..., None] * s).sum(-2)
+    delta = (v[:, 0].to(cdt) - pred) * beta[:, 0].to(cdt)[..., None]
+    s = s + kf[..., None] * delta[..., None, :]
+    o = (qf[..., None] * s).sum(-2)
+    return o[:, None].to(v.dtype), s
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (the Llama/Qwen2 convention) on x [B, T, H, D]; cos, sin [T, D]."""
     half = x.shape[-1] // 2
@@ -217,4 +241,4 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 
 __all__ = ["apply_rope", "causal_conv_silu", "configure_compile", "gated_rms_norm", "gdn_gates",
-           "gdn_inputs", "qkv_rope", "rms_norm", "swiglu"]
+           "gdn_inputs", "gdn_token_step", "qkv_rope", "rms_norm", "swiglu"]

@@ -376,6 +376,31 @@ def test_banded_attention_with_carry_matches_explicit_softmax():
     assert (out - ref).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("window, keep", [(None, False), (5, False), (None, True), (5, True)])
+def test_one_query_with_grouped_heads_matches_explicit_softmax(window, keep):
+    # Decoding (one query per row, 8 query heads over 2 key/value heads): the path that folds
+    # each key/value head's query heads into queries of that head, with a band and a
+    # per-row key mask, vs an explicit softmax over keys repeated per query head; fp64, 1e-12.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 1, 8, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 11, 2, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 11, 2, 16, generator=g, dtype=torch.float64)
+    key_keep = torch.rand(3, 11, generator=g) < 0.7 if keep else None
+    if keep:
+        key_keep[:, -1] = True  # the query's own key
+    out = attention(q, k, v, window=window, key_keep=key_keep)
+    kk, vv = k.repeat_interleave(4, 2), v.repeat_interleave(4, 2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) / 16**0.5
+    allowed = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    if window is not None:
+        allowed[..., : 11 - window] = False
+    if keep:
+        allowed = allowed & key_keep[:, None, None, :]
+    ref = torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~allowed, -torch.inf).softmax(-1),
+                       vv)
+    assert out.shape == q.shape and (out - ref).abs().max() < 1e-12
+
+
 # ----------------------------------------------------------------------------- GPU parity
 
 
@@ -453,6 +478,15 @@ def test_decode_attention_matches_math_on_gpu():
     w = torch.einsum("bqhd,bkhd->bhqk", q, kk).mul(64 ** -0.5).softmax(-1)
     ref = torch.einsum("bhqk,bkhd->bqhd", w, vv)
     assert (out - ref).abs().max().item() < 1e-4  # fp32 kernels vs explicit softmax
+    # with a per-row key mask (the batched engine's decode step), bf16 as in inference: 5e-2
+    # as for the other bf16 comparisons (8-bit mantissa inputs and output, values up to ~4)
+    keep = torch.rand(2, 37, generator=g) < 0.6
+    keep[:, -1] = True
+    outm = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_keep=keep.cuda())
+    wm = torch.einsum("bqhd,bkhd->bhqk", q, kk).mul(64 ** -0.5)
+    wm = wm.masked_fill(~keep.cuda()[:, None, None, :], -torch.inf).softmax(-1)
+    refm = torch.einsum("bhqk,bkhd->bqhd", wm, vv)
+    assert (outm.float() - refm).abs().max().item() < 5e-2
 
 
 @pytest.mark.gpu

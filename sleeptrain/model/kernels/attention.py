@@ -45,8 +45,10 @@ def _sdpa(q, k, v, window, scale, key_keep=None):
 
 def _sdpa_call(q, k, v, window, scale, key_keep):
     tq, tk = q.shape[1], k.shape[1]
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
+    if tq == 1 and gqa:
+        return _one_query_grouped(q, k, v, window, scale, key_keep)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if key_keep is not None:
         mask = _band_mask(tq, tk, window, str(q.device))[None, None] & key_keep[:, None, None, :]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
@@ -59,6 +61,26 @@ def _sdpa_call(q, k, v, window, scale, key_keep):
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
                                              enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _one_query_grouped(q, k, v, window, scale, key_keep):
+    """One query per row with grouped heads (decoding): each key/value head's G query heads
+    become G queries of that one head ([B, 1, KV G, D] -> [B, KV, G, D]; the query heads of a
+    key/value head are adjacent, as ``enable_gqa`` pairs them), so SDPA sees equal head
+    counts and reads each key/value head once. With ``enable_gqa`` and a key mask it would run
+    its math kernel, which first copies the keys and values G times; here its fused kernels
+    (memory-efficient with a mask, flash without) apply. Same values: each query still sees
+    its own head's keys under the same mask."""
+    b, _, hq, d = q.shape
+    tk, kv = k.shape[1], k.shape[2]
+    mask = None
+    if key_keep is not None or (window is not None and window < tk):
+        mask = _band_mask(1, tk, window, str(q.device))[None, None]
+        if key_keep is not None:
+            mask = mask & key_keep[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, hq // kv, d), k.transpose(1, 2),
+                                         v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, 1, hq, d)
 
 
 def _flash(q, k, v, window, scale):

@@ -437,14 +437,6 @@ class GatedDeltaNet(nn.Module):
         left = seq[:, end - km1 : end]
         return left.transpose(1, 2), seq[:, seq.shape[1] - km1:].transpose(1, 2).contiguous()
 
-    def _state_in(self, state: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
-        """The incoming fast weights in the rule's compute dtype (fp32; fp64 for fp64 v),
-        zeros for None."""
-        dt = torch.float64 if v.dtype == torch.float64 else torch.float32
-        if state is None:
-            return v.new_zeros(v.shape[0], self.hv_local, self.dk, self.dv, dtype=dt)
-        return state.to(dt)
-
     def _chunk_rule(self, y: torch.Tensor, state: torch.Tensor | None,
                     conv_state: torch.Tensor | None, chunks: WindowChunks
                     ) -> tuple[torch.Tensor, ...]:
@@ -509,8 +501,7 @@ class GatedDeltaNet(nn.Module):
         else:
             q, k, v, g, beta, z, new_conv = self._inputs(y, conv_state, segment)
             if t == 1 and self.compiled and not torch.is_grad_enabled():  # decoding
-                o, s_new = fused.gdn_token_step(q, k, v, g, beta, self._state_in(state, v),
-                                                compiled=True)
+                o, s_new = fused.gdn_token_step(q, k, v, g, beta, state, compiled=True)
             else:
                 o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
                                             backend=self.backend, chunk_size=self.chunk_size)

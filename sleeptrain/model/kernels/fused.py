@@ -103,21 +103,23 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
 
 @_fusable
 def gdn_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                   beta: torch.Tensor, state: torch.Tensor
+                   beta: torch.Tensor, state: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule for one token per row (decoding): q, k [B, 1, H, dk]
-    (L2-normalized), v [B, 1, HV, dv], g, beta [B, 1, HV], state [B, HV, dk, dv] in its
-    compute dtype (fp32; fp64 for fp64 inputs). Returns (o [B, 1, HV, dv] in v's dtype, the
-    new state): S <- exp(g) S, S <- S + k (beta (v - S^T k))^T, o = S^T q / sqrt(dk), value
-    head j reading query/key head j // (HV / H) -- ``recurrent_gated_delta_rule`` for one
-    token, written with elementwise products and sums (autocast leaves them in the state's
-    dtype). Compiled it is a few generated kernels that read and write the state once, where
-    FLA's chunk path runs its kernels over a 64-token chunk padded from one token."""
-    r = v.shape[2] // q.shape[2]
-    cdt = state.dtype
-    qf = q[:, 0].to(cdt).repeat_interleave(r, dim=1) * q.shape[-1] ** -0.5
+    (L2-normalized), v [B, 1, HV, dv], g, beta [B, 1, HV], state [B, HV, dk, dv] (None:
+    zeros). Returns (o [B, 1, HV, dv] in v's dtype, the new state in fp32, fp64 for fp64 v):
+    S <- exp(g) S, S <- S + k (beta (v - S^T k))^T, o = S^T q / sqrt(dk), value head j
+    reading query/key head j // (HV / H) -- ``recurrent_gated_delta_rule`` for one token,
+    written with elementwise products and sums (autocast leaves them in the state's dtype).
+    Compiled it is a few generated kernels that read and write the state once, where FLA's
+    chunk path runs its kernels over a 64-token chunk padded from one token."""
+    b, _, hv, dv = v.shape
+    r, dk = hv // q.shape[2], q.shape[-1]
+    cdt = _cdt(v)
+    s = v.new_zeros(b, hv, dk, dv, dtype=cdt) if state is None else state.to(cdt)
+    qf = q[:, 0].to(cdt).repeat_interleave(r, dim=1) * dk**-0.5
     kf = k[:, 0].to(cdt).repeat_interleave(r, dim=1)
-    s = state * g[:, 0].to(cdt).exp()[..., None, None]
+    s = s * g[:, 0].to(cdt).exp()[..., None, None]
     pred = (kf[..., None] * s).sum(-2)
     delta = (v[:, 0].to(cdt) - pred) * beta[:, 0].to(cdt)[..., None]
     s = s + kf[..., None] * delta[..., None, :]

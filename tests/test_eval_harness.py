@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -62,7 +63,13 @@ def test_real_model_cells_resume_and_summaries(tmp_path, byte_model):
     assert all("skipped" in m for m in logs) and cell.read_text() == before
     md = (tmp_path / "results.md").read_text().splitlines()
     assert md[0] == "| task | 512 | 1k |" and md[2].startswith("| niah_single_1 |")
-    assert (tmp_path / "results.csv").read_text().count("\n") == 3
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
+    assert len(rows) == 2
+    for r, rec in zip(rows, recs, strict=True):  # the throughput beside each score
+        assert float(r["samples_per_hour"]) == pytest.approx(3600 * 2 / rec["seconds"], rel=1e-3)
+    per_length = md[3].split("|")[2:-1]
+    assert md[3].startswith("| samples / hour |") and len(per_length) == 2
+    assert float(per_length[1]) == pytest.approx(3600 * 2 / recs[1]["seconds"], abs=1)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
     json.loads(cell.read_text())

@@ -158,17 +158,23 @@ def run_suite(model: SleepModel, tokenizer: Any, suite: str, tasks: list[str], l
     return summarize(out_dir, title)
 
 
+def _per_hour(n: int, seconds: float) -> str:
+    """Samples per hour of wall time (all ranks together), "" without a measured time."""
+    return f"{3600 * n / seconds:.0f}" if seconds > 0 else ""
+
+
 def summarize(out_dir: Path, title: str = "") -> list[dict[str, Any]]:
     """Writes results.csv, results.md and heatmap.png (titled ``title``) from
-    ``out_dir/cells``."""
+    ``out_dir/cells``. Throughput is recorded beside the scores: samples per hour of each
+    cell (csv) and of each length over its cells (md), from the cells' wall times."""
     recs = [json.loads(p.read_text()) for p in sorted((out_dir / "cells").glob("*.json"))]
     recs.sort(key=lambda r: (r["task"], r["length"]))
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["suite", "task", "length", "n", "score", "seconds"])
+        w.writerow(["suite", "task", "length", "n", "score", "seconds", "samples_per_hour"])
         for r in recs:
             w.writerow([r["suite"], r["task"], r["length"], r["n"], f"{r['score']:.2f}",
-                        r["seconds"]])
+                        r["seconds"], _per_hour(r["n"], r["seconds"])])
     tasks = sorted({r["task"] for r in recs})
     lengths = sorted({r["length"] for r in recs})
     grid = {(r["task"], r["length"]): r["score"] for r in recs}
@@ -177,6 +183,11 @@ def summarize(out_dir: Path, title: str = "") -> list[dict[str, Any]]:
     for t in tasks:
         cells = [f"{grid[(t, n)]:.1f}" if (t, n) in grid else "" for n in lengths]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    rates = []
+    for n in lengths:
+        at = [r for r in recs if r["length"] == n]
+        rates.append(_per_hour(sum(r["n"] for r in at), sum(r["seconds"] for r in at)))
+    lines.append("| samples / hour | " + " | ".join(rates) + " |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     _heatmap(out_dir / "heatmap.png", tasks, lengths, grid, title)
     return recs

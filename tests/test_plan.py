@@ -76,10 +76,31 @@ def test_plan_rejects_impossible_layouts_naming_the_numbers():
     assert check_layout(cfg, 16) == (4, 4)
 
 
+@pytest.mark.parametrize("extra", [
+    ["model.pattern=AgMaG", "model.n_kv_heads=2"],
+    ["model.gdn_v_heads=2", "model.head_dim=6"],
+])
+def test_muon_flops_follow_the_built_models_muon_matrices(extra):
+    # The plan's Muon matrices are the optimizer's (sleeptrain.train.optim.is_muon_param):
+    # the same shapes, and the orthogonalization's FLOPs computed from the real parameters.
+    from sleeptrain.plan.costs import MUON_NS_STEPS, muon_flops
+    from sleeptrain.train.optim import is_muon_param
+
+    cfg, model = tiny_model(*extra)
+    real = sorted(tuple(p.shape) for n, p in model.named_parameters() if is_muon_param(n, p))
+    planned = sorted(s for sym in cfg.model.pattern for s in block_cost(cfg.model, sym, 1,
+                                                                        False).shapes)
+    assert real == planned and len(real) >= 4
+    flops = sum(MUON_NS_STEPS * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3)
+                for r, c in real)
+    assert muon_flops(cfg.model) == flops > 0
+
+
 def test_plan_cli(capsys):
     assert main(["plan", str(ROOT / "configs" / "7b_sleep.yaml"), "--gpus", "16"]) == 0
     out = capsys.readouterr().out
     assert "TP 2 x DP 8" in out and "7.333 B" in out and "GFLOP" in out
+    assert "optimizer: Muon's orthogonalization" in out  # what a step pays beyond MFU
     assert main(["plan", str(ROOT / "configs" / "7b_sleep.yaml"), "--gpus", "16",
                  "parallel.tp=3"]) == 2
     assert "not divisible by tensor-parallel size 3" in capsys.readouterr().err

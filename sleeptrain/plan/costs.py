@@ -45,6 +45,12 @@ class BlockCost:
     matrices: int  # parameters in 2-D hidden matrices (Muon's; the rest is AdamW's)
     flops: float  # forward FLOPs per token
     linears: int = 0  # parameters in the block's megatron-core linears (projections, MLP)
+    shapes: tuple[tuple[int, int], ...] = ()  # those matrices' (rows, columns), whole
+
+
+#: Newton-Schulz iterations of Muon's orthogonalization (torch.optim.Muon's default, which
+#: ``sleeptrain.train.optim.build_optimizer`` keeps)
+MUON_NS_STEPS = 5
 
 
 def _attn(m: Any) -> tuple[int, int, int]:
@@ -65,9 +71,11 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
     kind, has_mlp = PATTERN_SYMBOLS[symbol]
     d = m.d_model
     params, mats, flops, lin = 0, 0, 0.0, 0
+    shapes: list[tuple[int, int]] = []
     if kind == "attention":
         hq, hkv, hd = _attn(m)
         proj = d * (hq + 2 * hkv) * hd + hq * hd * d
+        shapes += [((hq + 2 * hkv) * hd, d), (d, hq * hd)]
         mats += proj
         lin += proj
         params += proj + d + ((hq + 2 * hkv) * hd if m.qkv_bias else 0)
@@ -79,6 +87,7 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
         width = 2 * dk + 2 * r * dv + 2 * r
         conv_ch = h * (2 * dk + r * dv)
         proj = d * h * width + hv * dv * d
+        shapes += [(h * width, d), (d, hv * dv)]
         mats += proj  # the conv kernel [C, K] goes to AdamW (sleeptrain.train.optim)
         lin += proj
         params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
@@ -86,11 +95,28 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
         flops += 2 * proj + 2 * m.conv_kernel * conv_ch + hv * (6 * dk * dv + 2 * c * (dk + dv))
     if has_mlp:
         f = ffn_hidden(m)
+        shapes += [(2 * f, d), (d, f)]
         mats += 3 * d * f
         lin += 3 * d * f
         params += 3 * d * f + d
         flops += 6 * d * f
-    return BlockCost(params, mats, flops, lin)
+    return BlockCost(params, mats, flops, lin, tuple(shapes))
+
+
+def muon_flops(m: Any, symbols: str | None = None) -> float:
+    """FLOPs of Muon's orthogonalization per optimizer step over the Muon matrices of the
+    blocks ``symbols`` (default the whole pattern), whole matrices: ``MUON_NS_STEPS``
+    quintic Newton-Schulz iterations of ``4 a^2 b + 2 a^3`` for an a x b matrix, a <= b
+    (``X X^T``, its square, the product with X: ``sleeptrain.train.optim.newton_schulz``).
+    Not model FLOPs: MFU leaves it out, as it leaves out recomputation, but a step pays it.
+    Every TP rank orthogonalizes the full matrices it holds a shard of; with
+    ``parallel.shard_optimizer`` each DP rank only the matrices it owns."""
+    total = 0.0
+    for sym in m.pattern if symbols is None else symbols:
+        for rows, cols in block_cost(m, sym, 1, False).shapes:
+            a, b = min(rows, cols), max(rows, cols)
+            total += MUON_NS_STEPS * (4 * a * a * b + 2 * a**3)
+    return total
 
 
 def param_count(m: Any) -> int:
@@ -258,7 +284,7 @@ def memory_estimate(cfg: DictConfig, tp: int, seq_len: int | None = None,
             "weight_copies": copies, "total": weights + grads + optimizer + acts + copies}
 
 
-__all__ = ["ACTIVATION_COEFFICIENTS", "BlockCost", "activation_coefficients", "backward_passes",
-           "block_activation_bytes", "block_activation_values", "block_cost",
-           "linear_weight_count", "memory_estimate", "param_bytes", "param_count", "row_tokens",
-           "train_flops_per_token"]
+__all__ = ["ACTIVATION_COEFFICIENTS", "MUON_NS_STEPS", "BlockCost", "activation_coefficients",
+           "backward_passes", "block_activation_bytes", "block_activation_values", "block_cost",
+           "linear_weight_count", "memory_estimate", "muon_flops", "param_bytes", "param_count",
+           "row_tokens", "train_flops_per_token"]

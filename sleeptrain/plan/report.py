@@ -7,7 +7,13 @@ from omegaconf import DictConfig
 
 from sleeptrain.config import ConfigError
 from sleeptrain.config.validate import validate_model
-from sleeptrain.plan.costs import memory_estimate, param_count, row_tokens, train_flops_per_token
+from sleeptrain.plan.costs import (
+    memory_estimate,
+    muon_flops,
+    param_count,
+    row_tokens,
+    train_flops_per_token,
+)
 from sleeptrain.plan.hardware import device_memory_gib, peak_flops
 
 
@@ -84,11 +90,36 @@ def plan_report(cfg: DictConfig, gpus: int, seq_len: int | None = None,
     lines += _fit_lines(mem["total"], device_name, gpu_memory_gib)
     if pp > 1:
         lines += _pipeline_lines(cfg, T)
+    ns = _muon_per_gpu(cfg, dp)
+    share = ns / (f * gb * T / gpus)
+    if ns:
+        lines.append(f"optimizer: Muon's orthogonalization {ns / 1e12:.2f} TFLOP per step per "
+                     f"GPU, {100 * share:.0f}% on top of the GPU's model FLOPs per step (MFU "
+                     f"leaves it out; more tokens per step make it smaller)")
     if peak:
         tok = 0.4 * peak * gpus / f
+        with_ns = (f"; with the orthogonalization at that rate {tok / (1 + share):,.0f} "
+                   f"tokens/s" if ns else "")
         lines.append(f"at 40% MFU on {gpus} x {device_name} ({peak / 1e12:.0f} TFLOP/s bf16): "
-                     f"{tok:,.0f} tokens/s, {tok * 3600 / 1e9:.2f} B tokens/hour")
+                     f"{tok:,.0f} tokens/s, {tok * 3600 / 1e9:.2f} B tokens/hour{with_ns}")
     return "\n".join(lines)
+
+
+def _muon_per_gpu(cfg: DictConfig, dp: int) -> float:
+    """Muon's orthogonalization FLOPs per optimizer step on one GPU (``costs.muon_flops``):
+    the matrices of the largest pipeline stage, whole at every TP rank, an average DP rank's
+    share with ``parallel.shard_optimizer``; 0 without Muon."""
+    if not cfg.optim.use_muon:
+        return 0.0
+    m, pp = cfg.model, int(cfg.parallel.pp)
+    if pp > 1:
+        from sleeptrain.plan.pipeline import stage_bounds
+
+        b = stage_bounds(cfg, pp)
+        ns = max(muon_flops(m, m.pattern[b[i] : b[i + 1]]) for i in range(pp))
+    else:
+        ns = muon_flops(m)
+    return ns / dp if cfg.parallel.shard_optimizer else ns
 
 
 def preflight(cfg: DictConfig, gpus: int) -> list[str]:

@@ -70,13 +70,12 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
 
     kind, has_mlp = PATTERN_SYMBOLS[symbol]
     d = m.d_model
-    params, mats, flops, lin = 0, 0, 0.0, 0
-    shapes: list[tuple[int, int]] = []
+    params, flops, lin = 0, 0.0, 0
+    shapes: list[tuple[int, int]] = []  # the Muon matrices (sleeptrain.train.optim)
     if kind == "attention":
         hq, hkv, hd = _attn(m)
         proj = d * (hq + 2 * hkv) * hd + hq * hd * d
         shapes += [((hq + 2 * hkv) * hd, d), (d, hq * hd)]
-        mats += proj
         lin += proj
         params += proj + d + ((hq + 2 * hkv) * hd if m.qkv_bias else 0)
         keys = window if sliding else (window + 1) / 2
@@ -87,8 +86,7 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
         width = 2 * dk + 2 * r * dv + 2 * r
         conv_ch = h * (2 * dk + r * dv)
         proj = d * h * width + hv * dv * d
-        shapes += [(h * width, d), (d, hv * dv)]
-        mats += proj  # the conv kernel [C, K] goes to AdamW (sleeptrain.train.optim)
+        shapes += [(h * width, d), (d, hv * dv)]  # the conv kernel [C, K] is AdamW's
         lin += proj
         params += proj + conv_ch * m.conv_kernel + 2 * hv + dv + d
         c = m.gdn_chunk_size
@@ -96,10 +94,10 @@ def block_cost(m: Any, symbol: str, window: int, sliding: bool) -> BlockCost:
     if has_mlp:
         f = ffn_hidden(m)
         shapes += [(2 * f, d), (d, f)]
-        mats += 3 * d * f
         lin += 3 * d * f
         params += 3 * d * f + d
         flops += 6 * d * f
+    mats = sum(rows * cols for rows, cols in shapes)
     return BlockCost(params, mats, flops, lin, tuple(shapes))
 
 

@@ -52,26 +52,71 @@ def _step_of(ckpt: Path) -> str:
     return str(int(name.split("_")[1])) if name.startswith("step_") else name
 
 
+def _passes_list(args: argparse.Namespace) -> list[int]:
+    """``--passes 1,2,4``: the N to evaluate at, in one process (empty: the run's own N or a
+    ``sleep.passes=`` override). Errors name the flag and the culprit."""
+    if not args.passes:
+        return []
+    if args.suite != "tasks":
+        raise SystemExit("error: --passes is for task evaluation; with --suite use "
+                         "sleep.passes=N")
+    if any(o.split("=", 1)[0].strip() == "sleep.passes" for o in args.overrides):
+        raise SystemExit("error: --passes and a sleep.passes= override both set N; give one")
+    try:
+        passes = [int(x) for x in args.passes.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --passes {args.passes!r}: a comma list of integers, "
+                         "e.g. 1,2,4,6") from None
+    bad = [m for m in passes if m < 1]
+    if bad or len(set(passes)) != len(passes):
+        raise SystemExit(f"error: --passes {args.passes!r}: each N >= 1, none twice")
+    if len(passes) > 1 and args.out and "{passes}" not in args.out:
+        raise SystemExit(f"error: --out {args.out!r} names one file for {len(passes)} values "
+                         "of --passes; put {passes} in it, e.g. eval_N{passes}.json")
+    return passes
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Complete results only, under the final name (a crash leaves no half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.suite != "tasks":
+        _passes_list(args)  # --passes with a suite: a clear error
         return _eval_suite(args)
+    import copy
+
     from sleeptrain.config import autocast_on
     from sleeptrain.data.tasks import build_task
     from sleeptrain.eval.tasks import evaluate_task, format_table
 
     run = Path(args.run_dir)
+    passes = _passes_list(args)
+    if passes:  # an explicit N, as an override is: it wins over a stage's N
+        args.overrides = [*args.overrides, f"sleep.passes={passes[0]}"]
     cfg, model, ckpt = _load_run(args)
     task = build_task(cfg.data.task, **dict(cfg.data.task_args))
     dev = next(model.parameters()).device
-    res = evaluate_task(model, task, cfg.sleep, args.n or cfg.train.eval_examples,
-                        cfg.data.eval_batch_size, cfg.train.seed, dev,
-                        autocast=autocast_on(cfg.train, dev.type))
-    res["checkpoint"] = str(ckpt)
-    res["passes"] = int(cfg.sleep.passes)
-    print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
-    out = Path(args.out) if args.out else run / "eval.json"
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out} (checkpoint {ckpt}, passes {cfg.sleep.passes})")
+    for m in passes or [int(cfg.sleep.passes)]:
+        sleep_cfg = copy.deepcopy(cfg.sleep)
+        sleep_cfg.passes = m
+        model.use_sleep(sleep_cfg)  # validated, and the default of what the model runs
+        res = evaluate_task(model, task, sleep_cfg, args.n or cfg.train.eval_examples,
+                            cfg.data.eval_batch_size, cfg.train.seed, dev,
+                            autocast=autocast_on(cfg.train, dev.type))
+        res["checkpoint"] = str(ckpt)
+        res["passes"] = m
+        print(format_table(res, "t" if cfg.data.task == "rule110" else "k"))
+        if passes:
+            out = Path(args.out.replace("{passes}", str(m)) if args.out
+                       else run / f"eval_N{m}.json")
+        else:
+            out = Path(args.out) if args.out else run / "eval.json"
+        _write_json_atomic(out, res)
+        print(f"wrote {out} (checkpoint {ckpt}, passes {m})")
     return 0
 
 
@@ -241,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", "--examples", dest="n", type=int, default=0,
                     help="examples (tasks: default train.eval_examples; suites: per cell, 20)")
     ev.add_argument("--out", default="", help="suite output dir (default RUN_DIR/eval_SUITE);"
-                    " tasks: the JSON file (default RUN_DIR/eval.json)")
+                    " tasks: the JSON file (default RUN_DIR/eval.json; with --passes "
+                    "RUN_DIR/eval_N{passes}.json, {passes} replaced by each N)")
+    ev.add_argument("--passes", default="", help="tasks: evaluate at each N of this comma "
+                    "list (e.g. 1,2,4,6) in one process, the model loaded once")
     trust_flag(ev)
     ev.add_argument("--tokenizer", default="", help="byte | DIR (default: data.tokenizer)")
     ev.add_argument("--seed", type=int, default=0)

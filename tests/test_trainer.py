@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,7 +194,20 @@ def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
 
     (run / "eval.json").unlink()
     assert main(["eval", str(run), "--n", "8", "sleep.passes=1"]) == 0  # override after option
-    assert json.loads((run / "eval.json").read_text())["n"] == 8
+    one = json.loads((run / "eval.json").read_text())
+    assert one["n"] == 8
+    # several N in one process (the model loaded once), N=2 first: N=1 then equals the
+    # separate evaluation above, so any state the first N left behind would show
+    tmpl = str(tmp_path / "e_N{passes}.json")
+    for bad, msg in ((["--passes", "1,0"], "each N >= 1"), (["--passes", "2,2"], "none twice"),
+                     (["--passes", "1,x"], "comma list"),
+                     (["--passes", "1,2", "--out", str(tmp_path / "e.json")], "{passes}"),
+                     (["--passes", "2", "sleep.passes=1"], "give one")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            main(["eval", str(run), "--n", "8", *bad])
+    assert main(["eval", str(run), "--n", "8", "--passes", "2,1", "--out", tmpl]) == 0
+    multi = {m: json.loads((tmp_path / f"e_N{m}.json").read_text()) for m in (1, 2)}
+    assert multi[1] == one and multi[2]["passes"] == 2 and multi[2]["n"] == 8
 
 
 def test_stages_freeze_parameters(tmp_path):

@@ -16,11 +16,12 @@ stops before ``train.steps`` with exit status 0 (``train.exit_after_minutes``, a
 signal) has saved a checkpoint: it is reported as stopped, not failed, and the same command
 resumes it.
 
-``eval`` evaluates every finished run at each N with ``python -m sleeptrain.cli eval RUN
-sleep.passes=M --out RUN/eval_N{M}.json [--n E]`` (the trainer's own ``RUN/eval.json`` is
-left as it is). With ``--partial`` the runs that have not finished are evaluated too, at
-their newest checkpoint, into ``eval_N{M}_step{S}.json`` (S: the checkpoint's step; a later
-checkpoint gets its own file). Existing result files are kept (delete one to recompute it).
+``eval`` evaluates every finished run at each N with one ``python -m sleeptrain.cli eval RUN
+--passes M1,M2,.. --out RUN/eval_N{passes}.json [--n E]`` per run (the model loaded and its
+kernels compiled once; the trainer's own ``RUN/eval.json`` is left as it is). With
+``--partial`` the runs that have not finished are evaluated too, at their newest checkpoint,
+into ``eval_N{M}_step{S}.json`` (S: the checkpoint's step; a later checkpoint gets its own
+file). Existing result files are kept (delete one to recompute it).
 It writes ``DIR/eval_by_passes.csv`` (run x eval N x step: exact-match accuracy, token
 accuracy, loss, and the exact-match accuracy per depth).
 
@@ -260,24 +261,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def eval_run(run_dir: Path, passes: list[int], n: int, log: Path,
              step: int | None = None) -> bool:
-    """Evaluate one run at each N into ``eval_N{M}.json`` (``sleeptrain eval RUN
-    sleep.passes=M --out RUN/eval_N{M}.json``: the trainer's own eval.json is untouched);
+    """Evaluate one run at each N not yet done into ``eval_N{M}.json``, all in one process
+    (``sleeptrain eval RUN --passes M1,M2,.. --out RUN/eval_N{passes}.json``: the model is
+    loaded, and its kernels compiled, once; the trainer's own eval.json is untouched);
     ``step``: an unfinished run's newest checkpoint, into ``eval_N{M}_step{S}.json``."""
-    ok = True
-    for m in passes:
-        target = run_dir / (f"eval_N{m}.json" if step is None else f"eval_N{m}_step{step}.json")
+    name = "eval_N{passes}.json" if step is None else f"eval_N{{passes}}_step{step}.json"
+    todo = [m for m in passes
+            if not (run_dir / name.replace("{passes}", str(m))).is_file()]
+    if not todo:
+        return True
+    extra = ["--n", str(n)] if n else []
+    rc = run_logged(cli("eval", str(run_dir), "--passes", ",".join(map(str, todo)),
+                        "--out", str(run_dir / name), *extra), log)
+    ok = rc == 0
+    for m in todo:  # the CLI writes each result whole under its final name, or not at all
+        target = run_dir / name.replace("{passes}", str(m))
+        at = "" if step is None else f" (step {step})"
         if target.is_file():
-            continue
-        tmp = target.with_name(target.name + ".tmp")
-        extra = ["--n", str(n)] if n else []
-        rc = run_logged(cli("eval", str(run_dir), f"sleep.passes={m}", "--out", str(tmp),
-                            *extra), log)
-        if rc == 0 and tmp.is_file():
-            os.replace(tmp, target)  # complete results only, under the final name
-            say(f"{run_dir.name}: eval N={m}{'' if step is None else f' (step {step})'}: exact "
+            say(f"{run_dir.name}: eval N={m}{at}: exact "
                 f"{json.loads(target.read_text())['example_acc']:.3f}")
         else:
-            say(f"{run_dir.name}: eval N={m} FAILED (exit {rc}; see logs/)")
+            say(f"{run_dir.name}: eval N={m}{at} FAILED (exit {rc}; see logs/)")
             ok = False
     return ok
 

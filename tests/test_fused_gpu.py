@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -36,11 +38,14 @@ def _inputs(dtype):
     }
 
 
+@pytest.mark.parametrize("mode", [True, "dynamic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["rms_norm", "swiglu", "apply_rope", "gdn_gates",
                                   "gated_rms_norm", "causal_conv_silu", "gdn_inputs",
                                   "qkv_rope"])
-def test_compiled_chain_matches_reference(name, dtype):
+def test_compiled_chain_matches_reference(name, dtype, mode):
+    # mode: static shapes (training's) or symbolic ones (inference's last windows), which
+    # must compile on the GPU too, not fall back with a warning.
     # Forward outputs and the gradients of every tensor input: compiled and eager, both
     # against the eager function on fp64 copies of the same inputs. Inductor keeps fp32
     # intermediates where the eager bf16 chain rounds each op, so it may be more accurate,
@@ -68,7 +73,11 @@ def test_compiled_chain_matches_reference(name, dtype):
 
     exact = run(False, to64=True)
     eager = run(False)
-    fast = run(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = run(mode)
+    fallback = [str(w.message) for w in caught if "dynamic-shape compile" in str(w.message)]
+    assert not fallback, fallback  # the dynamic form compiled, no fallback to static
     for r, e, f in zip(exact, eager, fast, strict=True):
         assert r.shape == f.shape
         scale = max(r.abs().max().item(), 1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -520,3 +522,130 @@ def test_fla_fp32_gate_caveat_names_hopper_with_the_miscompiling_triton(
     assert (note is not None) == caveat
     if caveat:
         assert "#640" in note and version in note and "gdn_backend=chunked" in note
+
+
+def _chain_args(b, t, dtype=torch.float64, seed=0):
+    """Arguments of each compiled chain for a batch b of t tokens (small widths, none equal
+    to a batch or length used below)."""
+    from sleeptrain.model.kernels import fused
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    h, dk, rr, dv, kk = 2, 8, 2, 6, 4
+    cg = 2 * dk + rr * dv
+    ang = r(t, 10)
+    return {
+        "rms_norm": (fused.rms_norm.__wrapped__, (r(b, t, 20), r(20), 1e-6)),
+        "swiglu": (fused.swiglu.__wrapped__, (r(b, t, 22),)),
+        "qkv_rope": (fused.qkv_rope.__wrapped__, (r(b, t, 2, 5 * 10), ang.cos(), ang.sin(), 3)),
+        "gdn_inputs": (fused._gdn_inputs_via(fused._causal_conv_silu_shifted),
+                       (r(b, t, h, cg + rr * dv + 2 * rr), r(b, h * cg, kk - 1),
+                        r(h * cg, kk), r(h * rr), r(h * rr), dk, rr, dv)),
+        "gated_rms_norm": (fused.gated_rms_norm.__wrapped__,
+                           (r(b, t, h * rr, dv), r(b, t, h * rr, dv), r(dv), 1e-6,
+                            torch.float64)),
+    }
+
+
+def test_dynamic_chains_trace_once_for_every_batch_and_length():
+    # Streaming inference runs a batch's last windows through the chains with symbolic
+    # shapes (compiled="dynamic"): one trace must serve every (batch, length), where static
+    # shapes trace once per shape (a compile per sample's length in a long-context suite).
+    # Traced here by dynamo with a counting CPU backend that runs the captured graph, so the
+    # check is dynamo's shape handling and the graph's values (the same torch ops: fp64,
+    # 1e-12); inductor's GPU kernels of both forms: tests/test_fused_gpu.py.
+    from sleeptrain.model.kernels import fused
+
+    shapes = [(3, 7), (5, 24), (2, 13), (4, 9)]
+    torch._dynamo.reset()
+    try:
+        for name in _chain_args(2, 3):
+            traced = {True: [], False: []}
+            for dynamic in (True, False):
+                fn = _chain_args(2, 3)[name][0]
+                fast = fused.compiled_chain(
+                    fn, dynamic, name,
+                    backend=lambda gm, ex, d=dynamic, n=traced: n[d].append(1) or gm.forward)
+                for b, t in shapes:
+                    ref_fn, args = _chain_args(b, t)[name]
+                    want, got = ref_fn(*args), fast(*args)
+                    want = want if isinstance(want, tuple) else (want,)
+                    got = got if isinstance(got, tuple) else (got,)
+                    for w, o in zip(want, got, strict=True):
+                        assert w.shape == o.shape
+                        torch.testing.assert_close(o, w, rtol=0, atol=1e-12)
+            assert len(traced[True]) == 1, (name, len(traced[True]))
+            assert len(traced[False]) == len(shapes), (name, len(traced[False]))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_dynamic_kernels_switch_compiled_layers_only_and_restore():
+    import sleeptrain
+    from tests.conftest import TINY
+
+    model = sleeptrain.build_model(sleeptrain.load_config(None, TINY), seed=0)
+    layers = [m for m in model.modules() if hasattr(type(m), "compiled")]
+    assert len(layers) >= 4
+    with model.dynamic_kernels():
+        assert all(m.compiled is False for m in layers)  # eager stays eager
+    model.set_kernels(compile=True)
+    layers[0].compiled = False  # one layer eager by hand
+    with model.dynamic_kernels():
+        assert layers[0].compiled is False
+        assert all(m.compiled == "dynamic" for m in layers[1:])
+        with pytest.raises(RuntimeError, match="inside"):
+            with model.dynamic_kernels():
+                raise RuntimeError("inside")
+        assert all(m.compiled == "dynamic" for m in layers[1:])  # the outer block's
+    assert layers[0].compiled is False and all(m.compiled is True for m in layers[1:])
+
+
+def test_a_failing_dynamic_compile_falls_back_to_static_with_one_warning(monkeypatch):
+    # A compiler limitation in the dynamic-shape form (a TorchDynamoException) warns once,
+    # naming the chain, and the chain runs its static-shape form from then on; any other
+    # error propagates. torch.compile is replaced by a stand-in (CPU: no inductor here).
+    from torch._dynamo.exc import TorchDynamoException
+
+    from sleeptrain.model.kernels import fused
+
+    made = []
+
+    def fake_compile(fn, fullgraph, dynamic, backend):
+        made.append(dynamic)
+        if not dynamic:
+            return fn
+
+        def broken(*args):
+            raise TorchDynamoException("no symbolic shapes today")
+
+        return broken
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_compilable", lambda x: True)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 8, generator=g), torch.randn(8, generator=g)
+    want = fused.rms_norm(x, w, 1e-6)
+    with pytest.warns(UserWarning, match=r"fused\.rms_norm: the dynamic-shape compile failed "
+                      r"\(TorchDynamoException: no symbolic shapes today\)"):
+        got = fused.rms_norm(x, w, 1e-6, compiled="dynamic")
+    assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fused.rms_norm(x, w, 1e-6, compiled="dynamic"), want)  # no 2nd
+    assert sorted(made) == [False, True]
+    assert fused._COMPILED[("rms_norm", True)] is fused._COMPILED[("rms_norm", False)]
+
+    def raising(fn, fullgraph, dynamic, backend):
+        def oom(*args):
+            raise RuntimeError("CUDA out of memory")
+        return oom if dynamic else fn
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", raising)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fused.rms_norm(x, w, 1e-6, compiled="dynamic")

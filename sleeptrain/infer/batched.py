@@ -28,6 +28,12 @@ fill and the position, per slot.
 
 Per sample, the logits and the state equal ``Stream``'s (tests/test_infer_batched.py): the
 same operations on other batch sizes, so float rounding only.
+
+With compiled chains (CUDA, ``train.compile``) the last-window wake passes and the sleeps
+while decoding run them with symbolic shapes (``HybridModel.dynamic_kernels``): their shapes
+follow the samples' lengths, and static shapes compiled every chain again for each new one
+(long-context suites have a new length in nearly every sample). Full windows of a prefill
+and the decode step keep the static kernels of their fixed shapes.
 """
 
 from __future__ import annotations
@@ -211,8 +217,9 @@ class BatchedStream:
         ctx = BlockContext(pos_start=start, window=self.L if self.sliding else None,
                            kv=list(state.kv) if self.sliding else [],
                            conv=list(state.conv) if self.sliding else [])
-        h_loop, h, fast, extras = wake_blocks(net, net.embed_tokens(tokens.to(self.device)),
-                                              state.fast, ctx)
+        with net.dynamic_kernels():  # a shape per last-window length: no compile per length
+            h_loop, h, fast, extras = wake_blocks(
+                net, net.embed_tokens(tokens.to(self.device)), state.fast, ctx)
         if not self.buf:
             self._alloc(extras, extras, h_loop)
         b, c, n = self.buf, self.carry_len, tokens.shape[1]
@@ -354,9 +361,11 @@ class BatchedStream:
         fast = [None if f is None else f[idx] for f in b["fast"]]
         ctx = BlockContext(pos_start=start, window=L if self.sliding else None,
                            kv=kv if self.sliding else [], conv=conv if self.sliding else [])
-        fast = _sleep(net, b["h_loop"][idx], fast, ctx, sleep_passes(self.passes), self.cfg)
-        new = _evict(net, SleepState(fast=fast, conv=conv, kv=kv, position=start), fast,
-                     extras, L, self.cfg.eviction, L)
+        with net.dynamic_kernels():  # a shape per group size: no compile per size
+            fast = _sleep(net, b["h_loop"][idx], fast, ctx, sleep_passes(self.passes),
+                          self.cfg)
+            new = _evict(net, SleepState(fast=fast, conv=conv, kv=kv, position=start), fast,
+                         extras, L, self.cfg.eviction, L)
         for i in gdn:
             b["fast"][i].index_copy_(0, idx, new.fast[i].to(b["fast"][i].dtype))
             if self.sliding:

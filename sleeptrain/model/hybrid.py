@@ -18,8 +18,9 @@ and keeps its share, so the same seed gives the same model at every pipeline siz
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,6 +300,22 @@ class HybridModel(nn.Module):
         for m in self.modules():
             if hasattr(type(m), "compiled"):
                 m.compiled = bool(compile)
+
+    @contextlib.contextmanager
+    def dynamic_kernels(self) -> Iterator[None]:
+        """Within: the layers whose chains are compiled run them with symbolic shapes
+        (``compiled="dynamic"``: one kernel set for any batch and length, no compile per
+        length); eager layers stay eager. For inference calls whose shapes follow the
+        samples' lengths (``infer.BatchedStream``); training keeps static shapes."""
+        before = [(m, m.compiled) for m in self.modules()
+                  if hasattr(type(m), "compiled") and m.compiled]
+        for m, _ in before:
+            m.compiled = "dynamic"
+        try:
+            yield
+        finally:
+            for m, was in before:
+                m.compiled = was
 
     def embed_tokens(self, tokens: torch.Tensor,
                      sp_shape: tuple[int, int] | None = None) -> torch.Tensor:

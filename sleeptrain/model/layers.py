@@ -106,7 +106,9 @@ class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 (fp64 for fp64 inputs). Its consumers are
     linears: under CUDA autocast the output is already in the autocast dtype."""
 
-    compiled = False  # torch.compile'd chain on CUDA (HybridModel.set_kernels)
+    # torch.compile'd chain on CUDA: True static shapes, "dynamic" symbolic
+    # (HybridModel.set_kernels, HybridModel.dynamic_kernels)
+    compiled: bool | str = False
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -202,7 +204,9 @@ class RopeTables:
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate/up fused and interleaved per hidden unit."""
 
-    compiled = False  # torch.compile'd chain on CUDA (HybridModel.set_kernels)
+    # torch.compile'd chain on CUDA: True static shapes, "dynamic" symbolic
+    # (HybridModel.set_kernels, HybridModel.dynamic_kernels)
+    compiled: bool | str = False
 
     def __init__(self, d_model: int, hidden: int, config: ModelParallelConfig, std: float,
                  out_std: float, tp_group: Any = None):
@@ -226,7 +230,9 @@ class Attention(nn.Module):
     the RoPE tables (shared by the model's attention blocks; default: this block's own).
     """
 
-    compiled = False  # torch.compile'd chains on CUDA (HybridModel.set_kernels)
+    # torch.compile'd chains on CUDA: True static shapes, "dynamic" symbolic
+    # (HybridModel.set_kernels, HybridModel.dynamic_kernels)
+    compiled: bool | str = False
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  rope_theta: float, config: ModelParallelConfig, tp: int, std: float,
@@ -341,7 +347,9 @@ class GatedDeltaNet(nn.Module):
     output is RMSNorm(o) * silu(z) per value head, then out_proj.
     """
 
-    compiled = False  # torch.compile'd chains on CUDA (HybridModel.set_kernels)
+    # torch.compile'd chains on CUDA: True static shapes, "dynamic" symbolic
+    # (HybridModel.set_kernels, HybridModel.dynamic_kernels)
+    compiled: bool | str = False
 
     def __init__(self, d_model: int, n_heads: int, n_v_heads: int, head_dim: int,
                  v_head_dim: int, conv_kernel: int, config: ModelParallelConfig, tp: int,

@@ -20,18 +20,28 @@ compiles its shifted-sum form, equal to the reference in fp64: tests/test_kernel
 compare the two on GPU (tests/test_fused_gpu.py). There is no process-wide switch: each layer
 passes its own ``compiled`` attribute, which ``HybridModel.set_kernels`` sets from
 ``train.compile``.
+
+``compiled`` is ``False`` (eager), ``True`` (static shapes: kernels per distinct input shape,
+what training uses) or ``"dynamic"`` (one set of kernels for any batch and length, besides
+torch's own specializations of sizes 0 and 1). Streaming inference switches its layers to
+``"dynamic"`` for the calls whose shapes follow the samples' lengths (a batch's last windows,
+the windows that fill while decoding): with static shapes each new length compiled every
+chain again, and long-context evaluation has a new length in nearly every sample.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-_COMPILED: dict[str, Callable[..., Any]] = {}  # torch.compile wrappers, made once per chain
+# torch.compile wrappers, made once per (chain, dynamic); a chain whose dynamic-shape compile
+# failed has its static wrapper under (chain, True) too
+_COMPILED: dict[tuple[str, bool], Callable[..., Any]] = {}
 
 
 def configure_compile() -> None:
@@ -39,10 +49,11 @@ def configure_compile() -> None:
     compiled call): a cache large enough for every distinct shape (windows, the last window,
     eval batches) and inductor's deterministic mode.
 
-    Compiled chains are static-shape (``dynamic=False``): every distinct input shape gets its
-    own kernels, generated the same way whatever the process compiled before, and inductor
-    runs no on-device benchmarking that could pick configurations with other roundings. So a
-    resumed process computes exactly what the uninterrupted one did (docs/design.md).
+    Static-shape chains (``compiled_chain(dynamic=False)``, training's): every distinct input
+    shape gets its own kernels, generated the same way whatever the process compiled before,
+    and inductor runs no on-device benchmarking that could pick configurations with other
+    roundings. So a resumed process computes exactly what the uninterrupted one did
+    (docs/design.md).
     """
     import torch._dynamo
     import torch._inductor.config as inductor_config
@@ -54,21 +65,77 @@ def configure_compile() -> None:
         inductor_config.deterministic = True
 
 
+def compiled_chain(fn: Callable[..., Any], dynamic: bool, name: str | None = None,
+                   backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
+    """The ``torch.compile`` wrapper of chain ``fn`` (made once per name and ``dynamic``):
+    ``dynamic=False`` static shapes (every distinct input shape its own kernels, generated
+    the same way whatever the process compiled before, so a resumed process computes exactly
+    what the uninterrupted one did), ``dynamic=True`` symbolic shapes from the first call
+    (one kernel set for every batch and length, so no recompilation per length, and again
+    the same kernels whatever came first). ``backend``: another torch.compile backend (not
+    cached; tests trace with a counting CPU backend)."""
+    key = (name or fn.__name__, bool(dynamic))
+    fast = _COMPILED.get(key) if backend == "inductor" else None
+    if fast is None:
+        configure_compile()
+        fast = torch.compile(fn, fullgraph=True, dynamic=bool(dynamic), backend=backend)
+        if dynamic:
+            fast = _without_duck_shapes(fast)
+        if backend == "inductor":
+            _COMPILED[key] = fast
+    return fast
+
+
+def _without_duck_shapes(fast: Callable[..., Any]) -> Callable[..., Any]:
+    """``fast`` traced without duck shaping: by default dynamo gives sizes that are equal in
+    the first call one symbol (a batch of 3 and a convolution's 3 carried inputs), guards on
+    their equality and traces again when a later call breaks it, so which kernels ran would
+    depend on the first call's coincidences. Scoped to these calls (torch's config patch),
+    not set process-wide."""
+    from torch.fx.experimental import _config as fx_config
+
+    @functools.wraps(fast)
+    def call(*args: Any) -> Any:
+        with fx_config.patch(use_duck_shape=False):
+            return fast(*args)
+
+    return call
+
+
+def _compilable(x: torch.Tensor) -> bool:
+    """Compiled chains run for CUDA tensors below fp64 (fp64 and CPU: the reference)."""
+    return x.is_cuda and x.dtype != torch.float64
+
+
 def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None,
              name: str | None = None) -> Callable[..., Any]:
-    """``fn`` eagerly; with ``compiled=True`` (the calling layer's ``compiled`` attribute),
-    torch.compile'd (``form``, default ``fn`` itself) for CUDA tensors below fp64. ``name``:
-    the public name, where ``fn`` is a private reference that other chains call."""
+    """``fn`` eagerly; with ``compiled`` truthy (the calling layer's ``compiled`` attribute),
+    torch.compile'd (``form``, default ``fn`` itself) for CUDA tensors below fp64: static
+    shapes for ``True``, symbolic ones for ``"dynamic"`` (a dynamic-shape compile that fails
+    warns once and falls back to the static kernels). ``name``: the public name, where
+    ``fn`` is a private reference that other chains call."""
+    public = name or fn.__name__
 
     @functools.wraps(fn)
-    def dispatch(x: torch.Tensor, *args: Any, compiled: bool = False) -> Any:
-        if compiled and x.is_cuda and x.dtype != torch.float64:
-            fast = _COMPILED.get(fn.__name__)
-            if fast is None:
-                configure_compile()
-                fast = _COMPILED[fn.__name__] = torch.compile(form or fn, fullgraph=True,
-                                                              dynamic=False)
-            return fast(x, *args)
+    def dispatch(x: torch.Tensor, *args: Any, compiled: bool | str = False) -> Any:
+        if compiled and _compilable(x):
+            static = compiled_chain(form or fn, False, public)
+            if compiled == "dynamic":
+                fast = compiled_chain(form or fn, True, public)
+                if fast is not static:
+                    try:
+                        return fast(x, *args)
+                    except Exception as e:
+                        from torch._dynamo.exc import TorchDynamoException
+
+                        if not isinstance(e, TorchDynamoException):  # not the compiler's
+                            raise
+                        _COMPILED[(public, True)] = static
+                        why = f"{type(e).__name__}: {e}".splitlines()[0]
+                        warnings.warn(f"fused.{public}: the dynamic-shape compile failed "
+                                      f"({why}); static-shape kernels (one compile per "
+                                      "shape) from here on", stacklevel=2)
+            return static(x, *args)
         return fn(x, *args)
 
     if name is not None:
@@ -242,5 +309,6 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return (of * weight.to(cdt) * F.silu(z.to(cdt))).to(out)
 
 
-__all__ = ["apply_rope", "causal_conv_silu", "configure_compile", "gated_rms_norm", "gdn_gates",
-           "gdn_inputs", "gdn_token_step", "qkv_rope", "rms_norm", "swiglu"]
+__all__ = ["apply_rope", "causal_conv_silu", "compiled_chain", "configure_compile",
+           "gated_rms_norm", "gdn_gates", "gdn_inputs", "gdn_token_step", "qkv_rope", "rms_norm",
+           "swiglu"]

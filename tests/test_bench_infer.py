@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "bench_infer.py"
 
@@ -20,16 +22,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-def test_bench_infer_reports_rates_and_the_ruler_estimate(tmp_path):
+@pytest.mark.parametrize("one_process", [False, True])
+def test_bench_infer_reports_rates_and_the_ruler_estimate(tmp_path, one_process):
+    # each point in a fresh process, or (--one-process) all on one model in the tool's own
     out = tmp_path / "bench.json"
     proc = _run("--preset", "tiny", "--contexts", "80", "--batches", "1,3", "--window", "32",
-                "--decode", "3", "--decode-warmup", "1", "--json", str(out))
+                "--decode", "3", "--decode-warmup", "1", "--json", str(out),
+                *(["--one-process"] if one_process else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert [(r["context"], r["batch"]) for r in rows] == [(80, 1), (80, 3)]
     for r in rows:
         assert r["prefill_tok_s"] > 0 and r["decode_ms_median"] > 0 and r["decode_ms_mean"] > 0
+        assert ("rss_growth_mib" in r) == (not one_process)  # a process-wide peak: fresh only
         # 80 tokens = 2 full windows + 16: both full windows sleep in prefill; the last one's
         # 16 + 1 warm-up + 3 decode tokens stay in it (no sleep in decode)
         assert r["windows_slept"] == 2 * r["batch"] and not r["cuda_graph"]

@@ -1,7 +1,9 @@
 """Benchmark of batched streaming sleep inference: prefill tokens/s and decode ms/token per
 batch size and context length, peak memory, and the device-hours of a full RULER table.
 
-Each (context, batch) point runs in a fresh process: build the model (random weights),
+Each (context, batch) point runs in a fresh process (``--one-process``: all in this one, on
+one model, so the chains compile once; the GPU's peak memory is still per point, the CPU's
+RSS growth is then not reported): build the model (random weights),
 prefill a short context untimed (first calls of the window shapes), prefill ``batch`` random
 contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
 ``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
@@ -39,13 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _child(args) -> None:
+def _build(args):
+    """(model, config, device): the preset's random model in eval mode, chains compiled as
+    ``--compile`` says."""
     import torch
     from bench_window import PRESETS
 
     import sleeptrain
     from sleeptrain.config import switch_on
-    from sleeptrain.infer import BatchedStream
 
     dev = torch.device(args.device)
     over = [*PRESETS[args.preset], f"sleep.window_len={args.window}",
@@ -57,19 +60,29 @@ def _child(args) -> None:
     model = sleeptrain.build_model(cfg, device=dev)
     model.eval()
     model.set_kernels(compile=switch_on(args.compile, dev.type == "cuda"))
+    return model, cfg, dev
+
+
+def _measure(args, model, cfg, dev, context: int, batch: int, rss: bool = True) -> dict:
+    """One (context, batch) point on ``model`` (module docstring); ``rss``: on CPU, also the
+    growth of the process's peak RSS (meaningful in a fresh process only)."""
+    import torch
+
+    from sleeptrain.infer import BatchedStream
+
     graph = dev.type == "cuda" if args.cuda_graph == "auto" else args.cuda_graph == "on"
     g = torch.Generator().manual_seed(0)
     vocab = cfg.model.vocab_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    prompts = [torch.randint(0, vocab, (args.context,), generator=g) for _ in range(args.batch)]
+    prompts = [torch.randint(0, vocab, (context,), generator=g) for _ in range(batch)]
     # untimed: one full window and the last window's length (first calls of both shapes)
-    warm = args.context if args.context <= args.window else (
-        (args.context - 1) % args.window + 1 + args.window)
+    warm = context if context <= args.window else (
+        (context - 1) % args.window + 1 + args.window)
     with torch.no_grad():
-        BatchedStream(model, args.batch, cuda_graph=False).prefill([p[:warm] for p in prompts])
+        BatchedStream(model, batch, cuda_graph=False).prefill([p[:warm] for p in prompts])
 
     def run() -> dict:
-        stream = BatchedStream(model, args.batch, cuda_graph=graph)
+        stream = BatchedStream(model, batch, cuda_graph=graph)
         sync()
         t0 = time.perf_counter()
         logits = stream.prefill(prompts)
@@ -97,12 +110,12 @@ def _child(args) -> None:
             lat.append(time.perf_counter() - t1)
         if not bool(torch.isfinite(logits).all()):
             raise SystemExit("non-finite logits: the timing would be meaningless")
-        return {"prefill_tok_s": args.batch * args.context / prefill,
+        return {"prefill_tok_s": batch * context / prefill,
                 "decode_ms_median": 1e3 * statistics.median(lat),
                 "decode_ms_mean": 1e3 * statistics.fmean(lat),
                 "windows_slept": stream.windows_slept, "cuda_graph": stream.graph is not None}
 
-    row = {"context": args.context, "batch": args.batch, "preset": args.preset,
+    row = {"context": context, "batch": batch, "preset": args.preset,
            "device": args.device, "window": args.window, "passes": args.passes,
            "eviction": args.eviction, "compile": args.compile}
     if dev.type == "cuda":
@@ -113,13 +126,35 @@ def _child(args) -> None:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         row.update(run())  # timed and RSS-measured without the profiler, which costs memory
-        row["rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        if rss:
+            row["rss_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                     - base) / 1024
         if args.cpu_memory:
             from bench_memory_cpu import alloc_peak_bytes
 
             row["peak_mib"] = alloc_peak_bytes(run) / 2**20
     row["torch"] = torch.__version__
-    print(json.dumps(row), flush=True)
+    return row
+
+
+def _child(args) -> None:
+    model, cfg, dev = _build(args)
+    print(json.dumps(_measure(args, model, cfg, dev, args.context, args.batch)), flush=True)
+
+
+def _in_process(args, points: list[tuple[int, int]]):
+    """``--one-process``: every point on one model in this process (compiled kernels and the
+    model shared), yielding each row as it is measured."""
+    import gc
+
+    import torch
+
+    model, cfg, dev = _build(args)
+    for c, b in points:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        yield _measure(args, model, cfg, dev, c, b, rss=False)
 
 
 def estimate(rows: list[dict], lengths: list[int], tasks: int, samples: int,
@@ -166,6 +201,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--cpu-memory", action="store_true",
                     help="CPU: also the allocator's exact peak (a second, profiled run)")
     ap.add_argument("--profile", action="store_true", help="print a profile of 4 decode steps")
+    ap.add_argument("--one-process", action="store_true",
+                    help="every point in this process on one model (compiled once; no "
+                    "per-point RSS growth on CPU)")
     ap.add_argument("--ruler-tasks", type=int, default=13)
     ap.add_argument("--ruler-samples", type=int, default=100)
     ap.add_argument("--answer-tokens", type=int, default=128,
@@ -209,7 +247,11 @@ def main() -> None:
     contexts, batches = _ints("--contexts", args.contexts), _ints("--batches", args.batches)
     lengths = _ints("--estimate-lengths", args.estimate_lengths)
     rows = []
-    for c in contexts:
+    if args.one_process:
+        for row in _in_process(args, [(c, b) for c in contexts for b in batches]):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for c in contexts if not args.one_process else []:
         for b in batches:
             cmd = [sys.executable, __file__, "--context", str(c), "--batch", str(b)]
             for k in ("preset", "device", "window", "passes", "eviction", "decode",

@@ -12,13 +12,13 @@ from sleeptrain.model.kernels import fused
 pytestmark = pytest.mark.gpu
 
 
-def _inputs(dtype):
+def _inputs(dtype, b=2, t=96):
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def r(*shape, dt=dtype, scale=1.0):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dt).requires_grad_()
 
-    b, t, h, dk, r_, dv = 2, 96, 2, 64, 2, 64
+    h, dk, r_, dv = 2, 64, 2, 64
     cg = 2 * dk + r_ * dv
     ang = torch.randn(t, 64, generator=g, device="cuda")
     return {
@@ -45,14 +45,22 @@ def _inputs(dtype):
                                   "qkv_rope"])
 def test_compiled_chain_matches_reference(name, dtype, mode):
     # mode: static shapes (training's) or symbolic ones (inference's last windows), which
-    # must compile on the GPU too, not fall back with a warning.
-    # Forward outputs and the gradients of every tensor input: compiled and eager, both
-    # against the eager function on fp64 copies of the same inputs. Inductor keeps fp32
-    # intermediates where the eager bf16 chain rounds each op, so it may be more accurate,
-    # never less: its error must stay within 2x the eager error + 1e-6 (fp32) / 4e-3 (bf16,
-    # one rounding of 2^-8) of each tensor's largest entry.
+    # must compile on the GPU too, not fall back to static, and serve a second (batch,
+    # length) with the same compiled code, checked the same way (_check_chain).
+    for b, t in [(2, 96)] + ([(3, 40)] if mode == "dynamic" else []):
+        _check_chain(name, dtype, mode, _inputs(dtype, b, t)[name])
+    if mode == "dynamic":
+        assert fused._COMPILED[(name, True)] is not fused._COMPILED[(name, False)], \
+            f"{name}: the dynamic form fell back to static kernels"
+
+
+def _check_chain(name, dtype, mode, args):
+    """Forward outputs and the gradients of every tensor input: compiled and eager, both
+    against the eager function on fp64 copies of the same inputs. Inductor keeps fp32
+    intermediates where the eager bf16 chain rounds each op, so it may be more accurate,
+    never less: its error must stay within 2x the eager error + 1e-6 (fp32) / 4e-3 (bf16,
+    one rounding of 2^-8) of each tensor's largest entry."""
     fn = getattr(fused, name)
-    args = _inputs(dtype)[name]
     slack = 1e-6 if dtype == torch.float32 else 4e-3
 
     def run(on, to64=False):

@@ -116,6 +116,43 @@ def test_generate_batches_equal_single_stream_greedy():
     assert cut == [w[: w.index(eos)] if eos in w else w for w in want]
 
 
+def test_length_dependent_calls_take_dynamic_kernels(monkeypatch):
+    """With compiled chains, every call whose shape follows the samples' lengths asks for
+    symbolic shapes (compiled="dynamic"): last windows, windows that only a prefix of the
+    batch still has, their logits, sleeps while decoding; full windows of the whole batch and
+    the decode step ask for static kernels (compiled=True), and the layers are restored
+    after each call. Observed through the norms' calls (on CPU the chains run their
+    references, so the results are unchanged)."""
+    from sleeptrain.model.kernels import fused
+
+    cfg, model = tiny_model(f"sleep.window_len={L}", "sleep.passes=2")
+    model.set_kernels(compile=True)
+    calls: list[tuple[tuple[int, ...], object]] = []
+    norm = fused.rms_norm
+
+    def spy(x, *args, compiled=False):
+        calls.append((tuple(x.shape[:2]), compiled))
+        return norm(x, *args, compiled=compiled)
+
+    monkeypatch.setattr(fused, "rms_norm", spy)
+    b = 3  # 13 tokens twice: 3 windows, the last of 1 token; 25: 5, the last of 1
+    with torch.no_grad():
+        bs = BatchedStream(model, b)
+        bs.prefill(_prompts([13, 13, 25], seed=2))
+        for _ in range(L):  # every slot's window fills and sleeps once
+            bs.step(torch.zeros(b, dtype=torch.long))
+    static = {shape for shape, c in calls if c is True}
+    dynamic = {shape for shape, c in calls if c == "dynamic"}
+    assert all(c in (True, "dynamic") for _, c in calls)
+    assert static == {(b, L), (b, 1)}  # the whole batch's windows 0-1, the decode step
+    # windows 2-3 of the 25-token sample alone, the last windows (a bucket of the two
+    # 13-token samples, then 25's) and their logits, the sleeps in decode (the two 13-token
+    # samples together: one window start; 25 alone)
+    assert dynamic == {(1, L), (2, 1), (1, 1), (2, L)}
+    assert bs.windows_slept == 3 + 3 + 1 + 1 + b  # prefill's full windows, one sleep each
+    assert all(m.compiled is True for m in model.modules() if hasattr(type(m), "compiled"))
+
+
 def test_state_is_o_window_whatever_the_context():
     """The buffers of a slot are the same size after a 5-token and a 300-token context (one
     window's worth), and decode keeps them (no growth with the tokens decoded)."""

@@ -605,47 +605,53 @@ def test_dynamic_kernels_switch_compiled_layers_only_and_restore():
 
 
 def test_a_failing_dynamic_compile_falls_back_to_static_with_one_warning(monkeypatch):
-    # A compiler limitation in the dynamic-shape form (a TorchDynamoException) warns once,
-    # naming the chain, and the chain runs its static-shape form from then on; any other
-    # error propagates. torch.compile is replaced by a stand-in (CPU: no inductor here).
-    from torch._dynamo.exc import TorchDynamoException
+    # A compiler limitation in the dynamic-shape form (Unsupported, BackendCompilerFailed:
+    # the latter's cause named) warns once, naming the chain, and the chain runs its static
+    # form from then on; a tracing error of the caller's own (TorchRuntimeError) or any other
+    # error propagates and switches nothing. torch.compile is replaced by a stand-in (CPU).
+    from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError, Unsupported
 
     from sleeptrain.model.kernels import fused
 
     made = []
 
-    def fake_compile(fn, fullgraph, dynamic, backend):
-        made.append(dynamic)
-        if not dynamic:
-            return fn
+    def compile_raising(error):
+        def fake_compile(fn, fullgraph, dynamic, backend):
+            made.append(dynamic)
+            if not dynamic:
+                return fn
 
-        def broken(*args):
-            raise TorchDynamoException("no symbolic shapes today")
+            def broken(*args):
+                raise error
 
-        return broken
+            return broken
 
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "_compilable", lambda x: True)
-    monkeypatch.setattr(torch, "compile", fake_compile)
+        return fake_compile
+
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 5, 8, generator=g), torch.randn(8, generator=g)
     want = fused.rms_norm(x, w, 1e-6)
-    with pytest.warns(UserWarning, match=r"fused\.rms_norm: the dynamic-shape compile failed "
-                      r"\(TorchDynamoException: no symbolic shapes today\)"):
-        got = fused.rms_norm(x, w, 1e-6, compiled="dynamic")
-    assert torch.equal(got, want)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(fused.rms_norm(x, w, 1e-6, compiled="dynamic"), want)  # no 2nd
-    assert sorted(made) == [False, True]
-    assert fused._COMPILED[("rms_norm", True)] is fused._COMPILED[("rms_norm", False)]
-
-    def raising(fn, fullgraph, dynamic, backend):
-        def oom(*args):
-            raise RuntimeError("CUDA out of memory")
-        return oom if dynamic else fn
-
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", raising)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        fused.rms_norm(x, w, 1e-6, compiled="dynamic")
+    monkeypatch.setattr(fused, "_compilable", lambda x: True)
+    failed = BackendCompilerFailed("inductor", ValueError("no symbolic shapes today"), None)
+    for error, why in ((Unsupported("data-dependent branch"), "Unsupported: data-dependent"),
+                       (failed, "ValueError: no symbolic shapes today")):
+        made.clear()
+        monkeypatch.setattr(fused, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", compile_raising(error))
+        with pytest.warns(UserWarning, match=r"fused\.rms_norm: the dynamic-shape compile "
+                          rf"failed \({why}"):
+            got = fused.rms_norm(x, w, 1e-6, compiled="dynamic")
+        assert torch.equal(got, want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(fused.rms_norm(x, w, 1e-6, compiled="dynamic"), want)  # once
+        assert sorted(made) == [False, True]
+        assert fused._COMPILED[("rms_norm", True)] is fused._COMPILED[("rms_norm", False)]
+    for error in (TorchRuntimeError("shape mismatch in the caller's inputs"),
+                  RuntimeError("CUDA out of memory")):
+        monkeypatch.setattr(fused, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", compile_raising(error))
+        with pytest.raises(RuntimeError, match=str(error)):
+            fused.rms_norm(x, w, 1e-6, compiled="dynamic")
+        assert ("rms_norm", True) not in fused._COMPILED or \
+            fused._COMPILED[("rms_norm", True)] is not fused._COMPILED[("rms_norm", False)]

@@ -29,15 +29,19 @@ fill and the position, per slot.
 Per sample, the logits and the state equal ``Stream``'s (tests/test_infer_batched.py): the
 same operations on other batch sizes, so float rounding only.
 
-With compiled chains (CUDA, ``train.compile``) the last-window wake passes and the sleeps
-while decoding run them with symbolic shapes (``HybridModel.dynamic_kernels``): their shapes
-follow the samples' lengths, and static shapes compiled every chain again for each new one
-(long-context suites have a new length in nearly every sample). Full windows of a prefill
-and the decode step keep the static kernels of their fixed shapes.
+With compiled chains (CUDA, ``train.compile``) every call whose shape follows the samples'
+lengths runs them with symbolic shapes (``HybridModel.dynamic_kernels``): the last-window
+wake passes and their logits (one call per last-window length and bucket size), full
+windows that only a prefix of the batch still has, and the sleeps while decoding (one per
+group of slots filling together). With static shapes each new shape compiled every chain
+again (long-context suites have a new length in nearly every sample, and a ``fullgraph``
+compile raises past its recompile limit). Full windows of the whole batch and the decode
+step keep the static kernels of their one shape each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -193,9 +197,13 @@ class BatchedStream:
                 r = e
             if going:
                 toks = torch.stack([ids[order[j]][w * L:(w + 1) * L] for j in range(going)])
-                _, state = run_window(self.net, toks.to(self.device), _rows(state, 0, going),
-                                      self.passes, self.cfg, want_logits=False,
-                                      want_head=False)
+                # the whole batch: static kernels of its one shape; a prefix: any size
+                shapes = (self.net.dynamic_kernels() if going < B
+                          else contextlib.nullcontext())
+                with shapes:
+                    _, state = run_window(self.net, toks.to(self.device),
+                                          _rows(state, 0, going), self.passes, self.cfg,
+                                          want_logits=False, want_head=False)
                 self.windows_slept += going
         out = torch.empty(B, parts[0][1].shape[-1], dtype=parts[0][1].dtype,
                           device=parts[0][1].device)
@@ -220,6 +228,7 @@ class BatchedStream:
         with net.dynamic_kernels():  # a shape per last-window length: no compile per length
             h_loop, h, fast, extras = wake_blocks(
                 net, net.embed_tokens(tokens.to(self.device)), state.fast, ctx)
+            logits = net.full_logits(h[:, -1:])[:, 0]  # [r, V]: r varies with the bucket
         if not self.buf:
             self._alloc(extras, extras, h_loop)
         b, c, n = self.buf, self.carry_len, tokens.shape[1]
@@ -239,7 +248,7 @@ class BatchedStream:
         if self.sliding and start > 0:
             b["carry_valid"][idx] = True
         b["h_loop"][idx, :n] = h_loop
-        return net.full_logits(h[:, -1:])[:, 0]
+        return logits
 
     # -- decode ------------------------------------------------------------------------------
     @torch.no_grad()

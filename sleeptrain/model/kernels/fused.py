@@ -26,7 +26,8 @@ what training uses) or ``"dynamic"`` (one set of kernels for any batch and lengt
 torch's own specializations of sizes 0 and 1). Streaming inference switches its layers to
 ``"dynamic"`` for the calls whose shapes follow the samples' lengths (a batch's last windows,
 the windows that fill while decoding): with static shapes each new length compiled every
-chain again, and long-context evaluation has a new length in nearly every sample.
+chain again (and, these compiles being ``fullgraph``, torch raises once a chain passes its
+recompile limit), and long-context evaluation has a new length in nearly every sample.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def compiled_chain(fn: Callable[..., Any], dynamic: bool, name: str | None = Non
     ``dynamic=False`` static shapes (every distinct input shape its own kernels, generated
     the same way whatever the process compiled before, so a resumed process computes exactly
     what the uninterrupted one did), ``dynamic=True`` symbolic shapes from the first call
-    (one kernel set for every batch and length, so no recompilation per length, and again
-    the same kernels whatever came first). ``backend``: another torch.compile backend (not
-    cached; tests trace with a counting CPU backend)."""
+    (one kernel set for every batch and length, so no recompilation per length; inductor
+    still tunes from the first call's sizes, so this form's roundings are not promised to
+    be the same across processes). ``backend``: another torch.compile backend (not cached;
+    tests trace with a counting CPU backend)."""
     key = (name or fn.__name__, bool(dynamic))
     fast = _COMPILED.get(key) if backend == "inductor" else None
     if fast is None:
@@ -111,8 +113,10 @@ def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None,
              name: str | None = None) -> Callable[..., Any]:
     """``fn`` eagerly; with ``compiled`` truthy (the calling layer's ``compiled`` attribute),
     torch.compile'd (``form``, default ``fn`` itself) for CUDA tensors below fp64: static
-    shapes for ``True``, symbolic ones for ``"dynamic"`` (a dynamic-shape compile that fails
-    warns once and falls back to the static kernels). ``name``: the public name, where
+    shapes for ``True``, symbolic ones for ``"dynamic"`` (a dynamic-shape compile that the
+    compiler cannot do -- ``Unsupported``, ``BackendCompilerFailed`` -- warns once with its
+    cause and the chain uses the static kernels from then on; any other error, such as a
+    tracing error from bad inputs, propagates). ``name``: the public name, where
     ``fn`` is a private reference that other chains call."""
     public = name or fn.__name__
 
@@ -126,15 +130,19 @@ def _fusable(fn: Callable[..., Any], form: Callable[..., Any] | None = None,
                     try:
                         return fast(x, *args)
                     except Exception as e:
-                        from torch._dynamo.exc import TorchDynamoException
+                        from torch._dynamo.exc import BackendCompilerFailed, Unsupported
 
-                        if not isinstance(e, TorchDynamoException):  # not the compiler's
-                            raise
+                        if not isinstance(e, (BackendCompilerFailed, Unsupported)):
+                            raise  # not a compiler limitation: the caller's error
+                        out = static(x, *args)  # raises too if the inputs are at fault
                         _COMPILED[(public, True)] = static
-                        why = f"{type(e).__name__}: {e}".splitlines()[0]
+                        cause = getattr(e, "inner_exception", None) or e
+                        why = (f"{type(cause).__name__}: "
+                               f"{(str(cause).strip().splitlines() or [''])[0]}")
                         warnings.warn(f"fused.{public}: the dynamic-shape compile failed "
                                       f"({why}); static-shape kernels (one compile per "
                                       "shape) from here on", stacklevel=2)
+                        return out
             return static(x, *args)
         return fn(x, *args)
 

@@ -202,7 +202,8 @@ def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
     for bad, msg in ((["--passes", "1,0"], "each N >= 1"), (["--passes", "2,2"], "none twice"),
                      (["--passes", "1,x"], "comma list"),
                      (["--passes", "1,2", "--out", str(tmp_path / "e.json")], "{passes}"),
-                     (["--passes", "2", "sleep.passes=1"], "give one")):
+                     (["--passes", "2", "sleep.passes=1"], "give one"),
+                     (["--suite", "ruler", "--passes", "2"], "--passes is for task evaluation")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             main(["eval", str(run), "--n", "8", *bad])
     assert main(["eval", str(run), "--n", "8", "--passes", "2,1", "--out", tmpl]) == 0

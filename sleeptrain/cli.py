@@ -76,13 +76,6 @@ def _passes_list(args: argparse.Namespace) -> list[int]:
     return passes
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Complete results only, under the final name (a crash leaves no half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.suite != "tasks":
         _passes_list(args)  # --passes with a suite: a clear error
@@ -91,6 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sleeptrain.config import autocast_on
     from sleeptrain.data.tasks import build_task
+    from sleeptrain.eval.harness import write_json_atomic
     from sleeptrain.eval.tasks import evaluate_task, format_table
 
     run = Path(args.run_dir)
@@ -115,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        else run / f"eval_N{m}.json")
         else:
             out = Path(args.out) if args.out else run / "eval.json"
-        _write_json_atomic(out, res)
+        write_json_atomic(out, res)
         print(f"wrote {out} (checkpoint {ckpt}, passes {m})")
     return 0
 

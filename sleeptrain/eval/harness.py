@@ -89,7 +89,9 @@ def _dp() -> tuple[int, int]:
     return 0, 1
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, complete or not at all (a temporary file, then a rename):
+    a crash never leaves a half-written result under the final name."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -150,7 +152,7 @@ def run_suite(model: SleepModel, tokenizer: Any, suite: str, tasks: list[str], l
             rec = run_cell(model, tokenizer, suite, task, length, n, seed, eos_id, batch_size,
                            cuda_graph)
             if rec is not None:
-                _write_json_atomic(path, rec)
+                write_json_atomic(path, rec)
                 log(f"{suite} {task} @ {length}: {rec['score']:.1f} ({rec['n']} samples, "
                     f"{rec['seconds']:.1f} s)")
     if rank != 0:
@@ -238,4 +240,5 @@ def _heatmap(path: Path, tasks: list[str], lengths: list[int],
     return True
 
 
-__all__ = ["DEFAULT_TASKS", "SUITES", "parse_lengths", "run_cell", "run_suite", "summarize"]
+__all__ = ["DEFAULT_TASKS", "SUITES", "parse_lengths", "run_cell", "run_suite", "summarize",
+           "write_json_atomic"]

@@ -157,6 +157,24 @@ def _in_process(args, points: list[tuple[int, int]]):
         yield _measure(args, model, cfg, dev, c, b, rss=False)
 
 
+def _in_subprocesses(args, points: list[tuple[int, int]]):
+    """Each point in a fresh process of this tool (``_child``), yielding each row as it is
+    measured."""
+    for c, b in points:
+        cmd = [sys.executable, __file__, "--context", str(c), "--batch", str(b)]
+        for k in ("preset", "device", "window", "passes", "eviction", "decode",
+                  "decode_warmup", "cuda_graph", "compile"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        cmd += ["--cpu-memory"] if args.cpu_memory else []
+        cmd += ["--profile"] if args.profile else []
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0 or args.profile:
+            print(out.stderr[-8000:], file=sys.stderr)
+        if out.returncode != 0:
+            raise SystemExit(f"context {c}, batch {b} failed")
+        yield json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def estimate(rows: list[dict], lengths: list[int], tasks: int, samples: int,
              answer_tokens: int) -> list[dict]:
     """Device-hours of a RULER table (``tasks`` x ``samples`` at each length) per batch size,
@@ -246,26 +264,11 @@ def main() -> None:
         return
     contexts, batches = _ints("--contexts", args.contexts), _ints("--batches", args.batches)
     lengths = _ints("--estimate-lengths", args.estimate_lengths)
+    points = [(c, b) for c in contexts for b in batches]
     rows = []
-    if args.one_process:
-        for row in _in_process(args, [(c, b) for c in contexts for b in batches]):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    for c in contexts if not args.one_process else []:
-        for b in batches:
-            cmd = [sys.executable, __file__, "--context", str(c), "--batch", str(b)]
-            for k in ("preset", "device", "window", "passes", "eviction", "decode",
-                      "decode_warmup", "cuda_graph", "compile"):
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-            cmd += ["--cpu-memory"] if args.cpu_memory else []
-            cmd += ["--profile"] if args.profile else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0 or args.profile:
-                print(out.stderr[-8000:], file=sys.stderr)
-            if out.returncode != 0:
-                raise SystemExit(f"context {c}, batch {b} failed")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+    for row in (_in_process if args.one_process else _in_subprocesses)(args, points):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     ests = estimate(rows, lengths, args.ruler_tasks, args.ruler_samples, args.answer_tokens)
     _report(rows, ests, lengths, args.device)
     if args.json:

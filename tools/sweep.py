@@ -266,20 +266,22 @@ def eval_run(run_dir: Path, passes: list[int], n: int, log: Path,
     loaded, and its kernels compiled, once; the trainer's own eval.json is untouched);
     ``step``: an unfinished run's newest checkpoint, into ``eval_N{M}_step{S}.json``."""
     name = "eval_N{passes}.json" if step is None else f"eval_N{{passes}}_step{step}.json"
-    todo = [m for m in passes
-            if not (run_dir / name.replace("{passes}", str(m))).is_file()]
+
+    def target(m: int) -> Path:
+        return run_dir / name.replace("{passes}", str(m))
+
+    todo = [m for m in passes if not target(m).is_file()]
     if not todo:
         return True
     extra = ["--n", str(n)] if n else []
     rc = run_logged(cli("eval", str(run_dir), "--passes", ",".join(map(str, todo)),
                         "--out", str(run_dir / name), *extra), log)
     ok = rc == 0
+    at = "" if step is None else f" (step {step})"
     for m in todo:  # the CLI writes each result whole under its final name, or not at all
-        target = run_dir / name.replace("{passes}", str(m))
-        at = "" if step is None else f" (step {step})"
-        if target.is_file():
+        if target(m).is_file():
             say(f"{run_dir.name}: eval N={m}{at}: exact "
-                f"{json.loads(target.read_text())['example_acc']:.3f}")
+                f"{json.loads(target(m).read_text())['example_acc']:.3f}")
         else:
             say(f"{run_dir.name}: eval N={m}{at} FAILED (exit {rc}; see logs/)")
             ok = False

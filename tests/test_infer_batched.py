@@ -155,13 +155,17 @@ def test_length_dependent_calls_take_dynamic_kernels(monkeypatch):
 
 def test_state_is_o_window_whatever_the_context():
     """The buffers of a slot are the same size after a 5-token and a 300-token context (one
-    window's worth), and decode keeps them (no growth with the tokens decoded)."""
+    window's worth), and decode keeps them (no growth with the tokens decoded); so are the
+    model's kept RoPE tables (one window start's, where a long prefill used to keep every
+    window's up to RopeTables.max_bytes: 60 MiB more at 1M tokens than at 4k for the 1.3B
+    preset on a GPU), also after the unbatched Stream; outside an engine the tables of
+    every window are kept again (training reuses them)."""
     cfg, model = tiny_model("sleep.eviction=sliding", f"sleep.window_len={L}")
 
     def held(bs: BatchedStream) -> int:
         return sum(t.numel() for t in bs._state_tensors())
 
-    sizes = []
+    sizes, tables = [], []
     with torch.no_grad():
         for n in (5, 300):
             bs = BatchedStream(model, 1)
@@ -170,7 +174,14 @@ def test_state_is_o_window_whatever_the_context():
             for _ in range(2 * L):
                 bs.step(torch.zeros(1, dtype=torch.long))
             sizes.append(held(bs))
+            tables.append({k[0] for k in model.rope.cache})
+        Stream(model, 1).feed(_prompts([300], seed=1)[0][None])
+        tables.append({k[0] for k in model.rope.cache})
     assert len(set(sizes)) == 1 and bs.pos == [300 + 2 * L]
+    assert [len(t) for t in tables] == [1, 1, 1], tables
+    for start in range(0, 3 * L, L):
+        model.rope.get(start, L, 8, 1e4, "cpu", torch.float32)
+    assert {k[0] for k in model.rope.cache} == tables[-1] | {0, L, 2 * L}
 
 
 def test_bad_input_is_named():

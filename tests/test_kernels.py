@@ -206,6 +206,11 @@ def test_rope_tables_read_by_a_captured_graph_are_never_evicted(monkeypatch):
     assert get(0)[0] is first[0]
     held = sum(2 * c.numel() * c.element_size() for c, _ in tables.cache.values())
     assert tables.held == held == 4 * table_bytes
+    with tables.streaming():  # a miss drops the other starts' tables, never a pinned one
+        get(176)  # a hit drops nothing
+        assert sorted(k[0] for k in tables.cache) == [0, 144, 160, 176]
+        get(192)
+    assert sorted(k[0] for k in tables.cache) == [0, 192] and tables.held == 2 * table_bytes
 
 
 def test_a_model_shares_one_rope_table_set():

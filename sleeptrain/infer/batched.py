@@ -42,8 +42,9 @@ step keep the static kernels of their one shape each.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +98,17 @@ def _rows(state: SleepState, a: int, b: int) -> SleepState:
         conv=[None if c is None else c[a:b] for c in state.conv],
         kv=[None if kv is None else (kv[0][a:b], kv[1][a:b]) for kv in state.kv],
         position=state.position)
+
+
+def streaming(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An engine method run with the model's RoPE tables in streaming mode
+    (``RopeTables.streaming``: the positions it passed are not asked for again, so their
+    tables are not kept and memory stays flat in the context length)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.net.rope.streaming():
+            return method(self, *args, **kwargs)
+    return run
 
 
 def stream_settings(stream: Any, model: HybridModel, sleep_cfg: SleepConfig | None,
@@ -165,6 +177,7 @@ class BatchedStream:
         }
 
     # -- prefill -----------------------------------------------------------------------------
+    @streaming
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Streams every sample's context (window by window, with sleep); returns the wake-pass
@@ -251,6 +264,7 @@ class BatchedStream:
         return logits
 
     # -- decode ------------------------------------------------------------------------------
+    @streaming
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Appends one token per slot (``tokens`` [B] int64); returns the logits [B, V] of the

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sleeptrain.config import SleepConfig
-from sleeptrain.infer.batched import generate_batched, greedy, stream_settings
+from sleeptrain.infer.batched import generate_batched, greedy, stream_settings, streaming
 from sleeptrain.model.hybrid import BlockContext, HybridModel
 from sleeptrain.sleep.runner import _evict, _sleep, sleep_passes, wake_blocks
 from sleeptrain.sleep.state import SleepState, initial_state
@@ -59,6 +59,7 @@ class Stream:
         """Tokens consumed so far."""
         return self.win.start.position + self.win.n
 
+    @streaming
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, want: str = "last") -> torch.Tensor | None:
         """Consumes tokens [B, t]; returns the wake-pass logits of every token ([B, t, V],

@@ -15,9 +15,10 @@ and its last K-1 conv inputs).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -162,6 +163,11 @@ class RopeTables:
     computed inside the graph and not kept (capture records kernels without running them,
     so its values would exist only once replayed). Pinned tables are bounded by the windows
     of the captured layouts.
+
+    Streaming inference (``streaming()``) visits each window's positions once, never again:
+    there a miss first drops the kept tables of every other start (not pinned ones), so what
+    is kept stays one window's tables however long the stream is, where a long prefill would
+    otherwise fill ``max_bytes`` with tables it never reads again.
     """
 
     def __init__(self, max_bytes: int = 64 << 20):
@@ -170,6 +176,19 @@ class RopeTables:
             OrderedDict())
         self.held = 0
         self.pinned: set[tuple[Any, ...]] = set()
+        self._streaming = False
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Within: positions only move on (a streaming engine's calls); see the class."""
+        outer, self._streaming = self._streaming, True
+        try:
+            yield
+        finally:
+            self._streaming = outer
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        self.held -= _table_bytes(self.cache.pop(key))
 
     def get(self, start: int, length: int, dim: int, theta: float, device: torch.device,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +206,9 @@ class RopeTables:
             return hit
         if capturing:
             return _rope_table(start, length, dim, theta, dev, cdt)
+        if self._streaming:
+            for k in [k for k in self.cache if k[0] != start and k not in self.pinned]:
+                self._drop(k)
         with torch.inference_mode(False), torch.no_grad():
             table = _rope_table(start, length, dim, theta, dev, cdt)
         size = _table_bytes(table)
@@ -197,7 +219,7 @@ class RopeTables:
                 victim = next((k for k in self.cache if k not in self.pinned), None)
                 if victim is None:
                     break
-                self.held -= _table_bytes(self.cache.pop(victim))
+                self._drop(victim)
         return table
 
 

@@ -26,13 +26,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_bench_infer_reports_rates_and_the_ruler_estimate(tmp_path, one_process):
     # each point in a fresh process, or (--one-process) all on one model in the tool's own
     out = tmp_path / "bench.json"
-    proc = _run("--preset", "tiny", "--contexts", "80", "--batches", "1,3", "--window", "32",
+    contexts = "80,48" if one_process else "80"  # the order of points: checked once
+    proc = _run("--preset", "tiny", "--contexts", contexts, "--batches", "1,3", "--window", "32",
                 "--decode", "3", "--decode-warmup", "1", "--json", str(out),
                 *(["--one-process"] if one_process else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert [(r["context"], r["batch"]) for r in rows] == [(80, 1), (80, 3)]
+    # batch by batch, each batch's contexts in the order given
+    assert [(r["context"], r["batch"]) for r in rows] == (
+        [(80, 1), (48, 1), (80, 3), (48, 3)] if one_process else [(80, 1), (80, 3)])
+    rows = [r for r in rows if r["context"] == 80]
     for r in rows:
         assert r["prefill_tok_s"] > 0 and r["decode_ms_median"] > 0 and r["decode_ms_mean"] > 0
         assert ("rss_growth_mib" in r) == (not one_process)  # a process-wide peak: fresh only

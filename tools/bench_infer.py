@@ -3,7 +3,10 @@ batch size and context length, peak memory, and the device-hours of a full RULER
 
 Each (context, batch) point runs in a fresh process (``--one-process``: all in this one, on
 one model, so the chains compile once; the GPU's peak memory is still per point, the CPU's
-RSS growth is then not reported): build the model (random weights),
+RSS growth is then not reported; what earlier points left allocated, e.g. a library's
+workspace, counts in a later point's peak: ``start_mib`` is the memory allocated when the
+point starts), batch by batch, each batch's contexts in the order given (so the points
+compared for memory at one batch size follow each other): build the model (random weights),
 prefill a short context untimed (first calls of the window shapes), prefill ``batch`` random
 contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
 ``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
@@ -120,6 +123,7 @@ def _measure(args, model, cfg, dev, context: int, batch: int, rss: bool = True) 
            "eviction": args.eviction, "compile": args.compile}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        row["start_mib"] = torch.cuda.memory_allocated() / 2**20
         row.update(run())
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["gpu"] = torch.cuda.get_device_name()
@@ -264,7 +268,7 @@ def main() -> None:
         return
     contexts, batches = _ints("--contexts", args.contexts), _ints("--batches", args.batches)
     lengths = _ints("--estimate-lengths", args.estimate_lengths)
-    points = [(c, b) for c in contexts for b in batches]
+    points = [(c, b) for b in batches for c in contexts]
     rows = []
     for row in (_in_process if args.one_process else _in_subprocesses)(args, points):
         rows.append(row)

@@ -147,8 +147,10 @@ def _eval_suite(args: argparse.Namespace) -> int:
     if recs:
         print((out / "results.md").read_text(), end="")
         heat = ", heatmap.png" if (out / "heatmap.png").is_file() else ""
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         print(f"wrote {out}/results.csv, results.md{heat} (checkpoint {ckpt}, passes "
-              f"{cfg.sleep.passes}, window {cfg.sleep.window_len})")
+              f"{cfg.sleep.passes}, window {cfg.sleep.window_len}, weights {dtype}: "
+              f"model.params_dtype=... to evaluate in another)")
         if cfg.log.wandb != "disabled":
             import wandb
 

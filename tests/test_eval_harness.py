@@ -154,3 +154,27 @@ def test_cli_names_a_bad_batch_size(tmp_path):
 
     with pytest.raises(SystemExit, match="--batch-size must be >= 1, got 0"):
         main(["eval", str(tmp_path), "--suite", "ruler", "--batch-size", "0"])
+
+
+def test_cli_suite_names_the_weights_dtype_and_takes_another(tmp_path, capsys):
+    """``sleeptrain eval --suite`` end to end on a one-step run: the closing line names the
+    dtype the suite ran in (the parameters': a suite has no autocast), and
+    ``model.params_dtype=bfloat16`` evaluates the fp32 checkpoint in bf16, as
+    docs/design.md (Long-context evaluation) advises."""
+    from pathlib import Path
+
+    from sleeptrain.cli import main
+
+    run = tmp_path / "run"
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "rule110_tiny.yaml"
+    assert main(["train", str(cfg), "model.vocab_size=258", "train.steps=1",
+                 f"train.run_dir={run}", "data.tokenizer=byte", "train.device=cpu",
+                 "data.batch_size=4", "data.eval_batch_size=4", "train.eval_examples=8"]) == 0
+    capsys.readouterr()
+    for dtype in ("float32", "bfloat16"):
+        over = [] if dtype == "float32" else [f"model.params_dtype={dtype}"]
+        assert main(["eval", str(run), "--suite", "ruler", "--tasks", "niah_single_1",
+                     "--lengths", "2k", "--n", "1", "--out", str(tmp_path / dtype),
+                     "sleep.window_len=512", *over]) == 0
+        assert f"window 512, weights {dtype}" in capsys.readouterr().out
+        assert (tmp_path / dtype / "results.csv").is_file()

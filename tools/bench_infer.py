@@ -1,21 +1,23 @@
 """Benchmark of batched streaming sleep inference: prefill tokens/s and decode ms/token per
 batch size and context length, peak memory, and the device-hours of a full RULER table.
 
-Each (context, batch) point runs in a fresh process (``--one-process``: all in this one, on
-one model, so the chains compile once; the GPU's peak memory is still per point, the CPU's
-RSS growth is then not reported; what earlier points left allocated, e.g. a library's
-workspace, counts in a later point's peak: ``start_mib`` is the memory allocated when the
-point starts), batch by batch, each batch's contexts in the order given (so the points
-compared for memory at one batch size follow each other): build the model (random weights),
-prefill a short context untimed (first calls of the window shapes), prefill ``batch`` random
-contexts with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
+The points run batch by batch, each batch's contexts in the order given, so the points
+compared for memory at one batch size follow each other. Each runs in a fresh process; with
+``--one-process`` all run in this one, on one model, so the chains compile once. The GPU's
+peak memory is then still per point, but what earlier points left allocated (a library's
+workspace) counts in a later point's peak: ``start_mib`` is the memory allocated when the
+point starts. The CPU's RSS growth is reported in fresh processes only.
+
+A point (the model built first: random weights; once with ``--one-process``): prefill a
+short context untimed (first calls of the window shapes), prefill ``batch`` random contexts
+with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
 ``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
-(on CUDA the decode step is captured as a CUDA graph after two eager steps unless
-``--cuda-graph off``), the layers' elementwise chains compiled on CUDA as in training
-(``--compile``, default auto: on for CUDA; ``HybridModel.set_kernels``). Peak memory:
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak RSS
-(``--cpu-memory``: also the exact peak of live bytes in PyTorch's CPU allocator, from a
-second, profiled run).
+(on CUDA the decode step is captured as a CUDA graph after two eager steps unless ``--cuda-
+graph off``), the layers' elementwise chains compiled on CUDA as in training (``--compile``,
+default auto: on for CUDA; ``HybridModel.set_kernels``). Peak memory:
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak RSS (``--cpu-
+memory``: also the exact peak of live bytes in PyTorch's CPU allocator, from a second,
+profiled run).
 
 The estimate: a RULER table of ``--ruler-tasks`` x ``--ruler-samples`` samples at each of
 ``--estimate-lengths`` costs, per batch size B, samples x length / prefill_tok_s(B) plus

@@ -12,12 +12,12 @@ A point (the model built first: random weights; once with ``--one-process``): pr
 short context untimed (first calls of the window shapes), prefill ``batch`` random contexts
 with ``BatchedStream`` (window by window, sleeping at every eviction), then decode
 ``--decode`` timed steps (one token per sample each) after ``--decode-warmup`` untimed ones
-(on CUDA the decode step is captured as a CUDA graph after two eager steps unless ``--cuda-
-graph off``), the layers' elementwise chains compiled on CUDA as in training (``--compile``,
-default auto: on for CUDA; ``HybridModel.set_kernels``). Peak memory:
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak RSS (``--cpu-
-memory``: also the exact peak of live bytes in PyTorch's CPU allocator, from a second,
-profiled run).
+(on CUDA the decode step is captured as a CUDA graph after two eager steps unless
+``--cuda-graph off``), the layers' elementwise chains compiled on CUDA as in training
+(``--compile``, default auto: on for CUDA; ``HybridModel.set_kernels``). Peak memory:
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak RSS
+(``--cpu-memory``: also the exact peak of live bytes in PyTorch's CPU allocator, from a
+second, profiled run).
 
 The estimate: a RULER table of ``--ruler-tasks`` x ``--ruler-samples`` samples at each of
 ``--estimate-lengths`` costs, per batch size B, samples x length / prefill_tok_s(B) plus

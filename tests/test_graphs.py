@@ -8,7 +8,7 @@ import torch
 import sleeptrain
 from sleeptrain.config.validate import ConfigError
 from sleeptrain.sleep import windowed_loss
-from sleeptrain.sleep.runner import window_heads
+from sleeptrain.sleep.runner import heads_from_counts, target_counts, window_heads
 from sleeptrain.train.step import (
     MicroBatchGraphs,
     forward_backward,
@@ -32,6 +32,22 @@ def test_window_heads_marks_windows_with_targets():
     # micro-batches stacked [M, B, T]: any of them
     assert window_heads(torch.stack([mask, torch.zeros_like(mask)]), 8) == [True, False, True,
                                                                              True]
+
+
+@pytest.mark.parametrize("t,window", [(26, 8), (25, 8), (104, 24), (2, 8), (1, 4), (17, 1)])
+def test_target_counts_give_the_mask_reductions(t, window):
+    # what the trainer takes from the host copy of target_counts (T-1 numbers) equals what it
+    # computed from the whole [B, T] mask before: the loss normalizer and each window's "any
+    # target" (a window of inputs [s, s+L) holds targets s+1..s+L), for sparse random masks
+    g = torch.Generator().manual_seed(t * 31 + window)
+    for dtype in (torch.long, torch.float32):
+        mask = (torch.rand(5, t, generator=g) < 0.05).to(dtype)
+        counts = target_counts(mask)
+        assert counts.shape == (max(t - 1, 0),)
+        assert int(counts.numpy().sum()) == int(mask[:, 1:].sum())
+        has = mask[:, 1:].any(0).tolist()
+        want = [any(has[s:s + window]) for s in range(0, t - 1, window)]
+        assert heads_from_counts(counts, window) == want == window_heads(mask, window)
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])

@@ -121,18 +121,18 @@ def test_prefetched_task_batches_train_exactly_as_made_in_their_step(tmp_path,
 
     monkeypatch.setattr(tr, "_prefetch_on", lambda *a: True)
     made, taken = [], []
-    orig_next, orig_masks = tr.Trainer._prefetch_next_step, tr.Trainer._host_masks
+    orig_next, orig_counts = tr.Trainer._prefetch_next_step, tr.Trainer._host_counts
 
     def next_step(self):
         orig_next(self)
         made.append(self.prefetched[0] if self.prefetched else None)
 
-    def masks(self, batches):
+    def counts(self, batches):
         taken.append(self.prefetched is not None and self.prefetched[1] is batches)
-        return orig_masks(self, batches)
+        return orig_counts(self, batches)
 
     monkeypatch.setattr(tr.Trainer, "_prefetch_next_step", next_step)
-    monkeypatch.setattr(tr.Trainer, "_host_masks", masks)
+    monkeypatch.setattr(tr.Trainer, "_host_counts", counts)
     run = tmp_path / "run"
     train(_cfg(run))
     assert _view(run) == reference_run

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -464,15 +465,35 @@ def run_window(
     return WindowOutput(logits, loss_sum, n_correct, preds, ce), new_state
 
 
-def window_heads(loss_mask: torch.Tensor, window_len: int) -> list[bool]:
-    """Which windows of rows ``loss_mask`` [B, T] hold at least one target (need the head).
+def target_counts(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per target position 1..T-1, the sum over the rows of ``loss_mask`` [B, T] (a 0/1 mask:
+    how many rows hold a target there): [T-1], computed where the mask is. What the host
+    needs of a step's mask (``window_heads``, the loss normalizer) follows from it, so the
+    trainer copies these T-1 numbers to the host rather than the [B, T] mask, and reduces
+    nothing large there (docs/benchmarks.md: the host's reductions of a 512 x 104 mask took
+    15-30 ms of a Rule 110 step, the GPU idle meanwhile)."""
+    return loss_mask[..., 1:].sum(dim=tuple(range(loss_mask.dim() - 1)))
 
-    Reads the mask on the host: a device-to-host copy for a CUDA mask. The trainer copies the
-    step's masks to the host before any of its micro-batches runs and passes the result to
-    ``windowed_loss``, which then syncs with the host nowhere.
+
+def heads_from_counts(counts: torch.Tensor, window_len: int) -> list[bool]:
+    """``window_heads`` from the host copy of ``target_counts``: which windows of
+    ``window_len`` target positions hold a target (numpy on the host: one thread, no sync)."""
+    has = counts.numpy() != 0
+    if has.shape[0] == 0:
+        return []
+    return np.logical_or.reduceat(has, np.arange(0, has.shape[0], window_len)).tolist()
+
+
+def window_heads(loss_mask: torch.Tensor, window_len: int) -> list[bool]:
+    """Which windows of rows ``loss_mask`` [B, T] (0/1) hold at least one target (need the
+    head).
+
+    Reads the mask on the host: a device-to-host copy of ``target_counts`` for a CUDA mask.
+    The trainer copies the step's counts to the host before any of its micro-batches runs
+    and passes the result (``heads_from_counts``) to ``windowed_loss``, which then syncs with
+    the host nowhere.
     """
-    has = loss_mask[..., 1:].reshape(-1, loss_mask.shape[-1] - 1).any(0).cpu()
-    return [bool(has[s : s + window_len].any()) for s in range(0, has.shape[0], window_len)]
+    return heads_from_counts(target_counts(loss_mask).cpu(), window_len)
 
 
 def parallel_hidden(net: HybridModel, tokens: torch.Tensor, window_len: int,

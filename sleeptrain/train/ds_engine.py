@@ -31,7 +31,13 @@ from torch import nn
 from sleeptrain.config import to_yaml
 from sleeptrain.config.derived import loop_range
 from sleeptrain.config.validate import ConfigError, deepspeed_zero, read_deepspeed_file
-from sleeptrain.sleep.runner import parallel_applies, parallel_loss, window_heads, windowed_loss
+from sleeptrain.sleep.runner import (
+    heads_from_counts,
+    parallel_applies,
+    parallel_loss,
+    target_counts,
+    windowed_loss,
+)
 from sleeptrain.train.checkpoint import (
     DIR_DIGESTS_FILE,
     CheckpointError,
@@ -336,8 +342,8 @@ class DeepSpeedTrainer(Trainer):
         that the reduced gradient is the megatron engine's (module docstring). A non-finite
         loss stops the run before the optimizer update (NonFiniteLossError)."""
         device, dp = self.device, self.info.dp_size
-        masks = [mk.cpu() for _, mk, _ in batches]
-        n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
+        counts = [target_counts(mk).cpu() for _, mk, _ in batches]
+        n_loss = sum(int(c.numpy().sum()) for c in counts)
         if dp > 1:
             t = torch.tensor([n_loss], dtype=torch.float64, device=device)
             dist.all_reduce(t)
@@ -346,9 +352,10 @@ class DeepSpeedTrainer(Trainer):
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         last = len(batches) - 1
-        for i, ((tokens, mask, doc_starts), mk) in enumerate(zip(batches, masks, strict=True)):
+        for i, ((tokens, mask, doc_starts), c) in enumerate(zip(batches, counts, strict=True)):
             ls, nc = self.engine(tokens, mask, doc_starts, sleep_cfg,
-                                 window_heads(mk, sleep_cfg.window_len), self.amp, self.parallel)
+                                 heads_from_counts(c, sleep_cfg.window_len), self.amp,
+                                 self.parallel)
             if ls.requires_grad:
                 self.engine.backward(ls * scale)
             loss_sum += ls.detach().double()

@@ -2,7 +2,7 @@
 (``train.profile_steps: [first, last]``, the step numbers of metrics.jsonl, inclusive).
 
 The trainer marks the phases of a step with ``record_function`` ranges named
-``sleeptrain/<phase>``: ``data``, ``masks`` (the masks' copy to the host),
+``sleeptrain/<phase>``: ``data``, ``masks`` (the masks' target counts to the host),
 ``forward_backward``, ``reduce_clip``, ``prefetch`` (task data on CUDA: the next step's
 batches, made while the GPU runs this step), ``sync`` (the step's one host sync: the host
 waits there for the GPU) and ``optimizer``; they cost a few microseconds per step when no

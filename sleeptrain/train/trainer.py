@@ -48,7 +48,7 @@ from sleeptrain.parallel.state import (
 from sleeptrain.parallel.tensors import clip_grad_norm_, sync_tp_grads
 from sleeptrain.plan import measure_bf16_peak, param_count, peak_flops, train_flops_per_token
 from sleeptrain.plan.pipeline import loop_split, stage_bounds
-from sleeptrain.sleep.runner import window_heads
+from sleeptrain.sleep.runner import heads_from_counts, target_counts
 from sleeptrain.sleep.stage import check_pipeline
 from sleeptrain.train.checkpoint import (
     CheckpointError,
@@ -167,7 +167,8 @@ class Trainer:
     peak: float | None = None
     measured_peak: float | None = None
     profiler: StepProfiler | None = None
-    # task data on CUDA: the next step's micro-batches and host masks, made during this step
+    # task data on CUDA: the next step's micro-batches and their host target counts, made
+    # during this step
     prefetch: bool = False
     prefetched: tuple[int, list[Any], list[torch.Tensor]] | None = None
     started: float = field(default_factory=time.monotonic)
@@ -373,12 +374,12 @@ class Trainer:
         """Forward and backward of the step's micro-batches, gradient reductions, clip and
         the optimizer update (skipped when the loss or the gradient is not finite)."""
         info, device = self.info, self.device
-        # the masks on the host once per step: the loss normalizer and which windows need
-        # the output head (so that no micro-batch syncs with the host)
+        # the masks' target counts on the host once per step: the loss normalizer and which
+        # windows need the output head (so that no micro-batch syncs with the host)
         with phase("masks"):
-            masks = self._host_masks(batches)
-        n_loss = sum(int(mk[:, 1:].sum()) for mk in masks)
-        heads = [window_heads(mk, sleep_cfg.window_len) for mk in masks]
+            counts = self._host_counts(batches)
+        n_loss = sum(int(c.numpy().sum()) for c in counts)
+        heads = [heads_from_counts(c, sleep_cfg.window_len) for c in counts]
         if info.dp_size > 1:
             t = torch.tensor([n_loss], dtype=torch.float64, device=device)
             dist.all_reduce(t, group=_dp_group())
@@ -429,26 +430,28 @@ class Trainer:
         self.prefetched = None
         return self.data.step_batches(self.step, self.cfg.train.grad_accum)
 
-    def _host_masks(self, batches: list[Any]) -> list[torch.Tensor]:
-        """The micro-batches' loss masks on the host (the loss normalizer and which windows
-        need the head): the prefetched copies, or a copy now (which waits for the device)."""
+    def _host_counts(self, batches: list[Any]) -> list[torch.Tensor]:
+        """The micro-batches' ``target_counts`` on the host (the loss normalizer and which
+        windows need the head): the prefetched copies, or a copy now (which waits for the
+        device)."""
         pre, self.prefetched = self.prefetched, None
         if pre is not None and pre[1] is batches:
             return pre[2]
-        return [mk.cpu() for _, mk, _ in batches]
+        return [target_counts(mk).cpu() for _, mk, _ in batches]
 
     def _prefetch_next_step(self) -> None:
         """Task data is a pure function of the step number, so the next step's micro-batches
-        and their host masks are made here, while the GPU still runs this step's backward:
-        their kernel launches and the generator's one host sync leave the critical path (the
-        same tensors as made at the next step; a run that stops after this step drops them).
+        and their host target counts are made here, while the GPU still runs this step's
+        backward: their kernel launches and the generator's one host sync leave the critical
+        path (the same tensors as made at the next step; a run that stops after this step
+        drops them).
         Shard streams are stateful (their position is checkpointed) and are not prefetched."""
         nxt = self.step + 1
         if not self.prefetch or nxt >= self.cfg.train.steps:
             return
         with phase("prefetch"):
             batches = self.data.step_batches(nxt, self.cfg.train.grad_accum)
-            self.prefetched = (nxt, batches, [mk.cpu() for _, mk, _ in batches])
+            self.prefetched = (nxt, batches, [target_counts(mk).cpu() for _, mk, _ in batches])
 
     def _finish_step(self, loss_sum: torch.Tensor, correct: torch.Tensor,
                      gnorm: torch.Tensor, n_loss: int, batches: list[Any],

@@ -25,6 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+# the package from this checkout, installed or not (the summary of --profile imports it and
+# the runs are ``python -m sleeptrain.cli`` subprocesses)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 
 def _median(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
@@ -48,7 +53,9 @@ def bench_one(config: str, passes: int, steps: int, skip: int, work: Path,
            "train.eval_examples=1", *overrides, f"train.run_dir={run}"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1",
+                               "PYTHONPATH": os.pathsep.join(
+                                   x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
     wall = time.time() - t0
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)

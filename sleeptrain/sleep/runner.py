@@ -470,8 +470,8 @@ def target_counts(loss_mask: torch.Tensor) -> torch.Tensor:
     how many rows hold a target there): [T-1], computed where the mask is. What the host
     needs of a step's mask (``window_heads``, the loss normalizer) follows from it, so the
     trainer copies these T-1 numbers to the host rather than the [B, T] mask, and reduces
-    nothing large there (docs/benchmarks.md: the host's reductions of a 512 x 104 mask took
-    15-30 ms of a Rule 110 step, the GPU idle meanwhile)."""
+    nothing large there (docs/benchmarks.md: the host's reductions of a 512 x 104 mask added
+    18-30 ms to a Rule 110 step, the GPU idle meanwhile)."""
     return loss_mask[..., 1:].sum(dim=tuple(range(loss_mask.dim() - 1)))
 
 

@@ -35,7 +35,6 @@ from sleeptrain.sleep.runner import (
     heads_from_counts,
     parallel_applies,
     parallel_loss,
-    target_counts,
     windowed_loss,
 )
 from sleeptrain.train.checkpoint import (
@@ -342,7 +341,7 @@ class DeepSpeedTrainer(Trainer):
         that the reduced gradient is the megatron engine's (module docstring). A non-finite
         loss stops the run before the optimizer update (NonFiniteLossError)."""
         device, dp = self.device, self.info.dp_size
-        counts = [target_counts(mk).cpu() for _, mk, _ in batches]
+        counts = self._host_counts(batches)
         n_loss = sum(int(c.numpy().sum()) for c in counts)
         if dp > 1:
             t = torch.tensor([n_loss], dtype=torch.float64, device=device)

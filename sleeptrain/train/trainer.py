@@ -437,7 +437,7 @@ class Trainer:
         pre, self.prefetched = self.prefetched, None
         if pre is not None and pre[1] is batches:
             return pre[2]
-        return [target_counts(mk).cpu() for _, mk, _ in batches]
+        return _counts_on_host(batches)
 
     def _prefetch_next_step(self) -> None:
         """Task data is a pure function of the step number, so the next step's micro-batches
@@ -451,7 +451,7 @@ class Trainer:
             return
         with phase("prefetch"):
             batches = self.data.step_batches(nxt, self.cfg.train.grad_accum)
-            self.prefetched = (nxt, batches, [target_counts(mk).cpu() for _, mk, _ in batches])
+            self.prefetched = (nxt, batches, _counts_on_host(batches))
 
     def _finish_step(self, loss_sum: torch.Tensor, correct: torch.Tensor,
                      gnorm: torch.Tensor, n_loss: int, batches: list[Any],
@@ -794,6 +794,11 @@ def _peak_flops(cfg: DictConfig, device: torch.device, rank0: bool) -> float | N
     if peak is None and rank0:
         print(f"MFU not logged: unknown peak for {name!r}; set train.peak_tflops", flush=True)
     return peak
+
+
+def _counts_on_host(batches: list[Any]) -> list[torch.Tensor]:
+    """Each micro-batch's ``target_counts`` copied to the host (waits for the device)."""
+    return [target_counts(mk).cpu() for _, mk, _ in batches]
 
 
 def _prefetch_on(data: Any, device: torch.device, pipe: Any) -> bool:

@@ -54,16 +54,46 @@ def test_compiled_chain_matches_reference(name, dtype, mode):
             f"{name}: the dynamic form fell back to static kernels"
 
 
-def _check_chain(name, dtype, mode, args):
+def _gdn_inputs_ref(y, conv_state, *args, compiled=False):
+    """``fused.gdn_inputs`` with None for a zero conv state (as the Triton kernels take)."""
+    if conv_state is None:
+        conv_state = y.new_zeros(y.shape[0], args[0].shape[0], args[0].shape[1] - 1)
+    return fused.gdn_inputs(y, conv_state, *args, compiled=compiled)
+
+
+def _gdn_inputs_triton(*args, compiled=False):
+    from sleeptrain.model.kernels.gdn_inputs import gdn_inputs
+
+    return gdn_inputs(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,state", [(96, True), (24, False), (24, True), (2, True)])
+def test_triton_gdn_inputs_match_reference(t, state, dtype):
+    # model.gdn_inputs=triton (kernels.gdn_inputs) against the reference chain in fp64,
+    # beside the eager chain in dtype: outputs and the gradients of y, the conv state (when
+    # one comes in), the conv weight, A_log and dt_bias, bound as in _check_chain. 96 tokens
+    # span three 32-row blocks; t=2 < K-1; 24: the Rule 110 paper model's windows.
+    args = list(_inputs(dtype, 2, t)["gdn_inputs"])
+    if not state:
+        args[1] = None
+    _check_chain("gdn_inputs", dtype, False, args, fn=_gdn_inputs_ref,
+                 fast_fn=_gdn_inputs_triton)
+
+
+def _check_chain(name, dtype, mode, args, fn=None, fast_fn=None):
     """Forward outputs and the gradients of every tensor input: compiled and eager, both
     against the eager function on fp64 copies of the same inputs. Inductor keeps fp32
     intermediates where the eager bf16 chain rounds each op, so it may be more accurate,
     never less: its error must stay within 2x the eager error + 1e-6 (fp32) / 4e-3 (bf16,
-    one rounding of 2^-8) of each tensor's largest entry."""
-    fn = getattr(fused, name)
+    one rounding of 2^-8) of each tensor's largest entry. ``fn``: the reference (default
+    ``fused.<name>``); ``fast_fn``: the function under test (default ``fn``, called with
+    ``compiled=mode``)."""
+    fn = fn or getattr(fused, name)
+    fast_fn = fast_fn or fn
     slack = 1e-6 if dtype == torch.float32 else 4e-3
 
-    def run(on, to64=False):
+    def run(on, to64=False, f=fn):
         xs = []
         for a in args:
             if torch.is_tensor(a):
@@ -72,7 +102,7 @@ def _check_chain(name, dtype, mode, args):
                 xs.append(t.requires_grad_(a.requires_grad))
             else:
                 xs.append(torch.float64 if to64 and a == torch.float32 else a)
-        out = fn(*xs, compiled=on)
+        out = f(*xs, compiled=on)
         outs = out if isinstance(out, tuple) else (out,)
         loss = sum((o.double() * (i + 1)).sin().sum() for i, o in enumerate(outs))
         loss.backward()
@@ -83,7 +113,7 @@ def _check_chain(name, dtype, mode, args):
     eager = run(False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fast = run(mode)
+        fast = run(mode, f=fast_fn)
     fallback = [str(w.message) for w in caught if "dynamic-shape compile" in str(w.message)]
     assert not fallback, fallback  # the dynamic form compiled, no fallback to static
     for r, e, f in zip(exact, eager, fast, strict=True):

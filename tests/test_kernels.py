@@ -356,6 +356,26 @@ def test_unknown_backend_is_named():
         attention(q, q, q, backend="xformers")
 
 
+def test_gdn_input_kernel_is_checked_and_triton_wants_cuda(monkeypatch):
+    # model.gdn_inputs: a bad value is named by the config check and by the layer; "triton"
+    # on CPU tensors (no interpreter) is a clear error naming the key and the way out.
+    import sleeptrain
+    from sleeptrain.config import ConfigError
+    from tests.conftest import TINY
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="model.gdn_inputs"):
+        sleeptrain.load_config(None, [*TINY, "model.gdn_inputs=cuda"])
+    cfg = sleeptrain.load_config(None, [*TINY, "model.pattern=G", "model.gdn_inputs=triton"])
+    gdn = sleeptrain.build_model(cfg, seed=0).blocks[0].mixer
+    y = torch.randn(1, 5, gdn.h_local, gdn.group_width)
+    with pytest.raises(RuntimeError, match="model.gdn_inputs='triton' runs on CUDA"):
+        gdn._inputs(y, None, None)
+    with pytest.raises(ValueError, match="model.gdn_inputs"):
+        type(gdn)(32, 2, 2, 16, 16, 4, gdn.in_proj.config, 1, 0, 0.02, 0.02, 1e-6,
+                  input_kernel="cuda")
+
+
 def test_flash_backend_missing_is_a_clear_error():
     try:
         import flash_attn  # noqa: F401

@@ -46,6 +46,9 @@ class ModelConfig:
     params_dtype: str = "float32"
     attention_backend: str = "sdpa"  # sdpa | flash
     gdn_backend: str = "auto"  # auto | fla | chunked | recurrent
+    # the GDN input chain (conv, SiLU, q/k norms, gates): chain (fused.gdn_inputs, compiled
+    # with train.compile) | triton (sleeptrain.model.kernels.gdn_inputs, CUDA)
+    gdn_inputs: str = "chain"
     gdn_chunk_size: int = 32  # chunk length of the PyTorch reference (chunked backend)
 
 

@@ -359,6 +359,12 @@ class Attention(nn.Module):
         return row(self.out, o.reshape(b, 1, -1))
 
 
+# model.gdn_inputs: the chain from the projection to the delta rule's inputs as
+# fused.gdn_inputs (eager, or compiled with train.compile) or as kernels.gdn_inputs' Triton
+# kernels (CUDA)
+INPUT_KERNELS = ("chain", "triton")
+
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet mixer with explicit state (fast weights S and the conv state).
 
@@ -366,7 +372,9 @@ class GatedDeltaNet(nn.Module):
     [q_h (dk), k_h (dk), v (r*dv), z (r*dv), b (r), a (r)]. The short causal depthwise conv
     runs over the [q, k, v] channels of each group, then SiLU; q, k are L2-normalized;
     g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b); the gated delta rule; the
-    output is RMSNorm(o) * silu(z) per value head, then out_proj.
+    output is RMSNorm(o) * silu(z) per value head, then out_proj. ``backend``: the delta
+    rule's kernels (``gated_delta_rule``); ``input_kernel``: the kernels of everything
+    between the projection and the rule (``INPUT_KERNELS``).
     """
 
     # torch.compile'd chains on CUDA: True static shapes, "dynamic" symbolic
@@ -377,8 +385,12 @@ class GatedDeltaNet(nn.Module):
                  v_head_dim: int, conv_kernel: int, config: ModelParallelConfig, tp: int,
                  tp_rank: int, std: float, out_std: float, norm_eps: float,
                  backend: str = "auto", chunk_size: int = 32, zero_out: bool = False,
-                 tp_group: Any = None):
+                 tp_group: Any = None, input_kernel: str = "chain"):
         super().__init__()
+        if input_kernel not in INPUT_KERNELS:
+            raise ValueError(f"model.gdn_inputs: unknown kernel {input_kernel!r}; one of "
+                             f"{INPUT_KERNELS}")
+        self.input_kernel = input_kernel
         self.h_local = n_heads // tp
         self.r = n_v_heads // n_heads
         self.hv_local = self.h_local * self.r
@@ -426,22 +438,31 @@ class GatedDeltaNet(nn.Module):
 
     def _inputs(self, y: torch.Tensor, conv_state: torch.Tensor | None,
                 segment: int | None) -> tuple[torch.Tensor, ...]:
-        """``fused.gdn_inputs`` of the projection y [B, T, H, G] with the K-1 conv inputs
-        ``conv_state`` [B, C, K-1] (zeros when None): q, k, v, g, beta, z, new conv state.
+        """``fused.gdn_inputs`` (or the Triton kernels, ``input_kernel``) of the projection
+        y [B, T, H, G] with the K-1 conv inputs ``conv_state`` [B, C, K-1] (zeros when None):
+        q, k, v, g, beta, z, new conv state.
         ``segment``: the conv restarts from zeros every ``segment`` tokens (the parallel form
         of hard eviction); the new conv state is then the last K-1 inputs of y."""
         b, t, h, gw = y.shape
         km1, c = self.kernel - 1, self.conv_channels
         args = (self.conv_weight, self.A_log, self.dt_bias, self.dk, self.r, self.dv)
+        kernel = None
+        if self.input_kernel == "triton":  # imported here: Triton kernels only when chosen
+            from sleeptrain.model.kernels.gdn_inputs import gdn_inputs as kernel
         if segment is None:
+            if kernel is not None:
+                return kernel(y, conv_state, *args)
             if conv_state is None:
                 conv_state = y.new_zeros(b, c, km1)
             return fused.gdn_inputs(y, conv_state, *args, compiled=self.compiled)
         pad = (-t) % segment
         n = (t + pad) // segment
         ys = (F.pad(y, (0, 0, 0, 0, 0, pad)) if pad else y).reshape(b * n, segment, h, gw)
-        outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args,
-                                compiled=self.compiled)[:-1]
+        if kernel is not None:
+            outs = kernel(ys, None, *args)[:-1]
+        else:
+            outs = fused.gdn_inputs(ys, y.new_zeros(b * n, c, km1), *args,
+                                    compiled=self.compiled)[:-1]
         outs = [o.reshape(b, n * segment, *o.shape[2:])[:, :t] for o in outs]
         tail = y[:, max(t - km1, 0):, :, : self.conv_group].reshape(b, -1, c)
         tail = F.pad(tail, (0, 0, km1 - tail.shape[1], 0))

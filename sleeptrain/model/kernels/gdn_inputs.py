@@ -73,6 +73,23 @@ def _softplus(x):
 
 
 @triton.jit
+def _gate_inputs(y, alog, dtb, b, h, t, tm, T, H, cg, syb, syt, syh, RDV: tl.constexpr,
+                 R: tl.constexpr, BR: tl.constexpr):
+    """The gates' inputs of rows t, head h: b and a [BT, BR] (fp32), A_log and dt_bias of
+    the head's value heads [BR] (fp32), the offsets of g/beta [BT, BR] and their mask."""
+    cr = tl.arange(0, BR)
+    mr = cr < R
+    mm = tm[:, None] & mr[None, :]
+    base = y + b * syb + t[:, None] * syt + h * syh + cg + RDV + cr[None, :]
+    bb = tl.load(base, mask=mm, other=0.0).to(tl.float32)
+    aa = tl.load(base + R, mask=mm, other=0.0).to(tl.float32)
+    hv = h * R + cr
+    a_log = tl.load(alog + hv, mask=mr, other=0.0).to(tl.float32)
+    dt = tl.load(dtb + hv, mask=mr, other=0.0).to(tl.float32)
+    return bb, aa, a_log, dt, (b * T + t)[:, None] * (H * R) + hv[None, :], mm
+
+
+@triton.jit
 def _qk_fwd(y, st, w, out, b, h, t, T, off, cg, syb, syt, syh, ssb, ssc, ck, mk, m2, row,
             DK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
             HAS_STATE: tl.constexpr, EPS: tl.constexpr):
@@ -132,17 +149,9 @@ def _fwd(y, st, w, alog, dtb, q, k, v, z, g, beta, T, H, syb, syt, syh, ssb, ssc
                  (acc * tl.sigmoid(acc)).to(v.dtype.element_ty), mask=mm)
         zz = tl.load(y + b * syb + t[:, None] * syt + h * syh + cg + cv[None, :], mask=mm)
         tl.store(z + row[:, None] * RDV + cv[None, :], zz, mask=mm)
-    cr = tl.arange(0, BR)
-    mr = cr < R
-    mm = tm[:, None] & mr[None, :]
-    base = y + b * syb + t[:, None] * syt + h * syh + cg + RDV + cr[None, :]
-    bb = tl.load(base, mask=mm, other=0.0).to(tl.float32)
-    aa = tl.load(base + R, mask=mm, other=0.0).to(tl.float32)
-    hv = h * R + cr
-    a_log = tl.load(alog + hv, mask=mr, other=0.0).to(tl.float32)
-    dt = tl.load(dtb + hv, mask=mr, other=0.0).to(tl.float32)
+    bb, aa, a_log, dt, o, mm = _gate_inputs(y, alog, dtb, b, h, t, tm, T, H, cg, syb, syt, syh,
+                                            RDV, R, BR)
     gg = -tl.exp(a_log)[None, :] * _softplus(aa + dt[None, :])
-    o = (b * T + t)[:, None] * (H * R) + hv[None, :]
     tl.store(g + o, gg, mask=mm)
     tl.store(beta + o, tl.sigmoid(bb), mask=mm)
 
@@ -178,22 +187,14 @@ def _bwd_pre(y, st, w, alog, dtb, dq, dk, dv, dz, dg, dbeta, P, dy, da_out,
                  mask=mm)
         gz = tl.load(dz + row[:, None] * RDV + cv[None, :], mask=mm, other=0.0)
         tl.store(dy + row[:, None] * G + cg + cv[None, :], gz.to(dy.dtype.element_ty), mask=mm)
-    cr = tl.arange(0, BR)
-    mr = cr < R
-    mm = tm[:, None] & mr[None, :]
-    base = y + b * syb + t[:, None] * syt + h * syh + cg + RDV + cr[None, :]
-    bb = tl.load(base, mask=mm, other=0.0).to(tl.float32)
-    aa = tl.load(base + R, mask=mm, other=0.0).to(tl.float32)
-    hv = h * R + cr
-    a_log = tl.load(alog + hv, mask=mr, other=0.0).to(tl.float32)
-    dt = tl.load(dtb + hv, mask=mr, other=0.0).to(tl.float32)
-    o = (b * T + t)[:, None] * (H * R) + hv[None, :]
+    bb, aa, a_log, dt, o, mm = _gate_inputs(y, alog, dtb, b, h, t, tm, T, H, cg, syb, syt, syh,
+                                            RDV, R, BR)
     x = aa + dt[None, :]
     dsp = tl.where(x > 20.0, 1.0, tl.sigmoid(x))
     da = tl.load(dg + o, mask=mm, other=0.0).to(tl.float32) * (-tl.exp(a_log))[None, :] * dsp
     bt = tl.sigmoid(bb)
     db = tl.load(dbeta + o, mask=mm, other=0.0).to(tl.float32) * bt * (1.0 - bt)
-    out = dy + row[:, None] * G + cg + RDV + cr[None, :]
+    out = dy + row[:, None] * G + cg + RDV + tl.arange(0, BR)[None, :]
     tl.store(out, db.to(dy.dtype.element_ty), mask=mm)
     tl.store(out + R, da.to(dy.dtype.element_ty), mask=mm)
     tl.store(da_out + o, da, mask=mm)

@@ -457,6 +457,40 @@ def test_fla_matches_reference_on_gpu(dtype, hv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("t", [24, 7, 40])
+def test_fla_with_chunks_by_length_matches_reference_on_gpu(t):
+    # model.fla_chunk_size=0: FLA's kernels in 32-row chunks for 24 tokens (the Rule 110
+    # paper model's windows), 16-row ones for 7, and 64 from 40 up, against the fp64
+    # recurrent reference; values and all gradients (state included), bf16 inputs, grouped
+    # value heads. Tolerance as test_fla_matches_reference_on_gpu's bf16 case.
+    inp = _inputs(b=3, t=t, h=4, hv=8, dk=64, dv=64, dtype=torch.bfloat16, device="cuda")
+    ref_inp = [x.detach().double().requires_grad_() for x in inp]
+    o_r, s_r, g_r = _value_and_grads(
+        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
+    o_f, s_f, g_f = _value_and_grads(
+        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="fla", fla_chunk_size=0), inp)
+    for name, a, b in zip(["o", "state", *"q k v g beta h0".split()], [o_f, s_f, *g_f],
+                          [o_r, s_r, *g_r], strict=True):
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= 5e-2 * max(1.0, b.abs().max().item()), f"{name}: {err}"
+
+
+def test_fla_chunk_by_length_and_its_setting_is_checked():
+    # model.fla_chunk_size: a fixed 16/32/64 is used as is; 0 picks the smallest chunk that
+    # holds the call's tokens, 64 from 64 tokens on; other values are config errors.
+    import sleeptrain
+    from sleeptrain.config import ConfigError
+    from sleeptrain.model.kernels.gated_delta import fla_chunk
+    from tests.conftest import TINY
+
+    assert [fla_chunk(t, 0) for t in (1, 7, 16, 17, 24, 32, 33, 64, 104)] == \
+        [16, 16, 16, 32, 32, 32, 64, 64, 64]
+    assert fla_chunk(24, 64) == 64 and fla_chunk(500, 16) == 16
+    with pytest.raises(ConfigError, match="model.fla_chunk_size"):
+        sleeptrain.load_config(None, [*TINY, "model.fla_chunk_size=48"])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 5])
 def test_fla_decode_lengths_match_reference_on_gpu(t):
     # Gradient-free calls of 1 and 5 tokens (decoding: shorter than one FLA chunk): values and

@@ -41,7 +41,7 @@ MODEL_FIELDS = {"vocab_size", "d_model", "pattern", "loop_start", "loop_end", "n
                 "n_kv_heads", "head_dim", "rope_theta", "qkv_bias", "gdn_heads", "gdn_v_heads",
                 "gdn_head_dim", "gdn_v_head_dim", "conv_kernel", "ffn_hidden", "norm_eps",
                 "tie_embeddings", "init_std", "params_dtype", "gdn_chunk_size"}
-MODEL_KERNEL_FIELDS = {"attention_backend", "gdn_backend", "gdn_inputs"}
+MODEL_KERNEL_FIELDS = {"attention_backend", "gdn_backend", "gdn_inputs", "fla_chunk_size"}
 # sleep.* fields: inference ones are exported, the rest only shape training gradients
 SLEEP_FIELDS = {"window_len", "passes", "eviction"}
 SLEEP_TRAINING_FIELDS = {"grad_mode", "grad_passes", "detach_every", "implicit_method",

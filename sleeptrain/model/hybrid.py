@@ -90,7 +90,8 @@ class Block(nn.Module):
                                        dims.gdn_head_dim, dims.gdn_v_head_dim, cfg.conv_kernel,
                                        mp, tp, tp_rank, std, out_std, cfg.norm_eps,
                                        backend=cfg.gdn_backend, chunk_size=cfg.gdn_chunk_size,
-                                       tp_group=tp_group, input_kernel=cfg.gdn_inputs)
+                                       tp_group=tp_group, input_kernel=cfg.gdn_inputs,
+                                       fla_chunk_size=cfg.fla_chunk_size)
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, dtype) if kind else None
         self.mlp = None
         self.norm2 = None

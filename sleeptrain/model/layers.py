@@ -41,6 +41,7 @@ from sleeptrain.model.kernels import (
     gated_delta_rule,
 )
 from sleeptrain.model.kernels import linear as fused_linear
+from sleeptrain.model.kernels.gated_delta import FLA_CHUNKS
 from sleeptrain.parallel.context import (
     WindowChunks,
     all_gather_stacked,
@@ -373,8 +374,9 @@ class GatedDeltaNet(nn.Module):
     runs over the [q, k, v] channels of each group, then SiLU; q, k are L2-normalized;
     g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b); the gated delta rule; the
     output is RMSNorm(o) * silu(z) per value head, then out_proj. ``backend``: the delta
-    rule's kernels (``gated_delta_rule``); ``input_kernel``: the kernels of everything
-    between the projection and the rule (``INPUT_KERNELS``).
+    rule's kernels (``gated_delta_rule``; ``fla_chunk_size``: FLA's chunk length,
+    ``fla_chunk``); ``input_kernel``: the kernels of everything between the projection and
+    the rule (``INPUT_KERNELS``).
     """
 
     # torch.compile'd chains on CUDA: True static shapes, "dynamic" symbolic
@@ -385,8 +387,12 @@ class GatedDeltaNet(nn.Module):
                  v_head_dim: int, conv_kernel: int, config: ModelParallelConfig, tp: int,
                  tp_rank: int, std: float, out_std: float, norm_eps: float,
                  backend: str = "auto", chunk_size: int = 32, zero_out: bool = False,
-                 tp_group: Any = None, input_kernel: str = "chain"):
+                 tp_group: Any = None, input_kernel: str = "chain", fla_chunk_size: int = 64):
         super().__init__()
+        if fla_chunk_size not in (0, *FLA_CHUNKS):
+            raise ValueError(f"model.fla_chunk_size: {fla_chunk_size}; one of "
+                             f"{(0, *FLA_CHUNKS)} (0: by the call's length)")
+        self.fla_chunk_size = fla_chunk_size
         if input_kernel not in INPUT_KERNELS:
             raise ValueError(f"model.gdn_inputs: unknown kernel {input_kernel!r}; one of "
                              f"{INPUT_KERNELS}")
@@ -521,7 +527,7 @@ class GatedDeltaNet(nn.Module):
         # depends on the gathered maps alike (same backward order of the collectives)
         s_in = torch.stack(states)[chunks.rank]
         o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s_in, backend=self.backend,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, fla_chunk_size=self.fla_chunk_size)
         return z, o, states[-1], window_conv
 
     def forward(
@@ -555,7 +561,8 @@ class GatedDeltaNet(nn.Module):
                 o, s_new = fused.gdn_token_step(q, k, v, g, beta, state, compiled=True)
             else:
                 o, s_new = gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                            backend=self.backend, chunk_size=self.chunk_size)
+                                            backend=self.backend, chunk_size=self.chunk_size,
+                                            fla_chunk_size=self.fla_chunk_size)
         of = fused.gated_rms_norm(o, z, self.out_norm_weight, self.norm_eps, x.dtype,
                                   compiled=self.compiled)
         return row(self.out_proj, of.reshape(b, t, -1), sp), s_new, new_conv

@@ -205,6 +205,19 @@ def fla_fp32_gate_caveat(device: torch.device | int | None = None) -> str | None
             "use Triton >= 3.7.1 or model.gdn_backend=chunked (slower).")
 
 
+FLA_CHUNKS = (16, 32, 64)  # the chunk lengths FLA 0.6.0's gated delta rule takes
+
+
+def fla_chunk(t: int, setting: int = 64) -> int:
+    """FLA's chunk length for a call over ``t`` tokens: ``setting`` (``model.fla_chunk_size``)
+    when it is one of ``FLA_CHUNKS``; 0 means the smallest of them that holds the call's
+    tokens (64 from 64 tokens on): a 24-token window then runs in one 32-row chunk, not in
+    a 64-row one that is mostly padding."""
+    if setting:
+        return setting
+    return next(c for c in FLA_CHUNKS if c >= min(t, FLA_CHUNKS[-1]))
+
+
 def fla_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,8 +226,10 @@ def fla_gated_delta_rule(
     beta: torch.Tensor,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
+    chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLA's ``chunk_gated_delta_rule`` (CUDA) with the state in and out in fp32.
+    """FLA's ``chunk_gated_delta_rule`` (CUDA) with the state in and out in fp32; ``chunk``
+    is ``fla_chunk``'s setting (64, FLA's default; 0 picks by length).
 
     Decoding uses it too: FLA 0.6.0's ``fused_recurrent_gated_delta_rule`` returned NaN
     outputs and states on an H200 (torch 2.11, triton 3.6) in our check, see
@@ -243,6 +258,7 @@ def fla_gated_delta_rule(
         scale=scale,
         initial_state=initial_state,
         output_final_state=True,
+        chunk_size=fla_chunk(q.shape[1], chunk),
     )
     return o, s
 
@@ -257,14 +273,16 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int = 32,
+    fla_chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatches to ``backend`` (auto: FLA for CUDA tensors below fp64, else chunked)."""
+    """Dispatches to ``backend`` (auto: FLA for CUDA tensors below fp64, else chunked).
+    ``chunk_size``: the chunked reference's chunk; ``fla_chunk_size``: FLA's (``fla_chunk``)."""
     if backend not in BACKENDS:
         raise ValueError(f"model.gdn_backend: unknown backend {backend!r}; one of {BACKENDS}")
     if backend == "auto":
         backend = "fla" if q.is_cuda and q.dtype != torch.float64 else "chunked"
     if backend == "fla":
-        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
+        return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, fla_chunk_size)
     if backend == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
     return chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, chunk_size)

@@ -62,6 +62,15 @@ def test_graph_replay_with_compiled_chains_equals_eager():
     _replay_vs_eager("hard-full-ckpt", True, compile=True)
 
 
+@pytest.mark.parametrize("case", ["hard-full-ckpt", "sliding-docs"])
+def test_graph_replay_with_triton_inputs_and_chunks_by_length_equals_eager(case):
+    # model.gdn_inputs=triton and model.fla_chunk_size=0: the Triton input kernels and FLA's
+    # 16/32/64-row chunks are compiled in the eager warm-ups and captured like any other
+    # kernel (no host sync, no allocation outside the graph's pool); sliding eviction sends
+    # the conv state with its gradient through the kernels.
+    _replay_vs_eager(case, True, extra=["model.gdn_inputs=triton", "model.fla_chunk_size=0"])
+
+
 @pytest.mark.parametrize("case", ["hard-full-ckpt", "neumann"])
 def test_graph_replay_with_fused_linears_equals_eager(case):
     # train.grad_accum_fusion: bf16 weight copies refreshed inside the graph, weight gradients
@@ -118,8 +127,8 @@ def test_fused_linears_bf16_gradients_are_as_close_to_fp64():
         assert e_fused <= 1.5 * e_plain + 1e-4 * scale, (n, e_fused, e_plain)
 
 
-def _replay_vs_eager(case, autocast, compile=False, fused_linears=False):
-    cfg = sleeptrain.load_config(None, [*SMALL, *CASES[case]])
+def _replay_vs_eager(case, autocast, compile=False, fused_linears=False, extra=()):
+    cfg = sleeptrain.load_config(None, [*SMALL, *CASES[case], *extra])
     doc = case == "sliding-docs"
     tol = 1e-3 if autocast else 1e-5
     m_e = sleeptrain.build_model(cfg, seed=3)

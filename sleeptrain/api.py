@@ -58,7 +58,8 @@ def _warn_fla_fp32(cfg: DictConfig, device: torch.device) -> None:
     from sleeptrain.model.kernels.gated_delta import fla_fp32_gate_caveat
 
     if device.type != "cuda" or cfg.train.precision != "fp32" or \
-            cfg.model.gdn_backend not in ("auto", "fla") or cfg.model.params_dtype == "float64":
+            cfg.model.gdn_backend not in ("auto", "fla", "short") or \
+            cfg.model.params_dtype == "float64":
         return
     note = fla_fp32_gate_caveat(device)
     if note is not None:

@@ -62,13 +62,15 @@ def test_graph_replay_with_compiled_chains_equals_eager():
     _replay_vs_eager("hard-full-ckpt", True, compile=True)
 
 
+@pytest.mark.parametrize("kernels", [["model.gdn_inputs=triton", "model.fla_chunk_size=0"],
+                                     ["model.gdn_backend=short"]], ids=["inputs-chunks", "short"])
 @pytest.mark.parametrize("case", ["hard-full-ckpt", "sliding-docs"])
-def test_graph_replay_with_triton_inputs_and_chunks_by_length_equals_eager(case):
-    # model.gdn_inputs=triton and model.fla_chunk_size=0: the Triton input kernels and FLA's
-    # 16/32/64-row chunks are compiled in the eager warm-ups and captured like any other
-    # kernel (no host sync, no allocation outside the graph's pool); sliding eviction sends
-    # the conv state with its gradient through the kernels.
-    _replay_vs_eager(case, True, extra=["model.gdn_inputs=triton", "model.fla_chunk_size=0"])
+def test_graph_replay_with_triton_kernel_options_equals_eager(case, kernels):
+    # model.gdn_inputs=triton with model.fla_chunk_size=0, and model.gdn_backend=short: the
+    # Triton kernels (and FLA's 16/32/64-row chunks) are compiled in the eager warm-ups and
+    # captured like any other kernel (no host sync, no allocation outside the graph's pool);
+    # sliding eviction sends the conv state with its gradient through the input kernels.
+    _replay_vs_eager(case, True, extra=kernels)
 
 
 @pytest.mark.parametrize("case", ["hard-full-ckpt", "neumann"])

@@ -475,6 +475,28 @@ def test_fla_with_chunks_by_length_matches_reference_on_gpu(t):
         assert err <= 5e-2 * max(1.0, b.abs().max().item()), f"{name}: {err}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, t", [(torch.float32, 24), (torch.bfloat16, 24),
+                                      (torch.bfloat16, 7), (torch.bfloat16, 64)])
+def test_short_matches_reference_on_gpu(dtype, t):
+    # model.gdn_backend=short (sleeptrain's one-chunk Triton rule, calls <= 64 tokens)
+    # against the fp64 recurrent reference: values and all gradients (state included),
+    # grouped value heads. Tolerances relative to max(1, |ref|): fp32 1e-4 (IEEE fp32
+    # products, no TF32; 1.4e-5 at worst under the interpreter, tests/test_gdn_short.py),
+    # bf16 5e-2 as the FLA case above.
+    inp = _inputs(b=3, t=t, h=4, hv=8, dk=64, dv=64, dtype=dtype, device="cuda")
+    ref_inp = [x.detach().double().requires_grad_() for x in inp]
+    o_r, s_r, g_r = _value_and_grads(
+        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
+    o_f, s_f, g_f = _value_and_grads(
+        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="short"), inp)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, a, b in zip(["o", "state", *"q k v g beta h0".split()], [o_f, s_f, *g_f],
+                          [o_r, s_r, *g_r], strict=True):
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
+
+
 def test_fla_chunk_by_length_and_its_setting_is_checked():
     # model.fla_chunk_size: a fixed 16/32/64 is used as is; 0 picks the smallest chunk that
     # holds the call's tokens, 64 from 64 tokens on; other values are config errors.

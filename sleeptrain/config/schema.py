@@ -45,7 +45,7 @@ class ModelConfig:
     init_std: float = 0.02
     params_dtype: str = "float32"
     attention_backend: str = "sdpa"  # sdpa | flash
-    gdn_backend: str = "auto"  # auto | fla | chunked | recurrent
+    gdn_backend: str = "auto"  # auto | fla | short | chunked | recurrent
     # the GDN input chain (conv, SiLU, q/k norms, gates): chain (fused.gdn_inputs, compiled
     # with train.compile) | triton (sleeptrain.model.kernels.gdn_inputs, CUDA)
     gdn_inputs: str = "chain"

@@ -80,7 +80,8 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     _need(ffn is None or ffn % tp == 0, "model.ffn_hidden",
           f"{ffn} is not divisible by tensor-parallel size {tp}")
     _choice(model.attention_backend, "model.attention_backend", ("sdpa", "flash"))
-    _choice(model.gdn_backend, "model.gdn_backend", ("auto", "fla", "chunked", "recurrent"))
+    _choice(model.gdn_backend, "model.gdn_backend",
+            ("auto", "fla", "short", "chunked", "recurrent"))
     _choice(model.gdn_inputs, "model.gdn_inputs", ("chain", "triton"))
     _choice(model.params_dtype, "model.params_dtype", ("float32", "float64", "bfloat16"))
     _need(model.gdn_chunk_size >= 1, "model.gdn_chunk_size", "must be >= 1")

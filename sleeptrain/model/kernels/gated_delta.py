@@ -12,9 +12,10 @@ HV a multiple of H (grouped value heads: value head j reads query/key head j // 
 final state [B, HV, d_k, d_v] in fp32, or fp64 for fp64 inputs), and gradients flow through q,
 k, v, g, beta and the initial state.
 
-Backends: ``fla`` (FLA's chunked Triton/TileLang kernels, CUDA), ``chunked`` (a PyTorch
-WY-form chunked reference, the CPU default), ``recurrent`` (token-by-token PyTorch, the
-ground truth for tests).
+Backends: ``fla`` (FLA's chunked Triton/TileLang kernels, CUDA), ``short`` (calls of at
+most 64 tokens in sleeptrain's one-kernel-per-direction Triton rule, ``gdn_short``; longer
+ones in FLA's), ``chunked`` (a PyTorch WY-form chunked reference, the CPU default),
+``recurrent`` (token-by-token PyTorch, the ground truth for tests).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "fla", "chunked", "recurrent")
+BACKENDS = ("auto", "fla", "short", "chunked", "recurrent")
 _F = TypeVar("_F", bound=Callable)
 
 
@@ -281,6 +282,12 @@ def gated_delta_rule(
         raise ValueError(f"model.gdn_backend: unknown backend {backend!r}; one of {BACKENDS}")
     if backend == "auto":
         backend = "fla" if q.is_cuda and q.dtype != torch.float64 else "chunked"
+    if backend == "short":
+        from sleeptrain.model.kernels.gdn_short import MAX_T, short_gated_delta_rule
+
+        if q.shape[1] <= MAX_T:
+            return short_gated_delta_rule(q, k, v, g, beta, scale, initial_state)
+        backend = "fla"
     if backend == "fla":
         return fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, fla_chunk_size)
     if backend == "recurrent":
@@ -313,6 +320,8 @@ def chunk_transition(
     v_aug = torch.cat([v, v.new_zeros(b, t, hv, dk)], dim=-1)
     eye = torch.eye(dk, dtype=sdt, device=v.device).expand(b, hv, dk, dk)
     init = torch.cat([torch.zeros(b, hv, dk, dv, dtype=sdt, device=v.device), eye], dim=-1)
+    if backend == "short":  # the augmented width dv + dk need not be a power of two
+        backend = "fla"
     _, final = gated_delta_rule(q, k, v_aug, g, beta, scale, init, backend, chunk_size)
     return final[..., dv:], final[..., :dv]
 

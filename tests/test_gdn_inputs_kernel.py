@@ -5,15 +5,9 @@ comparison runs on the GPU in tests/test_fused_gpu.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._interp import run_interpreted
 
 SCRIPT = r"""
 import json, sys
@@ -61,31 +55,10 @@ for t, state, dt in [(7, True, "float32"), (2, True, "float32"), (5, False, "flo
                      (40, True, "float32"), (7, True, "bfloat16")]:
     res[f"{t}-{state}-{dt}"] = case(t, state, getattr(torch, dt))
 
-def model_case(eviction):
-    # a whole window-sequential step (N=2, windows of 5, the last one short) with
-    # model.gdn_inputs=triton against chain, same fp32 weights: loss and every gradient
-    import sleeptrain
-    from sleeptrain.sleep.runner import windowed_loss
-    from tests.conftest import TINY
-    over = [*[x for x in TINY if "params_dtype" not in x], "model.params_dtype=float32",
-            "model.pattern=AG", "sleep.window_len=5", "sleep.passes=2",
-            f"sleep.eviction={eviction}"]
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 16, (2, 13), generator=g)
-    mask = torch.ones(2, 13, dtype=torch.long)
-    out = []
-    for kern in ("chain", "triton"):
-        cfg = sleeptrain.load_config(None, [*over, f"model.gdn_inputs={kern}"])
-        model = sleeptrain.build_model(cfg, device="cpu", seed=0)
-        loss = windowed_loss(model, tokens, mask, cfg.sleep).loss
-        loss.backward()
-        out.append([loss.detach().double()] + [p.grad.double() for p in model.parameters()])
-    errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-            for a, b in zip(*out, strict=True)]
-    return [[0.0, e] for e in errs]
-
+from tests._interp import step_errors
 for ev in ("hard", "sliding"):
-    res[f"model-{ev}"] = model_case(ev)
+    res[f"model-{ev}"] = step_errors([f"sleep.eviction={ev}"], "model.gdn_inputs", "chain",
+                                     "triton")
 print("RESULT" + json.dumps(res))
 """
 
@@ -104,13 +77,7 @@ def test_triton_gdn_inputs_match_the_reference_under_the_interpreter():
     # against chain, fp32: the loss and every parameter gradient within 1e-5 of the largest
     # entry (two fp32 computations of the same sums, no fp64 reference in between).
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    res = json.loads(line[len("RESULT"):])
+    res = run_interpreted(SCRIPT)
     for name, errs in res.items():
         for i, (err_e, err_f) in enumerate(errs):
             if name.startswith("model"):  # fp32 against fp32: two roundings' worth

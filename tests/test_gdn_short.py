@@ -6,16 +6,10 @@ defined). The GPU comparison is ``tests/test_kernels.py::test_short_matches_refe
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._interp import run_interpreted
 
 SCRIPT = r"""
 import json
@@ -57,29 +51,7 @@ def rule_case(t, s0, dtype, b=2, h=2, hv=4, dk=16, dv=16, seed=0, stress=False):
              (a - r).abs().max().item() / max(r.abs().max().item(), 1e-9)]
             for e, a, r in zip(eager, got, ref, strict=True)]
 
-def model_case():
-    # a whole window-sequential step (N=2, windows of 5, the last one short) with
-    # model.gdn_backend=short against chunked, same fp32 weights
-    import sleeptrain
-    from sleeptrain.sleep.runner import windowed_loss
-    from tests.conftest import TINY
-    over = [*[x for x in TINY if "params_dtype" not in x and "gdn_" not in x],
-            "model.params_dtype=float32", "model.pattern=AG", "model.gdn_heads=2",
-            "model.gdn_v_heads=4", "model.gdn_head_dim=16", "model.gdn_v_head_dim=16",
-            "sleep.window_len=5", "sleep.passes=2"]
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 16, (2, 13), generator=g)
-    mask = torch.ones(2, 13, dtype=torch.long)
-    out = []
-    for backend in ("chunked", "short"):
-        cfg = sleeptrain.load_config(None, [*over, f"model.gdn_backend={backend}"])
-        model = sleeptrain.build_model(cfg, device="cpu", seed=0)
-        loss = windowed_loss(model, tokens, mask, cfg.sleep).loss
-        loss.backward()
-        out.append([loss.detach().double()] + [p.grad.double() for p in model.parameters()])
-    return [[0.0, ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()]
-            for a, b in zip(*out, strict=True)]
-
+from tests._interp import step_errors
 res = {
     "t7-s0": rule_case(7, True, torch.float32),
     "t24": rule_case(24, False, torch.float32, seed=1),
@@ -88,7 +60,8 @@ res = {
     "t64-stress-s0": rule_case(64, True, torch.float32, b=1, h=1, hv=2, dk=32, dv=32,
                                seed=5, stress=True),
     "t24-bf16-s0": rule_case(24, True, torch.bfloat16, seed=4),
-    "model": model_case(),
+    "model": step_errors(["model.gdn_heads=2", "model.gdn_v_heads=4", "model.gdn_head_dim=16",
+                          "model.gdn_v_head_dim=16"], "model.gdn_backend", "chunked", "short"),
 }
 print("RESULT" + json.dumps(res))
 """
@@ -107,13 +80,7 @@ def test_short_rule_matches_the_recurrent_reference_under_the_interpreter():
     # model.gdn_backend=short against chunked in fp32: loss and every parameter gradient
     # within 1e-5 (measured <= 2e-6).
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    res = json.loads(line[len("RESULT"):])
+    res = run_interpreted(SCRIPT)
     for name, errs in res.items():
         for i, (err_e, err) in enumerate(errs):
             bound = {"t64-stress-s0": 5e-5, "t24-bf16-s0": 2 * err_e + 4e-3,

@@ -31,11 +31,11 @@ tests/test_fused_gpu.py does on the GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
 
@@ -256,15 +256,6 @@ def _p2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
-def _check_device(y: torch.Tensor) -> None:
-    if not y.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("model.gdn_inputs='triton' runs on CUDA tensors (or under "
-                           "TRITON_INTERPRET=1 for tests); use 'chain' on CPU")
-    if y.dtype == torch.float64:
-        raise RuntimeError("model.gdn_inputs='triton' computes in fp32: fp64 models use "
-                           "'chain' (the reference)")
-
-
 class _GdnInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, conv_state, conv_weight, a_log, dt_bias, dk, r, dv):  # type: ignore[override]
@@ -331,7 +322,7 @@ def gdn_inputs(y: torch.Tensor, conv_state: torch.Tensor | None, conv_weight: to
     """``fused.gdn_inputs`` in the Triton kernels: the same arguments (``conv_state`` None
     means zeros, with no state gradient to compute) and results (q, k, v, g, beta, z, the new
     conv state); v and z are contiguous tensors here, not views of y."""
-    _check_device(y)
+    require_triton_tensor(y, "model.gdn_inputs='triton'", "'chain'", "'chain' (the reference)")
     b, t, h, _ = y.shape
     km1 = conv_weight.shape[1] - 1
     q, k, v, g, beta, z = _GdnInputs.apply(y, conv_state, conv_weight, a_log, dt_bias, dk, r,

@@ -22,11 +22,11 @@ CPU tensors: tests/test_gdn_short.py compares them there with the fp64 recurrent
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 MAX_T = 64  # one program holds the whole call
 
@@ -37,10 +37,12 @@ def _dot(a, b):
 
 
 @triton.jit
-def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, bidx, hv, T, H, HV, R,
+def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R,
                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NSQ: tl.constexpr,
                HAS_S0: tl.constexpr):
-    """The forward's quantities for one (sequence, value head)."""
+    """The forward's quantities for this program's (sequence, value head) ``pid``."""
+    pid = tl.program_id(0).to(tl.int64)
+    bidx, hv = pid // HV, pid % HV
     h = hv // R
     rows = tl.arange(0, BT)
     rm = rows < T
@@ -75,20 +77,17 @@ def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, bidx, hv, T, H, HV, R,
     w = _dot(tinv, k * (beta * eg)[:, None])
     vn = u - _dot(w, s0)
     qk = _dot(q, tl.trans(k))
-    return q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tq, tv
+    return (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv,
+            ck, cv)
 
 
 @triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, o_ptr, st_ptr, scale, T, H, HV, R,
          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NSQ: tl.constexpr,
          HAS_S0: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    bidx, hv = pid // HV, pid % HV
-    (q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tq,
-     tv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, bidx, hv, T, H, HV, R, K, V, BT,
-                      NSQ, HAS_S0)
-    cv = tl.arange(0, V)
-    ck = tl.arange(0, K)
+    (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv, ck,
+     cv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R, K, V, BT, NSQ,
+                      HAS_S0)
     o = scale * (_dot(q * eg[:, None], s0) + _dot(qk * gam, vn))
     tl.store(o_ptr + tv[:, None] * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
              mask=rm[:, None])
@@ -101,13 +100,9 @@ def _fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, o_ptr, st_ptr, scale, T, H, 
 def _bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, do_ptr, dst_ptr, dq_ptr, dk_ptr, dv_ptr,
          dg_ptr, db_ptr, ds0_ptr, scale, T, H, HV, R, K: tl.constexpr, V: tl.constexpr,
          BT: tl.constexpr, NSQ: tl.constexpr, HAS_S0: tl.constexpr, HAS_DST: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    bidx, hv = pid // HV, pid % HV
-    (q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tq,
-     tv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, bidx, hv, T, H, HV, R, K, V, BT,
-                      NSQ, HAS_S0)
-    cv = tl.arange(0, V)
-    ck = tl.arange(0, K)
+    (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv, ck,
+     cv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R, K, V, BT, NSQ,
+                      HAS_S0)
     do = tl.load(do_ptr + tv[:, None] * V + cv[None, :], mask=rm[:, None],
                  other=0.0).to(tl.float32)
     if HAS_DST:
@@ -213,12 +208,8 @@ def short_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     ``gated_delta.gated_delta_rule``): o [B, T, HV, V] in v's dtype, the final state fp32.
     Head dims must be powers of two (16..128)."""
     t, kd, vd = q.shape[1], q.shape[-1], v.shape[-1]
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("model.gdn_backend='short' runs on CUDA tensors (or under "
-                           "TRITON_INTERPRET=1 for tests); use 'chunked' on CPU")
-    if q.dtype == torch.float64:
-        raise RuntimeError("model.gdn_backend='short' computes in fp32: fp64 models use "
-                           "'chunked' or 'recurrent'")
+    require_triton_tensor(q, "model.gdn_backend='short'", "'chunked'",
+                          "'chunked' or 'recurrent'")
     if t > MAX_T:
         raise ValueError(f"short_gated_delta_rule: {t} tokens; at most {MAX_T}")
     for d in (kd, vd):

@@ -152,7 +152,9 @@ def _bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, do_ptr, dst_ptr, dq_ptr, dk_
 
 def _block(t: int) -> dict:
     """The row block (a power of two >= 16 holding the call) and the number of squarings
-    that make (I + A)^-1 exact for it: N^(BT-1) is the last nonzero power."""
+    that make (I + A)^-1 exact for it: N^(BT-1) is the last nonzero power. (Both kernels
+    launch with 8 warps: a program holds the [K, V] state, its gradient and ~20 [BT, K]
+    tiles; untuned.)"""
     bt = max(16, triton.next_power_of_2(t))
     return {"BT": bt, "NSQ": bt.bit_length() - 2}
 
@@ -169,7 +171,8 @@ class _ShortRule(torch.autograd.Function):
         o = torch.empty_like(v)
         st = torch.empty(b, hv, kd, vd, dtype=torch.float32, device=v.device)
         _fwd[(b * hv,)](q, k, v, g, beta, s0c if s0c is not None else st, o, st, scale, t, h,
-                        hv, hv // h, K=kd, V=vd, HAS_S0=s0c is not None, **_block(t))
+                        hv, hv // h, K=kd, V=vd, HAS_S0=s0c is not None, num_warps=8,
+                        **_block(t))
         ctx.save_for_backward(q, k, v, g, beta, s0c)
         ctx.scale = scale
         ctx.dtypes = (g_dtype, beta_dtype, None if s0 is None else s0.dtype)
@@ -191,7 +194,7 @@ class _ShortRule(torch.autograd.Function):
         _bwd[(b * hv,)](q, k, v, g, beta, s0 if s0 is not None else ds0, do,
                         dst if dst is not None else ds0, dq, dk, dv, dg, db, ds0, ctx.scale,
                         t, h, hv, hv // h, K=kd, V=vd, HAS_S0=s0 is not None,
-                        HAS_DST=dst is not None, **_block(t))
+                        HAS_DST=dst is not None, num_warps=8, **_block(t))
         r = hv // h
         dq = dq.view(b, t, h, r, kd).sum(3).to(q.dtype)
         dk = dk.view(b, t, h, r, kd).sum(3).to(k.dtype)

@@ -15,9 +15,10 @@ forward, with gc = cumsum(g), G_ij = exp(gc_i - gc_j) (i >= j), beta, k, q, v ro
 (the WY form of the rule ``gated_delta.recurrent_gated_delta_rule`` computes token by
 token); backward recomputes those and takes every product's gradient in the same program.
 Value head j reads query/key head j // (HV / H); q and k gradients are written per value
-head and summed over each group by ``torch.sum`` (no atomics). Matrix products in fp32
-(``input_precision`` "ieee": no TF32 rounding). The Triton interpreter runs these kernels on
-CPU tensors: tests/test_gdn_short.py compares them there with the fp64 recurrent reference.
+head and summed over each group by ``torch.sum`` (no atomics). Matrix products accumulate
+in fp32 from IEEE fp32 inputs for fp32 tensors, TF32 ones for bf16/fp16 tensors
+(``_precision``). The Triton interpreter runs these kernels on CPU tensors:
+tests/test_gdn_short.py compares them there with the fp64 recurrent reference.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ MAX_T = 64  # one program holds the whole call
 
 
 @triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
 def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R,
                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NSQ: tl.constexpr,
-               HAS_S0: tl.constexpr):
+               HAS_S0: tl.constexpr, PREC: tl.constexpr):
     """The forward's quantities for this program's (sequence, value head) ``pid``."""
     pid = tl.program_id(0).to(tl.int64)
     bidx, hv = pid // HV, pid % HV
@@ -64,19 +65,19 @@ def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R,
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
     gam = tl.exp(tl.where(incl, gc[:, None] - gc[None, :], -float("inf")))
-    kk = _dot(k, tl.trans(k))
+    kk = _dot(k, tl.trans(k), PREC)
     a = tl.where(strict, beta[:, None] * kk * gam, 0.0)
     eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     n = -a
     tinv = eye + n
     for _ in tl.static_range(NSQ):  # (I + N)(I + N^2)(I + N^4)... = (I + A)^-1
-        n = _dot(n, n)
-        tinv = _dot(tinv, eye + n)
+        n = _dot(n, n, PREC)
+        tinv = _dot(tinv, eye + n, PREC)
     eg = tl.exp(gc)
-    u = _dot(tinv, v * beta[:, None])
-    w = _dot(tinv, k * (beta * eg)[:, None])
-    vn = u - _dot(w, s0)
-    qk = _dot(q, tl.trans(k))
+    u = _dot(tinv, v * beta[:, None], PREC)
+    w = _dot(tinv, k * (beta * eg)[:, None], PREC)
+    vn = u - _dot(w, s0, PREC)
+    qk = _dot(q, tl.trans(k), PREC)
     return (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv,
             ck, cv)
 
@@ -84,25 +85,26 @@ def _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R,
 @triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, o_ptr, st_ptr, scale, T, H, HV, R,
          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NSQ: tl.constexpr,
-         HAS_S0: tl.constexpr):
+         HAS_S0: tl.constexpr, PREC: tl.constexpr):
     (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv, ck,
      cv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R, K, V, BT, NSQ,
-                      HAS_S0)
-    o = scale * (_dot(q * eg[:, None], s0) + _dot(qk * gam, vn))
+                      HAS_S0, PREC)
+    o = scale * (_dot(q * eg[:, None], s0, PREC) + _dot(qk * gam, vn, PREC))
     tl.store(o_ptr + tv[:, None] * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
              mask=rm[:, None])
     kd = k * tl.exp(gl - gc)[:, None]
-    st = tl.exp(gl) * s0 + _dot(tl.trans(kd), vn)
+    st = tl.exp(gl) * s0 + _dot(tl.trans(kd), vn, PREC)
     tl.store(st_ptr + pid * K * V + ck[:, None] * V + cv[None, :], st)
 
 
 @triton.jit
 def _bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, do_ptr, dst_ptr, dq_ptr, dk_ptr, dv_ptr,
          dg_ptr, db_ptr, ds0_ptr, scale, T, H, HV, R, K: tl.constexpr, V: tl.constexpr,
-         BT: tl.constexpr, NSQ: tl.constexpr, HAS_S0: tl.constexpr, HAS_DST: tl.constexpr):
+         BT: tl.constexpr, NSQ: tl.constexpr, HAS_S0: tl.constexpr, HAS_DST: tl.constexpr,
+         PREC: tl.constexpr):
     (pid, q, k, v, beta, s0, gc, gl, gam, kk, a, tinv, eg, u, w, vn, qk, rows, rm, tv, ck,
      cv) = _recompute(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, T, H, HV, R, K, V, BT, NSQ,
-                      HAS_S0)
+                      HAS_S0, PREC)
     do = tl.load(do_ptr + tv[:, None] * V + cv[None, :], mask=rm[:, None],
                  other=0.0).to(tl.float32)
     if HAS_DST:
@@ -115,24 +117,25 @@ def _bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, do_ptr, dst_ptr, dq_ptr, dk_
     kd = k * eout[:, None]
     m = qk * gam
     # o = scale (eg q S0 + M V'),  S = exp(gl) S0 + kd^T V'
-    dvn = scale * _dot(tl.trans(m), do) + _dot(kd, dst)
-    dm = tl.where(incl, scale * _dot(do, tl.trans(vn)), 0.0)
+    dvn = scale * _dot(tl.trans(m), do, PREC) + _dot(kd, dst, PREC)
+    dm = tl.where(incl, scale * _dot(do, tl.trans(vn), PREC), 0.0)
     dqk = dm * gam
-    dq_s0 = scale * _dot(do, tl.trans(s0)) * eg[:, None]  # through eg q S0
-    dq = dq_s0 + _dot(dqk, k)
-    dkd = _dot(vn, tl.trans(dst))
-    dk = _dot(tl.trans(dqk), q) + dkd * eout[:, None]
-    ds0 = scale * _dot(tl.trans(q * eg[:, None]), do) + tl.exp(gl) * dst
+    dq_s0 = scale * _dot(do, tl.trans(s0), PREC) * eg[:, None]  # through eg q S0
+    dq = dq_s0 + _dot(dqk, k, PREC)
+    dkd = _dot(vn, tl.trans(dst), PREC)
+    dk = _dot(tl.trans(dqk), q, PREC) + dkd * eout[:, None]
+    ds0 = scale * _dot(tl.trans(q * eg[:, None]), do, PREC) + tl.exp(gl) * dst
     # V' = U - W S0,  U = T (beta v),  W = T (beta eg k),  T = (I + A)^-1
-    ds0 -= _dot(tl.trans(w), dvn)
-    dw = -_dot(dvn, tl.trans(s0))
-    drv = _dot(tl.trans(tinv), dvn)
-    drk = _dot(tl.trans(tinv), dw)
-    da = tl.where(strict, -(_dot(drv, tl.trans(u)) + _dot(drk, tl.trans(w))), 0.0)
+    ds0 -= _dot(tl.trans(w), dvn, PREC)
+    dw = -_dot(dvn, tl.trans(s0), PREC)
+    drv = _dot(tl.trans(tinv), dvn, PREC)
+    drk = _dot(tl.trans(tinv), dw, PREC)
+    da = tl.where(strict, -(_dot(drv, tl.trans(u), PREC) + _dot(drk, tl.trans(w), PREC)),
+                  0.0)
     dv = drv * beta[:, None]
     dbeta = tl.sum(drv * v, 1) + tl.sum(drk * k, 1) * eg + tl.sum(da * kk * gam, 1)
     dkk = da * beta[:, None] * gam  # A = strictly_lower(beta_i kk_ij G_ij)
-    dk += _dot(dkk, k) + _dot(tl.trans(dkk), k) + drk * (beta * eg)[:, None]
+    dk += _dot(dkk, k, PREC) + _dot(tl.trans(dkk), k, PREC) + drk * (beta * eg)[:, None]
     # the cumulative decay's gradient, then g's (a reverse cumulative sum)
     e_m = dqk * qk
     e_a = da * a
@@ -159,6 +162,14 @@ def _block(t: int) -> dict:
     return {"BT": bt, "NSQ": bt.bit_length() - 2}
 
 
+def _precision(x: torch.Tensor) -> str:
+    """The matrix products' input precision: IEEE fp32 for fp32 inputs; TF32 for bf16/fp16
+    ones (products of their values are exact in TF32; the fp32 intermediates -- the WY
+    factors, the state -- are rounded to TF32's 10-bit mantissa in the products, a finer
+    rounding than the inputs' own 7 or 10 bits)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 class _ShortRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, s0, scale):  # type: ignore[override]
@@ -171,8 +182,8 @@ class _ShortRule(torch.autograd.Function):
         o = torch.empty_like(v)
         st = torch.empty(b, hv, kd, vd, dtype=torch.float32, device=v.device)
         _fwd[(b * hv,)](q, k, v, g, beta, s0c if s0c is not None else st, o, st, scale, t, h,
-                        hv, hv // h, K=kd, V=vd, HAS_S0=s0c is not None, num_warps=8,
-                        **_block(t))
+                        hv, hv // h, K=kd, V=vd, HAS_S0=s0c is not None,
+                        PREC=_precision(q), num_warps=8, **_block(t))
         ctx.save_for_backward(q, k, v, g, beta, s0c)
         ctx.scale = scale
         ctx.dtypes = (g_dtype, beta_dtype, None if s0 is None else s0.dtype)
@@ -194,7 +205,8 @@ class _ShortRule(torch.autograd.Function):
         _bwd[(b * hv,)](q, k, v, g, beta, s0 if s0 is not None else ds0, do,
                         dst if dst is not None else ds0, dq, dk, dv, dg, db, ds0, ctx.scale,
                         t, h, hv, hv // h, K=kd, V=vd, HAS_S0=s0 is not None,
-                        HAS_DST=dst is not None, num_warps=8, **_block(t))
+                        HAS_DST=dst is not None, PREC=_precision(q), num_warps=8,
+                        **_block(t))
         r = hv // h
         dq = dq.view(b, t, h, r, kd).sum(3).to(q.dtype)
         dk = dk.view(b, t, h, r, kd).sum(3).to(k.dtype)

@@ -49,18 +49,27 @@ def _pre(y, st, w, b, h, t, T, off, cg, syb, syt, syh, ssb, ssc, cols, cmask,
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     ch = h * cg + off + cols
     for j in tl.static_range(K):
-        src = t + j - (K - 1)
-        m = ((src >= 0) & (src < T))[:, None] & cmask[None, :]
-        x = tl.load(y + b * syb + src[:, None] * syt + h * syh + off + cols[None, :], mask=m,
-                    other=0.0).to(tl.float32)
-        if HAS_STATE:
-            ms = ((src < 0) & (src >= 1 - K))[:, None] & cmask[None, :]
-            xs = tl.load(st + b * ssb + ch[None, :] * ssc + (src + K - 1)[:, None], mask=ms,
-                         other=0.0)
-            x += xs.to(y.dtype.element_ty).to(tl.float32)
+        x = _ext(y, st, b, h, t + j - (K - 1), T, off, cg, syb, syt, syh, ssb, ssc, cols,
+                 cmask[None, :], K, HAS_STATE)
         wj = tl.load(w + ch * K + j, mask=cmask, other=0.0).to(tl.float32)
         acc += x * wj[None, :]
     return acc
+
+
+@triton.jit
+def _ext(y, st, b, h, e, T, off, cg, syb, syt, syh, ssb, ssc, cols, m2, K: tl.constexpr,
+         HAS_STATE: tl.constexpr):
+    """The convolution's inputs [BT, BC] (fp32) at positions ``e`` (y's rows from 0, the
+    conv state's K-1 before them, rounded to y's dtype first as the reference concatenates
+    it), channels ``off + cols`` of head ``h``; zeros elsewhere and outside ``m2``."""
+    x = tl.load(y + b * syb + e[:, None] * syt + h * syh + off + cols[None, :],
+                mask=((e >= 0) & (e < T))[:, None] & m2, other=0.0).to(tl.float32)
+    if HAS_STATE:
+        ch = h * cg + off + cols
+        xs = tl.load(st + b * ssb + ch[None, :] * ssc + (e + K - 1)[:, None],
+                     mask=((e < 0) & (e >= 1 - K))[:, None] & m2, other=0.0)
+        x += xs.to(y.dtype.element_ty).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -228,15 +237,8 @@ def _bwd_conv(y, st, w, P, dy, dw, dst, T, H, NTB, syb, syt, syh, ssb, ssc,
             wj = tl.load(w + ch * K + j, mask=cmask, other=0.0).to(tl.float32)
             dx += p * wj[None, :]
             # the weight's gradient: pre[t] reads ext[t + j] through tap j
-            e = t + j - (K - 1)
-            me = ((e >= 0) & (e < T))[:, None] & mm
-            x = tl.load(y + b * syb + e[:, None] * syt + h * syh + cols[None, :], mask=me,
-                        other=0.0).to(tl.float32)
-            if HAS_STATE:
-                mst = ((e < 0) & (e >= 1 - K))[:, None] & mm
-                xs = tl.load(st + b * ssb + ch[None, :] * ssc + (e + K - 1)[:, None], mask=mst,
-                             other=0.0)
-                x += xs.to(y.dtype.element_ty).to(tl.float32)
+            x = _ext(y, st, b, h, t + j - (K - 1), T, 0, cg, syb, syt, syh, ssb, ssc, cols, mm,
+                     K, HAS_STATE)
             tl.store(dw + ((b * NTB + tb) * C + ch) * K + j, tl.sum(p_here * x, 0), mask=cmask)
         tl.store(dy + prow[:, None] * G + cols[None, :], dx.to(dy.dtype.element_ty), mask=mm)
         if STATE_GRAD:
@@ -328,13 +330,11 @@ def gdn_inputs(y: torch.Tensor, conv_state: torch.Tensor | None, conv_weight: to
     q, k, v, g, beta, z = _GdnInputs.apply(y, conv_state, conv_weight, a_log, dt_bias, dk, r,
                                            dv)
     cg = 2 * dk + r * dv
-    x = y[:, max(t - km1, 0):, :, :cg].reshape(b, min(t, km1), h * cg)  # the last K-1 rows
-    if t >= km1:
-        tail = x
-    else:
-        prev = (x.new_zeros(b, km1, h * cg) if conv_state is None
-                else conv_state.transpose(1, 2).to(x.dtype))
-        tail = torch.cat([prev, x], dim=1)[:, t:]
+    tail = y[:, max(t - km1, 0):, :, :cg].reshape(b, min(t, km1), h * cg)  # the last K-1 rows
+    if t < km1:  # with the incoming state's last inputs in front
+        prev = (tail.new_zeros(b, km1, h * cg) if conv_state is None
+                else conv_state.transpose(1, 2).to(tail.dtype))
+        tail = torch.cat([prev, tail], dim=1)[:, -km1:]
     return q, k, v, g, beta, z, tail.transpose(1, 2).contiguous()
 
 

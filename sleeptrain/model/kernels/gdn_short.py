@@ -30,6 +30,7 @@ import triton.language as tl
 from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 MAX_T = 64  # one program holds the whole call
+WARPS = 8  # a program holds the [K, V] state, its gradient and ~20 [BT, K] tiles; untuned
 
 
 @triton.jit
@@ -155,9 +156,7 @@ def _bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s0_ptr, do_ptr, dst_ptr, dq_ptr, dk_
 
 def _block(t: int) -> dict:
     """The row block (a power of two >= 16 holding the call) and the number of squarings
-    that make (I + A)^-1 exact for it: N^(BT-1) is the last nonzero power. (Both kernels
-    launch with 8 warps: a program holds the [K, V] state, its gradient and ~20 [BT, K]
-    tiles; untuned.)"""
+    that make (I + A)^-1 exact for it: N^(BT-1) is the last nonzero power."""
     bt = max(16, triton.next_power_of_2(t))
     return {"BT": bt, "NSQ": bt.bit_length() - 2}
 
@@ -172,7 +171,7 @@ def _precision(x: torch.Tensor) -> str:
 
 class _ShortRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, s0, scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, g, beta, s0, scale, warps):  # type: ignore[override]
         b, t, h, kd = q.shape
         hv, vd = v.shape[2], v.shape[3]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -183,9 +182,9 @@ class _ShortRule(torch.autograd.Function):
         st = torch.empty(b, hv, kd, vd, dtype=torch.float32, device=v.device)
         _fwd[(b * hv,)](q, k, v, g, beta, s0c if s0c is not None else st, o, st, scale, t, h,
                         hv, hv // h, K=kd, V=vd, HAS_S0=s0c is not None,
-                        PREC=_precision(q), num_warps=8, **_block(t))
+                        PREC=_precision(q), num_warps=warps, **_block(t))
         ctx.save_for_backward(q, k, v, g, beta, s0c)
-        ctx.scale = scale
+        ctx.scale, ctx.warps = scale, warps
         ctx.dtypes = (g_dtype, beta_dtype, None if s0 is None else s0.dtype)
         return o, st
 
@@ -205,23 +204,24 @@ class _ShortRule(torch.autograd.Function):
         _bwd[(b * hv,)](q, k, v, g, beta, s0 if s0 is not None else ds0, do,
                         dst if dst is not None else ds0, dq, dk, dv, dg, db, ds0, ctx.scale,
                         t, h, hv, hv // h, K=kd, V=vd, HAS_S0=s0 is not None,
-                        HAS_DST=dst is not None, PREC=_precision(q), num_warps=8,
+                        HAS_DST=dst is not None, PREC=_precision(q), num_warps=ctx.warps,
                         **_block(t))
         r = hv // h
         dq = dq.view(b, t, h, r, kd).sum(3).to(q.dtype)
         dk = dk.view(b, t, h, r, kd).sum(3).to(k.dtype)
         g_dtype, beta_dtype, s0_dtype = ctx.dtypes
         return (dq, dk, dv, dg.to(g_dtype), db.to(beta_dtype),
-                None if s0 is None else ds0.to(s0_dtype), None)
+                None if s0 is None else ds0.to(s0_dtype), None, None)
 
 
 def short_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, scale: float | None = None,
-                           initial_state: torch.Tensor | None = None
+                           initial_state: torch.Tensor | None = None, num_warps: int = WARPS
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule over ``t <= MAX_T`` tokens (the layout and results of
     ``gated_delta.gated_delta_rule``): o [B, T, HV, V] in v's dtype, the final state fp32.
-    Head dims must be powers of two (16..128)."""
+    Head dims must be powers of two (16..128). ``num_warps``: both kernels' launch width
+    (``tools/bench_gdn_kernels.py --warps`` times the choices)."""
     t, kd, vd = q.shape[1], q.shape[-1], v.shape[-1]
     require_triton_tensor(q, "model.gdn_backend='short'", "'chunked'",
                           "'chunked' or 'recurrent'")
@@ -232,7 +232,7 @@ def short_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
             raise ValueError(f"short_gated_delta_rule: head dim {d} is not a power of two "
                              "in [16, 128]")
     scale = kd ** -0.5 if scale is None else scale
-    return _ShortRule.apply(q, k, v, g, beta, initial_state, scale)
+    return _ShortRule.apply(q, k, v, g, beta, initial_state, scale, num_warps)
 
 
 __all__ = ["MAX_T", "short_gated_delta_rule"]

@@ -206,7 +206,10 @@ def fla_fp32_gate_caveat(device: torch.device | int | None = None) -> str | None
             "use Triton >= 3.7.1 or model.gdn_backend=chunked (slower).")
 
 
-FLA_CHUNKS = (16, 32, 64)  # the chunk lengths FLA 0.6.0's gated delta rule takes
+# the chunk lengths sleeptrain runs FLA 0.6.0's gated delta rule with: FLA takes 16 too, but its
+# TileLang backward (the one FLA uses on Hopper) refuses 16-row chunks ("no valid warp
+# partition for T.gemm: M=16, N=16", H100, 2026-12-07)
+FLA_CHUNKS = (32, 64)
 
 
 def fla_chunk(t: int, setting: int = 64) -> int:

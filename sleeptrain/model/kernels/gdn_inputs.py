@@ -211,11 +211,12 @@ def _bwd_pre(y, st, w, alog, dtb, dq, dk, dv, dz, dg, dbeta, P, dy, da_out,
 
 @triton.jit
 def _bwd_conv(y, st, w, P, dy, dw, dst, T, H, NTB, syb, syt, syh, ssb, ssc,
-              DK: tl.constexpr, RDV: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+              DK: tl.constexpr, RDV: tl.constexpr, CG: tl.constexpr, R: tl.constexpr,
+              K: tl.constexpr,
               BT: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
               STATE_GRAD: tl.constexpr):
     tb, b, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cg = 2 * DK + RDV
+    cg = CG  # 2 dk + r dv (a constexpr: the channel blocks' loop bound)
     G = cg + RDV + 2 * R
     C = H * cg
     t = tb * BT + tl.arange(0, BT)
@@ -310,7 +311,7 @@ class _GdnInputs(torch.autograd.Function):
         dst = (torch.empty(b, h * cg, km - 1, dtype=torch.float32, device=y.device)
                if state_grad else dw)
         _bwd_conv[grid](y, st, conv_weight, p, dy, dw, dst, t, h, grid[0], *strides,
-                        DK=dk, RDV=r * dv, R=r, K=km, BT=bt, BC=min(64, _p2(cg)),
+                        DK=dk, RDV=r * dv, CG=cg, R=r, K=km, BT=bt, BC=min(64, _p2(cg)),
                         HAS_STATE=has_state, STATE_GRAD=state_grad)
         d_alog = (dg.float() * g).sum((0, 1)).to(a_log.dtype)
         return (dy, dst.to(conv_state.dtype) if state_grad else None,

@@ -10,13 +10,13 @@ backward of
     ``--warps``;
 
 at the model's GDN shapes (B = data.batch_size, T = sleep.window_len, bf16 activations, an
-fp32 incoming state and a bf16 conv state, as in a window after the first). Each variant is captured in
-one CUDA graph (the trainer replays its step as one; launch overhead is left out for every
-variant alike) and timed over ``--iters`` replays (mean per replay, the best of ``--repeat`` rounds). All
-variants run in one process, so the ratios are the numbers to compare. Each variant's
-outputs and gradients are compared with the first variant of its group (the largest
-difference relative to each tensor's largest entry, a sanity check; the accuracy tests are
-tests/test_fused_gpu.py and tests/test_kernels.py).
+fp32 incoming state and a bf16 conv state, as in a window after the first). Each variant is
+captured in one CUDA graph (the trainer replays its step as one; launch overhead is left
+out for every variant alike) and timed over ``--iters`` replays (mean per replay, the best
+of ``--repeat`` rounds). All variants run in one process, so the ratios are the numbers to
+compare. Each variant's outputs and gradients are compared with the first variant of its
+group (the largest difference relative to each tensor's largest entry, a sanity check; the
+accuracy tests are tests/test_fused_gpu.py and tests/test_kernels.py).
 
     python tools/bench_gdn_kernels.py --config configs/rule110_paper.yaml --out gdn_kernels.json
 """
@@ -73,9 +73,13 @@ def _fwd_bwd(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Ten
 
 
 def _group(name: str, variants: dict[str, Callable[[], list[torch.Tensor]]], iters: int,
-           repeat: int) -> list[dict]:
+           repeat: int, only: list[str]) -> list[dict]:
     rows, first = [], None
     for label, step in variants.items():
+        if first is None and only and not any(x in label for x in only):
+            only = [*only, label]  # the group's first variant is the baseline: always run
+        if only and not any(x in label for x in only):
+            continue
         try:
             graph = _graphed(step)
             ref = step()
@@ -105,6 +109,9 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8", help="comma list: the short rule's launch widths")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma list: run only the variants whose "
+                    "names contain one of these (each group's first always runs); FLA's "
+                    "TileLang kernels compile for minutes per chunk length on a fresh host")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     a = ap.parse_args()
@@ -116,6 +123,7 @@ def main() -> None:
     from sleeptrain.model.kernels.gdn_inputs import gdn_inputs as triton_inputs
     from sleeptrain.model.kernels.gdn_short import short_gated_delta_rule
 
+    only = [x for x in a.only.split(",") if x]
     cfg = load_config(a.config, a.overrides)
     m = cfg.model
     h, dk = m.gdn_heads, m.gdn_head_dim
@@ -142,7 +150,7 @@ def main() -> None:
         "chain (compiled)": _fwd_bwd(
             lambda *x: fused.gdn_inputs(*x, *shape_args, compiled=True)[:6], ins, 1),
         "triton": _fwd_bwd(lambda *x: triton_inputs(*x, *shape_args)[:6], ins, 1),
-    }, a.iters, a.repeat)
+    }, a.iters, a.repeat, only)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(x.float(), dim=-1).to(bf).detach().requires_grad_()
@@ -163,7 +171,7 @@ def main() -> None:
         variants[f"short {nw} warps"] = _fwd_bwd(
             lambda *x, nw=nw: short_gated_delta_rule(*x[:5], None, x[5], num_warps=nw),
             rule_in, 2)
-    rows += _group("rule", variants, a.iters, a.repeat)
+    rows += _group("rule", variants, a.iters, a.repeat, only)
     result = {"config": a.config, "overrides": a.overrides, "batch": b, "tokens": t,
               "heads": h, "v_heads": hv, "head_dim": dk, "v_head_dim": dv,
               "conv_kernel": km, "device": torch.cuda.get_device_name(),

@@ -50,8 +50,8 @@ class ModelConfig:
     # with train.compile) | triton (sleeptrain.model.kernels.gdn_inputs, CUDA)
     gdn_inputs: str = "chain"
     gdn_chunk_size: int = 32  # chunk length of the PyTorch reference (chunked backend)
-    # FLA's chunk length (fla backend): 16 | 32 | 64, or 0: the smallest of those that holds
-    # the call's tokens (a 24-token window in one 32-row chunk)
+    # FLA's chunk length (fla backend): 32 | 64, or 0: the smallest of those that holds the
+    # call's tokens (a 24-token window in one 32-row chunk); FLA's TileLang backward refuses 16
     fla_chunk_size: int = 64
 
 

@@ -86,7 +86,8 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     _choice(model.params_dtype, "model.params_dtype", ("float32", "float64", "bfloat16"))
     _need(model.gdn_chunk_size >= 1, "model.gdn_chunk_size", "must be >= 1")
     _need(model.fla_chunk_size in (0, 32, 64), "model.fla_chunk_size",
-          f"must be 32, 64 or 0 (by length; FLA's TileLang backward refuses 16), got {model.fla_chunk_size}")
+          "must be 32, 64 or 0 (by length; FLA's TileLang backward refuses 16), got "
+          f"{model.fla_chunk_size}")
 
 
 def validate_sleep(sleep: SleepConfig) -> None:

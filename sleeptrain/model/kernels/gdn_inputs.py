@@ -38,6 +38,10 @@ import triton.language as tl
 from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
+# every kernel's launch width: at 4 warps each kernel ran out of registers for the Rule 110
+# model's shapes (255 registers and 0.7-3.5 KB of spills per thread, for sm_90 with triton 3.6
+# and 3.9), at 8 none does (tools/compile_kernels.py --warps 4,8); not timed yet
+WARPS = 8
 
 
 @triton.jit
@@ -216,13 +220,13 @@ def _bwd_conv(y, st, w, P, dy, dw, dst, T, H, NTB, syb, syt, syh, ssb, ssc,
               BT: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
               STATE_GRAD: tl.constexpr):
     tb, b, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    cg = CG  # 2 dk + r dv (a constexpr: the channel blocks' loop bound)
+    cg = CG
     G = cg + RDV + 2 * R
     C = H * cg
     t = tb * BT + tl.arange(0, BT)
     tm = t < T
     prow = (b * T + t) * H + h
-    for cb in tl.static_range(0, cg, BC):
+    for cb in tl.static_range(0, CG, BC):  # CG = 2 dk + r dv, a constexpr
         cols = cb + tl.arange(0, BC)
         cmask = cols < cg
         ch = h * cg + cols
@@ -281,7 +285,7 @@ class _GdnInputs(torch.autograd.Function):
         bt = min(32, _p2(t))
         grid = (triton.cdiv(t, bt), b, h)
         meta = dict(DK=dk, RDV=rdv, R=r, K=km, BT=bt, BK=_p2(dk), BV=min(64, _p2(rdv)),
-                    BR=_p2(r), HAS_STATE=has_state, EPS=EPS)
+                    BR=_p2(r), HAS_STATE=has_state, EPS=EPS, num_warps=WARPS)
         strides = (*y.stride()[:3], *(st.stride()[:2] if has_state else (0, 0)))
         _fwd[grid](y, st, conv_weight, a_log, dt_bias, q, k, v, z, g, beta, t, h, *strides,
                    **meta)
@@ -312,7 +316,7 @@ class _GdnInputs(torch.autograd.Function):
                if state_grad else dw)
         _bwd_conv[grid](y, st, conv_weight, p, dy, dw, dst, t, h, grid[0], *strides,
                         DK=dk, RDV=r * dv, CG=cg, R=r, K=km, BT=bt, BC=min(64, _p2(cg)),
-                        HAS_STATE=has_state, STATE_GRAD=state_grad)
+                        HAS_STATE=has_state, STATE_GRAD=state_grad, num_warps=WARPS)
         d_alog = (dg.float() * g).sum((0, 1)).to(a_log.dtype)
         return (dy, dst.to(conv_state.dtype) if state_grad else None,
                 dw.sum(0).to(conv_weight.dtype), d_alog, da.sum((0, 1)).to(dt_bias.dtype),

@@ -58,15 +58,18 @@ def _time_us(graph: torch.cuda.CUDAGraph, iters: int, repeat: int) -> float:
 
 def _fwd_bwd(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Tensor],
              seed: int) -> Callable[[], list[torch.Tensor]]:
-    """One forward + backward of ``fn(*inputs)`` against fixed random output gradients;
+    """One forward + backward of ``fn(*inputs)`` against fixed random output gradients
+    (drawn at the first call, so that a variant's errors surface inside ``_group``);
     returns outputs then input gradients (a fresh list each call)."""
-    outs = [o for o in fn(*inputs) if o.is_floating_point()]
-    gen = torch.Generator(device=inputs[0].device).manual_seed(seed)
-    grads = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
     leaves = [x for x in inputs if x.requires_grad]
+    grads: list[torch.Tensor] = []
 
     def step() -> list[torch.Tensor]:
         out = [o for o in fn(*inputs) if o.is_floating_point()]
+        if not grads:
+            gen = torch.Generator(device=out[0].device).manual_seed(seed)
+            grads.extend(torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
+                         for o in out)
         return out + list(torch.autograd.grad(out, leaves, grads))
 
     return step

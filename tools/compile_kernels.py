@@ -60,13 +60,14 @@ def backward(outs, leaves):
 
 for t in shapes["tokens"]:
     for with_state in (True, False):
-        y = torch.zeros(1, t, h, cg + r * dv + 2 * r, dtype=torch.bfloat16, requires_grad=True)
-        st = (torch.zeros(1, h * cg, km - 1, dtype=torch.bfloat16, requires_grad=True)
-              if with_state else None)
-        w = torch.zeros(h * cg, km, requires_grad=True)
-        a_log, dt = torch.zeros(hv, requires_grad=True), torch.zeros(hv, requires_grad=True)
-        leaves = [x for x in (y, st, w, a_log, dt) if x is not None]
-        backward(gdn_inputs(y, st, w, a_log, dt, dk, r, dv)[:6], leaves)
+        for dtype in (torch.bfloat16, torch.float32):  # the projection's: autocast or fp32
+            y = torch.zeros(1, t, h, cg + r * dv + 2 * r, dtype=dtype, requires_grad=True)
+            st = (torch.zeros(1, h * cg, km - 1, dtype=dtype, requires_grad=True)
+                  if with_state else None)
+            w = torch.zeros(h * cg, km, requires_grad=True)
+            a_log, dt = torch.zeros(hv, requires_grad=True), torch.zeros(hv, requires_grad=True)
+            leaves = [x for x in (y, st, w, a_log, dt) if x is not None]
+            backward(gdn_inputs(y, st, w, a_log, dt, dk, r, dv)[:6], leaves)
         if t > MAX_T:
             continue
         for dtype in (torch.bfloat16, torch.float32):

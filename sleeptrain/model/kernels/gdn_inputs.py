@@ -216,8 +216,7 @@ def _bwd_pre(y, st, w, alog, dtb, dq, dk, dv, dz, dg, dbeta, P, dy, da_out,
 @triton.jit
 def _bwd_conv(y, st, w, P, dy, dw, dst, T, H, NTB, syb, syt, syh, ssb, ssc,
               DK: tl.constexpr, RDV: tl.constexpr, CG: tl.constexpr, R: tl.constexpr,
-              K: tl.constexpr,
-              BT: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
+              K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
               STATE_GRAD: tl.constexpr):
     tb, b, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     cg = CG

@@ -30,7 +30,9 @@ import triton.language as tl
 from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 MAX_T = 64  # one program holds the whole call
-WARPS = 8  # a program holds the [K, V] state, its gradient and ~20 [BT, K] tiles; untuned
+# launch width: a program holds the [K, V] state, its gradient and ~20 [BT, K] tiles; at 8
+# warps the backward spills least for sm_90 (tools/compile_kernels.py --warps 4,8,16); not timed
+WARPS = 8
 
 
 @triton.jit

@@ -119,30 +119,28 @@ def _signature(fn, args: dict) -> tuple[dict, dict]:
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` (the first of Triton's bundled ptxas
-    binaries that takes this PTX version); empty if none does."""
-    import triton
+    """Registers and spill bytes per thread from ``ptxas -v``, run with the ptxas Triton
+    itself picks for ``arch`` (its bundled ones differ in register allocation); empty if
+    that ptxas cannot be found or fails."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        ptxas = get_ptxas(arch).path
+    except Exception:  # another Triton layout: no report rather than a wrong one
+        return {}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        for tool in ("ptxas-blackwell", "ptxas"):
-            if not (bin_dir / tool).exists():
-                continue
-            proc = subprocess.run([str(bin_dir / tool), "-v", "--gpu-name",
-                                   f"sm_{arch}{'a' if arch >= 90 else ''}", f.name, "-o",
-                                   os.devnull], capture_output=True, text=True)
-            if proc.returncode == 0:
-                regs = re.search(r"Used (\d+) registers", proc.stderr)
-                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                  proc.stderr)
-                return {"registers": int(regs.group(1)) if regs else None,
-                        "spill_bytes": int(spill.group(1)) + int(spill.group(2))
-                        if spill else None}
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", f"sm_{arch}{'a' if arch >= 90 else ''}",
+                               f.name, "-o", os.devnull], capture_output=True, text=True)
     finally:
         os.unlink(f.name)
-    return {}
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+    if proc.returncode != 0 or not regs:
+        return {}
+    return {"registers": int(regs.group(1)),
+            "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None}
 
 
 def compile_launch(launch: dict, arch: int = 90) -> dict:

@@ -40,7 +40,7 @@ from sleeptrain.model.kernels.triton_check import require_triton_tensor
 EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
 # every kernel's launch width: at 4 warps each kernel ran out of registers for the Rule 110
 # model's shapes (255 registers and 0.8-3.6 KB of spills per thread, for sm_90 with triton 3.6
-# and 3.9), at 8 none does (tools/compile_kernels.py --warps 4,8); not timed yet
+# and 3.9), at 8 at most 44 bytes (tools/compile_kernels.py --warps 4,8); not timed yet
 WARPS = 8
 
 

@@ -78,10 +78,8 @@ def _fwd_bwd(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Ten
 def _group(name: str, variants: dict[str, Callable[[], list[torch.Tensor]]], iters: int,
            repeat: int, only: list[str]) -> list[dict]:
     rows, first = [], None
-    for label, step in variants.items():
-        if first is None and only and not any(x in label for x in only):
-            only = [*only, label]  # the group's first variant is the baseline: always run
-        if only and not any(x in label for x in only):
+    for i, (label, step) in enumerate(variants.items()):
+        if i and only and not any(x in label for x in only):  # the first is the baseline
             continue
         try:
             graph = _graphed(step)

@@ -85,8 +85,8 @@ _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "
 
 
 def record_launches(shapes: dict) -> list[dict]:
-    """Every distinct kernel launch of the options' host code at ``shapes`` (dict: h, hv,
-    dk, dv, conv_kernel, tokens: a list of call lengths)."""
+    """Every kernel launch of the options' host code at ``shapes`` (dict: h, hv, dk, dv,
+    conv_kernel, tokens: a list of call lengths), in launch order."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
     proc = subprocess.run([sys.executable, "-c", _RECORD, json.dumps(shapes)],
@@ -95,13 +95,13 @@ def record_launches(shapes: dict) -> list[dict]:
         raise RuntimeError(f"compile_kernels: recording the launches failed:\n"
                            f"{proc.stderr[-3000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    unique: dict[str, dict] = {}
-    for launch in json.loads(line[len("RESULT"):]):
-        unique.setdefault(json.dumps(launch, sort_keys=True), launch)
-    return list(unique.values())
+    return json.loads(line[len("RESULT"):])
 
 
-def _signature(fn, args: dict) -> tuple[dict, dict]:
+def _signature(launch: dict) -> tuple:
+    """The launch's kernel (the JIT function), its signature and constexprs."""
+    module, name = launch["kernel"].split(":")
+    fn, args = getattr(importlib.import_module(module), name), launch["args"]
     sig, consts = {}, {}
     for p in fn.params:
         a = args[p.name]
@@ -115,7 +115,18 @@ def _signature(fn, args: dict) -> tuple[dict, dict]:
             sig[p.name] = "i32" if -2**31 <= a["value"] < 2**31 else "i64"
         else:
             sig[p.name] = "fp32"
-    return sig, consts
+    return fn, sig, consts
+
+
+def distinct(launches: list[dict]) -> list[dict]:
+    """One launch per compiled kernel: launches that differ only in runtime values (lengths,
+    strides) compile to the same binary."""
+    seen: dict[str, dict] = {}
+    for x in launches:
+        _, sig, consts = _signature(x)
+        key = json.dumps([x["kernel"], sig, consts, x["options"]], sort_keys=True)
+        seen.setdefault(key, x)
+    return list(seen.values())
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -150,9 +161,7 @@ def compile_launch(launch: dict, arch: int = 90) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name = launch["kernel"].split(":")
-    fn = getattr(importlib.import_module(module), name)
-    sig, consts = _signature(fn, launch["args"])
+    fn, sig, consts = _signature(launch)
     options = {"num_warps": launch["options"].get("num_warps", 4)}
     if "num_stages" in launch["options"]:
         options["num_stages"] = launch["options"]["num_stages"]
@@ -181,20 +190,17 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from sleeptrain.config import load_config
 
-    m = load_config(a.config, a.overrides).model
+    cfg = load_config(a.config, a.overrides)
+    m = cfg.model
     shapes = {"h": m.gdn_heads, "hv": m.gdn_v_heads or m.gdn_heads, "dk": m.gdn_head_dim,
-              "dv": m.gdn_v_head_dim or m.gdn_head_dim, "conv_kernel": m.conv_kernel}
-    window = load_config(a.config, a.overrides).sleep.window_len
-    shapes["tokens"] = ([int(x) for x in a.tokens.split(",")] if a.tokens
-                        else sorted({window, 7, 64}))
+              "dv": m.gdn_v_head_dim or m.gdn_head_dim, "conv_kernel": m.conv_kernel,
+              "tokens": ([int(x) for x in a.tokens.split(",")] if a.tokens
+                         else sorted({cfg.sleep.window_len, 7, 64}))}
     launches = record_launches(shapes)
     if a.warps:
         launches = [{**x, "options": {**x["options"], "num_warps": int(w)}}
                     for x in launches for w in a.warps.split(",")]
-    rows = [compile_launch(x, a.arch) for x in launches]
-    rows = list({json.dumps({k: r[k] for k in ("kernel", "constexprs", "num_warps",
-                                               "signature")}, sort_keys=True): r
-                 for r in rows}.values())  # launches that differ only in runtime values
+    rows = [compile_launch(x, a.arch) for x in distinct(launches)]
     for r in rows:
         what = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items()
                          if k in ("BT", "BC", "BK", "BV", "HAS_STATE", "HAS_S0", "PREC"))

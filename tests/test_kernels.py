@@ -431,6 +431,21 @@ def test_one_query_with_grouped_heads_matches_explicit_softmax(window, keep):
 # ----------------------------------------------------------------------------- GPU parity
 
 
+def _assert_matches_recurrent(inp, tol, **rule_args):
+    """``gated_delta_rule(**rule_args)`` on ``inp`` against the fp64 recurrent reference on
+    the same (rounded) inputs: o, the final state and the gradients of q, k, v, g, beta and
+    the initial state, each within ``tol * max(1, |ref|)``."""
+    ref_inp = [x.detach().double().requires_grad_() for x in inp]
+    o_r, s_r, g_r = _value_and_grads(
+        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
+    o_f, s_f, g_f = _value_and_grads(
+        lambda *a: gated_delta_rule(*a[:5], None, a[5], **rule_args), inp)
+    for name, a, b in zip(["o", "state", *"dq dk dv dg dbeta dh0".split()], [o_f, s_f, *g_f],
+                          [o_r, s_r, *g_r], strict=True):
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, hv", [(torch.float32, 4), (torch.bfloat16, 8)],
                          ids=["fp32-hv4", "bf16-hv8-grouped"])
@@ -439,21 +454,7 @@ def test_fla_matches_reference_on_gpu(dtype, hv):
     # included). Tolerances: fp32 inputs 2e-3 (FLA uses tf32-class dot products inside),
     # bf16 inputs 5e-2 on O(1) quantities (8-bit mantissa), both relative to max(1, |ref|).
     inp = _inputs(b=2, t=300, h=4, hv=hv, dk=64, dv=64, dtype=dtype, device="cuda")
-    ref_inp = [x.detach().double().requires_grad_() for x in inp]
-    o_r, s_r, g_r = _value_and_grads(
-        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
-    o_f, s_f, g_f = _value_and_grads(
-        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="fla"), inp)
-    tol = 2e-3 if dtype == torch.float32 else 5e-2
-
-    def close(a, b, name):
-        err = (a.double() - b.double()).abs().max().item()
-        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
-
-    close(o_f, o_r, "o")
-    close(s_f, s_r, "final state")
-    for name, a, b in zip("q k v g beta h0".split(), g_f, g_r, strict=True):
-        close(a, b, f"d{name}")
+    _assert_matches_recurrent(inp, 2e-3 if dtype == torch.float32 else 5e-2, backend="fla")
 
 
 @pytest.mark.gpu
@@ -464,15 +465,7 @@ def test_fla_with_chunks_by_length_matches_reference_on_gpu(t):
     # recurrent reference; values and all gradients (state included), bf16 inputs, grouped
     # value heads. Tolerance as test_fla_matches_reference_on_gpu's bf16 case.
     inp = _inputs(b=3, t=t, h=4, hv=8, dk=64, dv=64, dtype=torch.bfloat16, device="cuda")
-    ref_inp = [x.detach().double().requires_grad_() for x in inp]
-    o_r, s_r, g_r = _value_and_grads(
-        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
-    o_f, s_f, g_f = _value_and_grads(
-        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="fla", fla_chunk_size=0), inp)
-    for name, a, b in zip(["o", "state", *"q k v g beta h0".split()], [o_f, s_f, *g_f],
-                          [o_r, s_r, *g_r], strict=True):
-        err = (a.double() - b.double()).abs().max().item()
-        assert err <= 5e-2 * max(1.0, b.abs().max().item()), f"{name}: {err}"
+    _assert_matches_recurrent(inp, 5e-2, backend="fla", fla_chunk_size=0)
 
 
 @pytest.mark.gpu
@@ -485,16 +478,7 @@ def test_short_matches_reference_on_gpu(dtype, t):
     # products, no TF32; 1.4e-5 at worst under the interpreter, tests/test_gdn_short.py),
     # bf16 5e-2 as the FLA case above.
     inp = _inputs(b=3, t=t, h=4, hv=8, dk=64, dv=64, dtype=dtype, device="cuda")
-    ref_inp = [x.detach().double().requires_grad_() for x in inp]
-    o_r, s_r, g_r = _value_and_grads(
-        lambda *a: recurrent_gated_delta_rule(*a[:5], None, a[5]), ref_inp)
-    o_f, s_f, g_f = _value_and_grads(
-        lambda *a: gated_delta_rule(*a[:5], None, a[5], backend="short"), inp)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    for name, a, b in zip(["o", "state", *"q k v g beta h0".split()], [o_f, s_f, *g_f],
-                          [o_r, s_r, *g_r], strict=True):
-        err = (a.double() - b.double()).abs().max().item()
-        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: {err}"
+    _assert_matches_recurrent(inp, 1e-4 if dtype == torch.float32 else 5e-2, backend="short")
 
 
 def test_fla_chunk_by_length_and_its_setting_is_checked():

@@ -30,9 +30,11 @@ import triton.language as tl
 from sleeptrain.model.kernels.triton_check import require_triton_tensor
 
 MAX_T = 64  # one program holds the whole call
-# launch width: a program holds the [K, V] state, its gradient and ~20 [BT, K] tiles; at 8
-# warps the backward spills least for sm_90 (tools/compile_kernels.py --warps 4,8,16); not timed
-WARPS = 8
+# launch width: a program holds the [K, V] state, its gradient and ~20 [BT, K] tiles. At 8
+# warps the backward spills least for sm_90 (tools/compile_kernels.py --warps 4,8,16), but 4
+# ran faster on an H100 (2026-12-07, tools/bench_gdn_kernels.py at the Rule 110 paper model's
+# window shape: forward + backward 460.7 us at 4 warps, 499.1 us at 8; docs/benchmarks.md)
+WARPS = 4
 
 
 @triton.jit

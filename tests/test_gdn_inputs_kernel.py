@@ -15,7 +15,7 @@ import torch
 from sleeptrain.model.kernels import fused
 from sleeptrain.model.kernels.gdn_inputs import gdn_inputs
 
-def case(t, state, dtype, h=2, dk=8, r=2, dv=4, b=2, seed=0):
+def case(t, state, dtype, h=2, dk=8, r=2, dv=4, b=2, seed=0, block_t=32):
     g = torch.Generator().manual_seed(seed)
     cg = 2 * dk + r * dv
     def rnd(*shape, scale=1.0):
@@ -42,7 +42,7 @@ def case(t, state, dtype, h=2, dk=8, r=2, dv=4, b=2, seed=0):
         return fused.gdn_inputs(yy, ss, *a)
     exact = run(ref, torch.float64, torch.float64)
     eager = run(ref, dtype, torch.float32)
-    fast = run(gdn_inputs, dtype, torch.float32)
+    fast = run(lambda *a: gdn_inputs(*a, block_t=block_t), dtype, torch.float32)
     out = []
     for r_, e, f in zip(exact, eager, fast, strict=True):
         assert r_.shape == f.shape, (r_.shape, f.shape)
@@ -51,9 +51,10 @@ def case(t, state, dtype, h=2, dk=8, r=2, dv=4, b=2, seed=0):
     return out
 
 res = {}
-for t, state, dt in [(7, True, "float32"), (2, True, "float32"), (5, False, "float32"),
-                     (40, True, "float32"), (7, True, "bfloat16")]:
-    res[f"{t}-{state}-{dt}"] = case(t, state, getattr(torch, dt))
+for t, state, dt, bt in [(7, True, "float32", 32), (2, True, "float32", 32),
+                         (5, False, "float32", 32), (40, True, "float32", 32),
+                         (7, True, "bfloat16", 32), (24, True, "float32", 8)]:
+    res[f"{t}-{state}-{bt}-{dt}"] = case(t, state, getattr(torch, dt), block_t=bt)
 
 from tests._interp import step_errors
 for ev in ("hard", "sliding"):
@@ -67,11 +68,12 @@ def test_triton_gdn_inputs_match_the_reference_under_the_interpreter():
     # Outputs (q, k, v, g, beta, z, new conv state) and the gradients of y, the conv state,
     # the conv weight, A_log and dt_bias; 40 tokens span two 32-row blocks (the convolution's
     # transpose crosses the block edge), 2 tokens are fewer than K-1 (the new conv state
-    # keeps some of the old). One q row lies below the L2 norm's eps and one dt_bias puts
-    # softplus above its threshold. Bound, relative to each tensor's largest entry, as in
-    # tests/test_fused_gpu.py: within 2x the eager reference chain's error in the same dtype
-    # + 1e-6 (fp32) / 4e-3 (bf16, one rounding of 2^-8). The eager fp32 error is not tiny
-    # everywhere: the test loss's sin((i + 1) g) turns g's fp32 rounding into dg's error.
+    # keeps some of the old), 24 tokens in 8-token programs cross two block edges. One q row
+    # lies below the L2 norm's eps and one dt_bias puts softplus above its threshold. Bound,
+    # relative to each tensor's largest entry, as in tests/test_fused_gpu.py: within 2x the
+    # eager reference chain's error in the same dtype + 1e-6 (fp32) / 4e-3 (bf16, one
+    # rounding of 2^-8). The eager fp32 error is not tiny everywhere: the test loss's
+    # sin((i + 1) g) turns g's fp32 rounding into dg's error.
     # Then a whole training step of a tiny AG model (N=2, hard and sliding eviction: the
     # conv state enters and leaves the kernels with gradients) with model.gdn_inputs=triton
     # against chain, fp32: the loss and every parameter gradient within 1e-5 of the largest
@@ -85,3 +87,14 @@ def test_triton_gdn_inputs_match_the_reference_under_the_interpreter():
             else:
                 bound = 2 * err_e + (1e-6 if name.endswith("float32") else 4e-3)
             assert err_f <= bound, (name, i, err_f, err_e)
+
+
+def test_triton_gdn_inputs_refuse_a_block_that_is_not_a_power_of_two():
+    import torch
+
+    from sleeptrain.model.kernels.gdn_inputs import gdn_inputs
+
+    y = torch.zeros(1, 4, 1, 2 * 8 + 2 * 4 + 2)
+    with pytest.raises(ValueError, match="block_t must be a power of two >= 2, got 12"):
+        gdn_inputs(y, None, torch.zeros(16 + 4, 4), torch.zeros(1), torch.zeros(1), 8, 1, 4,
+                   block_t=12)

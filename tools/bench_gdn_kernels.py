@@ -4,7 +4,8 @@ For a task config (default: the Rule 110 paper model) this times, on one CUDA GP
 backward of
 
   * the input chain (``model.gdn_inputs``): ``fused.gdn_inputs`` compiled (``chain``, what
-    ``train.compile`` runs) vs the Triton kernels (``triton``);
+    ``train.compile`` runs) vs the Triton kernels (``triton``) at each ``--input-blocks``
+    (tokens per program) x ``--input-warps``;
   * the delta rule (``model.gdn_backend`` / ``model.fla_chunk_size``): FLA with 64-row chunks
     (the default), FLA with chunks by length (``fla_chunk_size=0``), and ``short`` at each
     ``--warps``;
@@ -13,10 +14,12 @@ at the model's GDN shapes (B = data.batch_size, T = sleep.window_len, bf16 activ
 fp32 incoming state and a bf16 conv state, as in a window after the first). Each variant is
 captured in one CUDA graph (the trainer replays its step as one; launch overhead is left
 out for every variant alike) and timed over ``--iters`` replays (mean per replay, the best
-of ``--repeat`` rounds). All variants run in one process, so the ratios are the numbers to
-compare. Each variant's outputs and gradients are compared with the first variant of its
-group (the largest difference relative to each tensor's largest entry, a sanity check; the
-accuracy tests are tests/test_fused_gpu.py and tests/test_kernels.py).
+of ``--repeat`` rounds). A variant whose capture fails is timed eagerly instead (marked
+``eager``: launch overhead included) and the capture's error reported beside it. All
+variants run in one process, so the ratios are the numbers to compare. Each variant's
+outputs and gradients are compared with the first variant of its group (the largest
+difference relative to each tensor's largest entry, a sanity check; the accuracy tests are
+tests/test_fused_gpu.py and tests/test_kernels.py).
 
     python tools/bench_gdn_kernels.py --config configs/rule110_paper.yaml --out gdn_kernels.json
 """
@@ -43,13 +46,13 @@ def _graphed(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _time_us(graph: torch.cuda.CUDAGraph, iters: int, repeat: int) -> float:
+def _time_us(run: Callable[[], object], iters: int, repeat: int) -> float:
     rounds = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
-            graph.replay()
+            run()
         end.record()
         torch.cuda.synchronize()
         rounds.append(start.elapsed_time(end) * 1e3 / iters)
@@ -81,24 +84,33 @@ def _group(name: str, variants: dict[str, Callable[[], list[torch.Tensor]]], ite
     for i, (label, step) in enumerate(variants.items()):
         if i and only and not any(x in label for x in only):  # the first is the baseline
             continue
+        capture_error, run = None, step
         try:
-            graph = _graphed(step)
+            try:
+                graph = _graphed(step)
+                run = graph.replay
+            except Exception as e:  # timed eagerly below, the capture's error reported
+                capture_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                torch.cuda.synchronize()
             ref = step()
         except Exception as e:  # one variant's failure is reported, the others still run
             rows.append({"group": name, "variant": label, "error": f"{type(e).__name__}: {e}"})
             print(f"{name:7s} {label:22s} FAILED {type(e).__name__}: {e}", flush=True)
             continue
-        us = _time_us(graph, iters, repeat)
+        us = _time_us(run, iters, repeat)
         diff = 0.0 if first is None else max(  # relative to each tensor's largest entry
             ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
             for a, b in zip(ref, first[1], strict=True))
         if first is None:
             first = (us, ref)
         rows.append({"group": name, "variant": label, "us": us, "ratio": us / first[0],
-                     "max_rel_diff_vs_first": diff})
+                     "max_rel_diff_vs_first": diff, "eager": capture_error is not None,
+                     **({"capture_error": capture_error} if capture_error else {})})
         print(f"{name:7s} {label:22s} {us:9.1f} us  x{us / first[0]:.3f}  "
-              f"max rel diff {diff:.3g}", flush=True)
-        del graph
+              f"max rel diff {diff:.3g}"
+              + (f"  EAGER (capture failed: {capture_error})" if capture_error else ""),
+              flush=True)
+        run = graph = None
     return rows
 
 
@@ -108,6 +120,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: data.batch_size")
     ap.add_argument("--tokens", type=int, default=None, help="default: sleep.window_len")
     ap.add_argument("--warps", default="4,8", help="comma list: the short rule's launch widths")
+    ap.add_argument("--input-blocks", default="32",
+                    help="comma list: the Triton input kernels' tokens per program")
+    ap.add_argument("--input-warps", default="8",
+                    help="comma list: the Triton input kernels' launch widths")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="", help="comma list: run only the variants whose "
@@ -147,11 +163,14 @@ def main() -> None:
     dt_bias = rnd(hv, dtype=torch.float32, scale=0.5)
     shape_args = (dk, r, dv)
     ins = [y, conv_state, w, a_log, dt_bias]
-    rows = _group("inputs", {
-        "chain (compiled)": _fwd_bwd(
-            lambda *x: fused.gdn_inputs(*x, *shape_args, compiled=True)[:6], ins, 1),
-        "triton": _fwd_bwd(lambda *x: triton_inputs(*x, *shape_args)[:6], ins, 1),
-    }, a.iters, a.repeat, only)
+    inputs = {"chain (compiled)": _fwd_bwd(
+        lambda *x: fused.gdn_inputs(*x, *shape_args, compiled=True)[:6], ins, 1)}
+    for bt in (int(x) for x in a.input_blocks.split(",")):
+        for nw in (int(x) for x in a.input_warps.split(",")):
+            inputs[f"triton {bt} tok {nw} warps"] = _fwd_bwd(
+                lambda *x, bt=bt, nw=nw: triton_inputs(*x, *shape_args, block_t=bt,
+                                                       num_warps=nw)[:6], ins, 1)
+    rows = _group("inputs", inputs, a.iters, a.repeat, only)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(x.float(), dim=-1).to(bf).detach().requires_grad_()

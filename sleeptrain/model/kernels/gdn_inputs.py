@@ -42,6 +42,11 @@ EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
 # model's shapes (255 registers and 0.8-3.6 KB of spills per thread, for sm_90 with triton 3.6
 # and 3.9), at 8 at most 44 bytes (tools/compile_kernels.py --warps 4,8); not timed yet
 WARPS = 8
+# tokens per program (a power of two; calls shorter than it take the next power of two of
+# their length). At 32 and 8 warps each program holds 8 warps of an SM's 64 (~255 registers
+# per thread); at 8 tokens 80-106 registers, 16-24 warps (docs/design.md); not timed yet:
+# tools/bench_gdn_kernels.py --input-blocks / --input-warps times the choices
+BLOCK_T = 32
 
 
 @triton.jit
@@ -264,7 +269,8 @@ def _p2(n: int) -> int:
 
 class _GdnInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, conv_state, conv_weight, a_log, dt_bias, dk, r, dv):  # type: ignore[override]
+    def forward(ctx, y, conv_state, conv_weight, a_log, dt_bias, dk, r, dv,  # type: ignore[override]
+                block_t, warps):
         b, t, h, gw = y.shape
         rdv = r * dv
         km = conv_weight.shape[1]
@@ -281,10 +287,10 @@ class _GdnInputs(torch.autograd.Function):
         z = y.new_empty(b, t, h * r, dv)
         g = y.new_empty(b, t, h * r, dtype=torch.float32)
         beta = torch.empty_like(g)
-        bt = min(32, _p2(t))
+        bt = min(block_t, _p2(t))
         grid = (triton.cdiv(t, bt), b, h)
         meta = dict(DK=dk, RDV=rdv, R=r, K=km, BT=bt, BK=_p2(dk), BV=min(64, _p2(rdv)),
-                    BR=_p2(r), HAS_STATE=has_state, EPS=EPS, num_warps=WARPS)
+                    BR=_p2(r), HAS_STATE=has_state, EPS=EPS, num_warps=warps)
         strides = (*y.stride()[:3], *(st.stride()[:2] if has_state else (0, 0)))
         _fwd[grid](y, st, conv_weight, a_log, dt_bias, q, k, v, z, g, beta, t, h, *strides,
                    **meta)
@@ -315,24 +321,29 @@ class _GdnInputs(torch.autograd.Function):
                if state_grad else dw)
         _bwd_conv[grid](y, st, conv_weight, p, dy, dw, dst, t, h, grid[0], *strides,
                         DK=dk, RDV=r * dv, CG=cg, R=r, K=km, BT=bt, BC=min(64, _p2(cg)),
-                        HAS_STATE=has_state, STATE_GRAD=state_grad, num_warps=WARPS)
+                        HAS_STATE=has_state, STATE_GRAD=state_grad,
+                        num_warps=meta["num_warps"])
         d_alog = (dg.float() * g).sum((0, 1)).to(a_log.dtype)
         return (dy, dst.to(conv_state.dtype) if state_grad else None,
                 dw.sum(0).to(conv_weight.dtype), d_alog, da.sum((0, 1)).to(dt_bias.dtype),
-                None, None, None)
+                None, None, None, None, None)
 
 
 def gdn_inputs(y: torch.Tensor, conv_state: torch.Tensor | None, conv_weight: torch.Tensor,
-               a_log: torch.Tensor, dt_bias: torch.Tensor, dk: int, r: int,
-               dv: int) -> tuple[torch.Tensor, ...]:
+               a_log: torch.Tensor, dt_bias: torch.Tensor, dk: int, r: int, dv: int,
+               block_t: int = BLOCK_T, num_warps: int = WARPS) -> tuple[torch.Tensor, ...]:
     """``fused.gdn_inputs`` in the Triton kernels: the same arguments (``conv_state`` None
     means zeros, with no state gradient to compute) and results (q, k, v, g, beta, z, the new
-    conv state); v and z are contiguous tensors here, not views of y."""
+    conv state); v and z are contiguous tensors here, not views of y. ``block_t``: tokens
+    per program (a power of two from 2), ``num_warps``: every kernel's launch width; either
+    changes the results by rounding only (the order of the kernels' sums)."""
+    if block_t < 2 or block_t & (block_t - 1):
+        raise ValueError(f"gdn_inputs: block_t must be a power of two >= 2, got {block_t}")
     require_triton_tensor(y, "model.gdn_inputs='triton'", "'chain'", "'chain' (the reference)")
     b, t, h, _ = y.shape
     km1 = conv_weight.shape[1] - 1
     q, k, v, g, beta, z = _GdnInputs.apply(y, conv_state, conv_weight, a_log, dt_bias, dk, r,
-                                           dv)
+                                           dv, block_t, num_warps)
     cg = 2 * dk + r * dv
     tail = y[:, max(t - km1, 0):, :, :cg].reshape(b, min(t, km1), h * cg)  # the last K-1 rows
     if t < km1:  # with the incoming state's last inputs in front

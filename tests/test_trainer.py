@@ -171,6 +171,23 @@ def test_stop_file_triggers_save_and_exit(tmp_path):
     assert (run / "checkpoints" / "step_00000001").is_dir()
 
 
+def test_stop_request_saves_before_a_due_evaluation(tmp_path, capsys):
+    # a scheduler's SIGTERM gives a grace period: a stop request at a step with an
+    # evaluation due saves and exits without evaluating; at the last step, the next start
+    # reports the finished run with its final evaluation (eval.json)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").write_text("")
+    summary = train(_cfg(run, "train.steps=1"))
+    assert summary["exit"] == "stopped" and summary["step"] == 1
+    assert (run / "checkpoints" / "step_00000001").is_dir()
+    assert not any("eval_token_acc" in r for r in read_metrics(run))
+    assert "the evaluation at step 1 skipped" in capsys.readouterr().out
+    assert not (run / "eval.json").exists()
+    assert train(_cfg(run, "train.steps=1"))["exit"] == "done"
+    assert json.loads((run / "eval.json").read_text())["n"] == 16
+
+
 def test_run_dir_holds_config_metrics_checkpoint_eval(tmp_path, reference_run):
     run = tmp_path / "run"
     train(_cfg(run, "train.steps=6", "train.eval_every=6", "train.profile_steps=[2,3]"))

@@ -658,7 +658,15 @@ class Trainer:
             self._guard(res)
             if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
                     self.task is not None or cfg.data.eval_shards) and self.pipe is None:
-                self.evaluate(res.seq)
+                # a stop request (a scheduler's SIGTERM before its kill) saves first: an
+                # evaluation would spend the grace period; a finished run that stopped
+                # here gets its final evaluation at the next start (_report_finished)
+                why = self.stop_requested()
+                if why is None:
+                    self.evaluate(res.seq)
+                else:
+                    self.say(f"stop requested ({why}): the evaluation at step {self.step} "
+                             "skipped")
             exit_reason = self._after_step()
             if exit_reason is not None:
                 return exit_reason

@@ -238,6 +238,7 @@ def test_every_rank_names_the_signal_that_only_one_rank_has_received(tmp_path):
             stop=types.SimpleNamespace(requested=rank == 1, signal=15 if rank == 1 else None),
             run_dir=Path({str(tmp_path)!r}) / "run{{}}".format(rank), device=torch.device("cpu"),
             cfg=types.SimpleNamespace(train=types.SimpleNamespace(exit_after_minutes=0)))
+        me._stop_code = lambda: Trainer._stop_code(me)
         print(Trainer.stop_requested(me))
         me.stop.requested, me.stop.signal = False, None
         print(Trainer.stop_requested(me))

@@ -171,18 +171,29 @@ def test_stop_file_triggers_save_and_exit(tmp_path):
     assert (run / "checkpoints" / "step_00000001").is_dir()
 
 
-def test_stop_request_saves_before_a_due_evaluation(tmp_path, capsys):
-    # a scheduler's SIGTERM gives a grace period: a stop request at a step with an
-    # evaluation due saves and exits without evaluating; at the last step, the next start
-    # reports the finished run with its final evaluation (eval.json)
+@pytest.mark.parametrize("how", ["signal", "file", "time"])
+def test_stop_request_at_a_due_evaluation(tmp_path, capsys, how):
+    # a scheduler's stop (SIGTERM/SIGUSR1, or the STOP file its trap writes) gives a grace
+    # period: at a step with an evaluation due the run saves and exits without evaluating,
+    # and the next start reports the finished run with its final evaluation (eval.json);
+    # train.exit_after_minutes sets no deadline: evaluated, then saved
     run = tmp_path / "run"
     run.mkdir()
-    (run / "STOP").write_text("")
-    summary = train(_cfg(run, "train.steps=1"))
+    extra = ["train.steps=1"]
+    if how == "signal":
+        from sleeptrain.train.signals import process_stop_flag
+
+        process_stop_flag().signal = signal.SIGTERM  # what its handler does on SIGTERM
+    elif how == "file":
+        (run / "STOP").write_text("")
+    else:
+        extra.append("train.exit_after_minutes=1e-9")
+    summary = train(_cfg(run, *extra))
     assert summary["exit"] == "stopped" and summary["step"] == 1
     assert (run / "checkpoints" / "step_00000001").is_dir()
-    assert not any("eval_token_acc" in r for r in read_metrics(run))
-    assert "the evaluation at step 1 skipped" in capsys.readouterr().out
+    evaluated = any("eval_token_acc" in r for r in read_metrics(run))
+    skipped = "the evaluation at step 1 skipped" in capsys.readouterr().out
+    assert (evaluated, skipped) == ((True, False) if how == "time" else (False, True))
     assert not (run / "eval.json").exists()
     assert train(_cfg(run, "train.steps=1"))["exit"] == "done"
     assert json.loads((run / "eval.json").read_text())["n"] == 16

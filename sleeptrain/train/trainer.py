@@ -588,24 +588,28 @@ class Trainer:
             self._perf({"step": step, "ckpt_s": round(info.seconds, 3),
                         "ckpt_bytes": info.bytes})
 
-    def stop_requested(self) -> str | None:
-        """Why the run should stop now (signal, STOP file, time limit), agreed by all ranks:
-        each rank's reason as a number, the largest wins, so rank 0 names a signal that only
-        another rank has received yet (the launcher forwards it to each rank in turn)."""
-        path = stop_file(self.run_dir)
+    def _stop_code(self) -> int:
+        """The stop request as a number, agreed by all ranks (0: none; a signal's number;
+        _STOP_FILE; _STOP_TIME): each rank's, the largest wins, so rank 0 sees a signal that
+        only another rank has received yet (the launcher forwards it to each rank in turn)."""
         code = 0
         if self.stop.requested:
             code = int(self.stop.signal)
-        elif path.exists():
+        elif stop_file(self.run_dir).exists():
             code = _STOP_FILE
         elif self.cfg.train.exit_after_minutes > 0 and (
                 time.monotonic() - self.started) / 60 > self.cfg.train.exit_after_minutes:
             code = _STOP_TIME
-        code = _max_over_ranks(code, self.device)
+        return _max_over_ranks(code, self.device)
+
+    def stop_requested(self, code: int | None = None) -> str | None:
+        """Why the run should stop now (signal, STOP file, time limit), agreed by all ranks;
+        ``code``: that of a ``_stop_code()`` call already made."""
+        code = self._stop_code() if code is None else code
         if code == 0:
             return None
         if code == _STOP_FILE:
-            return f"{path}"
+            return f"{stop_file(self.run_dir)}"
         if code == _STOP_TIME:
             return f"train.exit_after_minutes={self.cfg.train.exit_after_minutes}"
         return f"signal {signal.Signals(code).name}"
@@ -658,15 +662,17 @@ class Trainer:
             self._guard(res)
             if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
                     self.task is not None or cfg.data.eval_shards) and self.pipe is None:
-                # a stop request (a scheduler's SIGTERM before its kill) saves first: an
-                # evaluation would spend the grace period; a finished run that stopped
-                # here gets its final evaluation at the next start (_report_finished)
-                why = self.stop_requested()
-                if why is None:
+                # a signal or STOP file (a scheduler's, before its kill; the SLURM launcher's
+                # trap writes STOP) saves first: the evaluation could outlast the grace
+                # period; a finished run that stopped here gets its final evaluation at the
+                # next start (_report_finished). train.exit_after_minutes sets no deadline:
+                # the evaluation runs, then the run saves and stops.
+                code = self._stop_code()
+                if code in (0, _STOP_TIME):
                     self.evaluate(res.seq)
                 else:
-                    self.say(f"stop requested ({why}): the evaluation at step {self.step} "
-                             "skipped")
+                    self.say(f"stop requested ({self.stop_requested(code)}): the evaluation "
+                             f"at step {self.step} skipped")
             exit_reason = self._after_step()
             if exit_reason is not None:
                 return exit_reason

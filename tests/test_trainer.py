@@ -172,7 +172,7 @@ def test_stop_file_triggers_save_and_exit(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["signal", "file", "time"])
-def test_stop_request_at_a_due_evaluation(tmp_path, capsys, how):
+def test_stop_request_at_a_due_evaluation(tmp_path, capsys, monkeypatch, how):
     # a scheduler's stop (SIGTERM/SIGUSR1, or the STOP file its trap writes) gives a grace
     # period: at a step with an evaluation due the run saves and exits without evaluating,
     # and the next start reports the finished run with its final evaluation (eval.json);
@@ -183,7 +183,8 @@ def test_stop_request_at_a_due_evaluation(tmp_path, capsys, how):
     if how == "signal":
         from sleeptrain.train.signals import process_stop_flag
 
-        process_stop_flag().signal = signal.SIGTERM  # what its handler does on SIGTERM
+        # what its handler does on SIGTERM (undone after the test, whatever happens)
+        monkeypatch.setattr(process_stop_flag(), "signal", signal.SIGTERM)
     elif how == "file":
         (run / "STOP").write_text("")
     else:

@@ -67,7 +67,9 @@ for t in shapes["tokens"]:
             w = torch.zeros(h * cg, km, requires_grad=True)
             a_log, dt = torch.zeros(hv, requires_grad=True), torch.zeros(hv, requires_grad=True)
             leaves = [x for x in (y, st, w, a_log, dt) if x is not None]
-            backward(gdn_inputs(y, st, w, a_log, dt, dk, r, dv)[:6], leaves)
+            for bt in shapes.get("input_blocks") or [None]:
+                blk = {} if bt is None else {"block_t": bt}
+                backward(gdn_inputs(y, st, w, a_log, dt, dk, r, dv, **blk)[:6], leaves)
         if t > MAX_T:
             continue
         for dtype in (torch.bfloat16, torch.float32):
@@ -86,7 +88,8 @@ _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "
 
 def record_launches(shapes: dict) -> list[dict]:
     """Every kernel launch of the options' host code at ``shapes`` (dict: h, hv, dk, dv,
-    conv_kernel, tokens: a list of call lengths), in launch order."""
+    conv_kernel, tokens: a list of call lengths; optional input_blocks: the input kernels'
+    tokens per program, default theirs), in launch order."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
     proc = subprocess.run([sys.executable, "-c", _RECORD, json.dumps(shapes)],
@@ -184,6 +187,8 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--warps", default=None, help="comma list: compile every launch at each "
                     "of these warp counts instead of the one the code launches with")
+    ap.add_argument("--input-blocks", default=None, help="comma list: the Triton input "
+                    "kernels' tokens per program (default: the code's, BLOCK_T)")
     ap.add_argument("--out", default=None, help="JSON report")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     a = ap.parse_args()
@@ -195,7 +200,9 @@ def main() -> int:
     shapes = {"h": m.gdn_heads, "hv": m.gdn_v_heads or m.gdn_heads, "dk": m.gdn_head_dim,
               "dv": m.gdn_v_head_dim or m.gdn_head_dim, "conv_kernel": m.conv_kernel,
               "tokens": ([int(x) for x in a.tokens.split(",")] if a.tokens
-                         else sorted({cfg.sleep.window_len, 7, 64}))}
+                         else sorted({cfg.sleep.window_len, 7, 64})),
+              "input_blocks": ([int(x) for x in a.input_blocks.split(",")]
+                               if a.input_blocks else None)}
     launches = record_launches(shapes)
     if a.warps:
         launches = [{**x, "options": {**x["options"], "num_warps": int(w)}}

@@ -44,7 +44,8 @@ EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
 WARPS = 8
 # tokens per program (a power of two; calls shorter than it take the next power of two of
 # their length). At 32 and 8 warps each program holds 8 warps of an SM's 64 (~255 registers
-# per thread); at 8 tokens 80-106 registers, 16-24 warps (docs/design.md); not timed yet:
+# per thread); at 8 tokens 80-106 registers, 16-24 warps (tools/compile_kernels.py
+# --input-blocks 8,32 --warps 8; docs/design.md); not timed yet:
 # tools/bench_gdn_kernels.py --input-blocks / --input-warps times the choices
 BLOCK_T = 32
 

@@ -70,7 +70,7 @@ def test_resume_after_max_steps_interrupt_is_exact(tmp_path, reference_run, caps
     run = tmp_path / "run"
     first = train(_cfg(run), max_steps=5)
     assert first["exit"] == "max_steps" and first["step"] == 5
-    capsys.readouterr()
+    assert "first step done " in capsys.readouterr().out
     second = train(_cfg(run))
     assert second["step"] == 12
     assert _view(run) == reference_run
@@ -82,6 +82,12 @@ def test_resume_after_max_steps_interrupt_is_exact(tmp_path, reference_run, caps
     restored = [r for r in perf if "restore_s" in r]
     assert len(restored) == 1 and restored[0]["step"] == 5 and restored[0]["restore_s"] >= 0
     assert restored[0]["restore_bytes"] == saved[-1]["ckpt_bytes"] > 0
+    # Each process's start is timed once, at its first step (setup + that step); each
+    # evaluation (steps 6 and 12, both in the second process) is timed too.
+    starts = [r for r in perf if "start_s" in r]
+    assert [r["step"] for r in starts] == [1, 6]
+    assert all(r["start_s"] >= r["first_step_s"] > 0 for r in starts)
+    assert [r["step"] for r in perf if "eval_s" in r] == [6, 12]
 
 
 @pytest.mark.slow

@@ -565,10 +565,24 @@ class Trainer:
                                self.amp)
 
     def evaluate(self, seq: int) -> None:
-        """``_run_eval``, logged to metrics.jsonl and printed."""
+        """``_run_eval``, logged to metrics.jsonl and printed; its wall time to perf.jsonl."""
+        t0 = time.perf_counter()
         ev = self.last_eval = self._run_eval()
         self.metrics.log(self.step, {**eval_record(ev), "tokens": self._tokens(seq)})
         self.say(f"eval at step {self.step}: {_eval_line(ev, self.cfg)}")
+        self._perf({"step": self.step, "eval_s": round(time.perf_counter() - t0, 3)})
+
+    def _log_first_step(self, step_s: float) -> None:
+        """After this process's first step: how long the start took, split into the setup
+        (data, model, optimizer, restore) and the first step itself (which compiles kernels
+        and captures CUDA graphs where those are on): a stdout line and a perf.jsonl record.
+        With train.exit_after_minutes the clock runs from the setup's start, so a short
+        slice loses this time to training."""
+        since = time.monotonic() - self.started
+        self.say(f"first step done {since:.1f} s after the start: setup {since - step_s:.1f} s, "
+                 f"the step {step_s:.1f} s (compilation and graph capture, where on)")
+        self._perf({"step": self.step, "start_s": round(since, 3),
+                    "first_step_s": round(step_s, 3)})
 
     def save(self) -> None:
         """Every rank writes its shards into rank 0's temporary directory, then rank 0 writes
@@ -659,6 +673,8 @@ class Trainer:
             self.steps_this_run += 1
             res.seconds = time.perf_counter() - t0
             self.log_step(res, mult, stage, sleep_cfg)
+            if self.steps_this_run == 1:
+                self._log_first_step(res.seconds)
             self._guard(res)
             if (self.step % cfg.train.eval_every == 0 or self.step == total) and (
                     self.task is not None or cfg.data.eval_shards) and self.pipe is None:

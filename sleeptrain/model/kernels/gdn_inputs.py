@@ -40,13 +40,16 @@ from sleeptrain.model.kernels.triton_check import require_triton_tensor
 EPS = 1e-6  # F.normalize's in the reference (fused._gdn_gates)
 # every kernel's launch width: at 4 warps each kernel ran out of registers for the Rule 110
 # model's shapes (255 registers and 0.8-3.6 KB of spills per thread, for sm_90 with triton 3.6
-# and 3.9), at 8 at most 44 bytes (tools/compile_kernels.py --warps 4,8); not timed yet
+# and 3.9), at 8 at most 44 bytes (tools/compile_kernels.py --warps 4,8)
 WARPS = 8
 # tokens per program (a power of two; calls shorter than it take the next power of two of
 # their length). At 32 and 8 warps each program holds 8 warps of an SM's 64 (~255 registers
 # per thread); at 8 tokens 80-106 registers, 16-24 warps (tools/compile_kernels.py
-# --input-blocks 8,32 --warps 8; docs/design.md); not timed yet:
-# tools/bench_gdn_kernels.py --input-blocks / --input-warps times the choices
+# --input-blocks 8,32 --warps 8; docs/design.md). Timed on an H100 (2026-12-08,
+# tools/bench_gdn_kernels.py --input-blocks 8,16,32 --input-warps 4,8, eagerly: the tool's
+# graph capture failed): 1.1-1.4 ms forward + backward at every setting, against 347.5 us
+# for the compiled chain in one graph (docs/benchmarks.md); no setting changes the
+# option's standing (off by default)
 BLOCK_T = 32
 
 
